@@ -1,0 +1,273 @@
+"""Test harness with real parts: a Docker engine, locally built images, PostgreSQL containers.
+
+- `docker_engine`: the engine, or a skip locally / a failure under CI=true.
+- `images`: the Debian base image and the PostgreSQL 15 image, built once (tests/images).
+- `pg`: a throwaway PostgreSQL container with a named data volume and a loopback port, seeded.
+- `env`: settings for a run against `pg`, with a scratch BACKUP_DIR and STATE_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "tests" / "images"
+BASE_IMAGE = "toybox-test/debian:bookworm"
+PG_IMAGE = "toybox-test/postgres:15"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+SEED_SQL = """
+CREATE TABLE users (id serial PRIMARY KEY, name text NOT NULL UNIQUE, created date NOT NULL);
+CREATE TABLE orders (id serial PRIMARY KEY, user_id int NOT NULL REFERENCES users(id),
+                     amount numeric(10,2) NOT NULL, note text);
+CREATE INDEX orders_user ON orders(user_id);
+CREATE TABLE media_items (id serial PRIMARY KEY, path text NOT NULL, bytes bigint NOT NULL);
+INSERT INTO users(name, created)
+  SELECT 'user' || i, date '2026-01-01' + i FROM generate_series(1, 50) i;
+INSERT INTO orders(user_id, amount, note)
+  SELECT 1 + (i % 50), i * 1.25, 'order ' || i || ' ☃' FROM generate_series(1, 300) i;
+INSERT INTO media_items(path, bytes)
+  SELECT 'uploads/img' || i || '.jpg', i * 1000 FROM generate_series(1, 20) i;
+"""
+SEED_TABLES = ("users", "orders", "media_items")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "docker" in item.fixturenames or any(
+            name in item.fixturenames for name in ("docker_engine", "images", "pg", "env")
+        ):
+            item.add_marker(pytest.mark.docker)
+
+
+def _engine_problem() -> str | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=10).ping()
+        return None
+    except Exception as exc:
+        return f"no Docker engine: {exc}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Any:
+    problem = _engine_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"{problem} (CI=true: Docker-backed tests never skip)")
+        pytest.skip(problem)
+    import docker
+
+    return docker.from_env(timeout=120)
+
+
+@pytest.fixture(scope="session")
+def images(docker_engine: Any) -> dict[str, str]:
+    result = subprocess.run(["bash", str(IMAGES / "build-images.sh")], capture_output=True,
+                            text=True, timeout=1800)
+    if result.returncode != 0:
+        pytest.fail(f"building test images failed:\n{result.stdout}\n{result.stderr}")
+    return {"base": BASE_IMAGE, "postgres": PG_IMAGE}
+
+
+def unique(prefix: str = "tbt") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class PG:
+    container: Any
+    name: str
+    volume: str
+    port: int
+    password: str
+    user: str = "toybox"
+    db: str = "toybox"
+    host: str = "127.0.0.1"
+
+    def psql(self, sql: str, db: str | None = None) -> str:
+        """Run SQL inside the container (psql over the local socket); return its output."""
+        result = self.container.exec_run(
+            ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", self.user,
+             "-d", db or self.db, "-c", sql], user="postgres")
+        output = result.output.decode()
+        if result.exit_code != 0:
+            raise AssertionError(f"psql failed ({result.exit_code}): {output}")
+        return output.strip()
+
+    def rows(self, table: str, db: str | None = None) -> list[str]:
+        out = self.psql(f"SELECT t::text FROM {table} t ORDER BY 1", db=db)
+        return out.splitlines() if out else []
+
+    def snapshot(self, db: str | None = None) -> dict[str, list[str]]:
+        return {table: self.rows(table, db) for table in SEED_TABLES}
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.container.reload()
+            if self.container.status != "running":
+                logs = self.container.logs().decode(errors="replace")[-2000:]
+                raise AssertionError(f"postgres container exited:\n{logs}")
+            result = self.container.exec_run(
+                ["pg_isready", "-h", "127.0.0.1", "-U", self.user, "-d", self.db])
+            if result.exit_code == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError("postgres did not become ready")
+
+    def stop(self) -> None:
+        self.container.stop(timeout=20)
+
+    def start(self) -> None:
+        self.container.start()
+        self.container.reload()
+        self.wait_ready()
+
+
+def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
+             labels: dict[str, str] | None = None, name: str | None = None,
+             password: str | None = None, network: str | None = None) -> PG:
+    name = name or unique("tbt-pg")
+    volume = volume or unique("tbt-pgdata")
+    password = password or "pw-" + secrets.token_urlsafe(12) + "!$'\""
+    container = client.containers.run(
+        PG_IMAGE, detach=True, name=name, labels=labels or {},
+        environment={"POSTGRES_USER": "toybox", "POSTGRES_PASSWORD": password,
+                     "POSTGRES_DB": "toybox"},
+        volumes={volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
+        ports={"5432/tcp": ("127.0.0.1", None)}, network=network,
+    )
+    container.reload()
+    port = int(container.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+    pg = PG(container=container, name=name, volume=volume, port=port, password=password)
+    pg.wait_ready()
+    if seed:
+        pg.psql(SEED_SQL)
+    return pg
+
+
+def remove_pg(pg: PG) -> None:
+    with contextlib.suppress(Exception):
+        pg.container.remove(force=True)
+    with contextlib.suppress(Exception):
+        pg.container.client.volumes.get(pg.volume).remove(force=True)
+
+
+@pytest.fixture
+def pg(images: dict[str, str], docker_engine: Any) -> Iterator[PG]:
+    instance = start_pg(docker_engine)
+    yield instance
+    remove_pg(instance)
+
+
+@dataclass
+class Env:
+    """Builds Settings for a test from environment variables (no .env file is read)."""
+
+    tmp: Path
+    values: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def backup_dir(self) -> Path:
+        return Path(self.values["BACKUP_DIR"])
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.values["STATE_DIR"])
+
+    def settings(self, **overrides: str) -> Any:
+        from toybox_backupd import settings
+
+        values = {**self.values, **overrides}
+        old = {key: os.environ.get(key) for key in values}
+        os.environ.update(values)
+        try:
+            return settings.load(None, strict=False)
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def cli(self, *args: str, input: str | None = None, timeout: float = 600,
+            **overrides: str) -> subprocess.CompletedProcess[str]:
+        """Run the real `toybox-backupd` command in a subprocess with these settings."""
+        environ = {**os.environ, **self.values, **overrides}
+        environ.pop("TOYBOX_ENV_FILE", None)
+        return subprocess.run(
+            ["python", "-m", "toybox_backupd.cli", "--env-file", str(self.tmp / "none.env"),
+             *args], capture_output=True, text=True, input=input, timeout=timeout, env=environ,
+            cwd=str(self.tmp))
+
+
+def base_values(tmp: Path) -> dict[str, str]:
+    return {
+        "BACKUP_DIR": str(tmp / "backups"),
+        "STATE_DIR": str(tmp / "state"),
+        "TZ": "Asia/Tokyo",
+        "POSTGRES_DB": "toybox",
+        "BACKUP_VOLUMES": "",
+        "VOLUME_FULL_SCHEDULE": "",
+        "VOLUME_DIFF_SCHEDULE": "",
+        "NOTIFY_EMAIL_TO": "",
+        "HELPER_IMAGE": BASE_IMAGE,
+        "LOG_FORMAT": "console",
+    }
+
+
+@pytest.fixture
+def env(tmp_path: Path, pg: PG) -> Env:
+    """Settings pointing at the `pg` container (both over TCP and as PG_CONTAINER)."""
+    values = base_values(tmp_path)
+    values.update({
+        "POSTGRES_HOST": pg.host, "POSTGRES_PORT": str(pg.port), "POSTGRES_USER": pg.user,
+        "POSTGRES_PASSWORD": pg.password, "POSTGRES_DB": pg.db, "PG_CONTAINER": pg.name,
+    })
+    return Env(tmp_path, values)
+
+
+@pytest.fixture
+def plain_env(tmp_path: Path) -> Env:
+    """Settings that need no database (unit tests)."""
+    return Env(tmp_path, base_values(tmp_path))
+
+
+@pytest.fixture
+def make_volume(docker_engine: Any, images: dict[str, str]) -> Iterator[Callable[..., str]]:
+    """Create a named volume and fill it with a shell script run as root in the base image."""
+    created: list[str] = []
+
+    def make(script: str = "true", name: str | None = None) -> str:
+        name = name or unique("tbt-vol")
+        docker_engine.volumes.create(name)
+        created.append(name)
+        fill_volume(docker_engine, name, script)
+        return name
+
+    yield make
+    for name in created:
+        with contextlib.suppress(Exception):
+            docker_engine.volumes.get(name).remove(force=True)
+
+
+def fill_volume(client: Any, name: str, script: str) -> str:
+    """Run `script` with the volume at /vol in the base image; return its output."""
+    output = client.containers.run(
+        BASE_IMAGE, ["bash", "-euo", "pipefail", "-c", script], remove=True,
+        volumes={name: {"bind": "/vol", "mode": "rw"}}, working_dir="/vol", network_mode="none",
+    )
+    return output.decode() if isinstance(output, bytes) else str(output)

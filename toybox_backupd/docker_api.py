@@ -1,0 +1,349 @@
+"""Every Docker SDK call of toybox-backupd lives here.
+
+Streams come from `docker exec` over the hijacked API socket, so the exit status of the command
+is read back (`exec_inspect`) instead of lost, stdin can be fed, and a stuck stream can be ended
+from another thread by closing its socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import socket
+import tarfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.utils.socket import STDERR, STDOUT, frames_iter
+
+STOP_LABEL = "toybox-backupd.stop-during-backup"
+HELPER_LABEL = "toybox-backupd.helper"
+COMPOSE_SERVICE = "com.docker.compose.service"
+STDERR_KEEP = 64 * 1024
+
+
+class DockerError(RuntimeError):
+    """A Docker problem, in words an operator can act on."""
+
+
+@lru_cache(maxsize=1)
+def client() -> docker.DockerClient:
+    try:
+        return docker.from_env(timeout=120)
+    except DockerException as exc:
+        raise DockerError(
+            f"cannot reach the Docker engine ({_short(exc)}); is /var/run/docker.sock mounted "
+            "and readable (DOCKER_HOST)?") from None
+
+
+def ping() -> str:
+    """The engine's version, or DockerError."""
+    try:
+        return str(client().version().get("Version", "?"))
+    except (DockerException, OSError) as exc:
+        raise DockerError(f"cannot reach the Docker engine: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) < 300 else text[:300] + "…"
+
+
+# containers -------------------------------------------------------------------------------
+def find_container(name: str) -> Container:
+    """A container by name or id, else the (running) container of a compose service."""
+    api = client()
+    try:
+        return api.containers.get(name)
+    except NotFound:
+        pass
+    except APIError as exc:
+        raise DockerError(f"cannot look up container {name!r}: {_short(exc)}") from None
+    matches = api.containers.list(all=True, filters={"label": f"{COMPOSE_SERVICE}={name}"})
+    if not matches:
+        raise DockerError(f"no container or compose service named {name!r}")
+    running = [c for c in matches if c.status == "running"]
+    project = own_compose_project()
+    if project:
+        same = [c for c in (running or matches)
+                if c.labels.get("com.docker.compose.project") == project]
+        if same:
+            return same[0]
+    return (running or matches)[0]
+
+
+def container_name(container: Container) -> str:
+    return str(container.name)
+
+
+def is_running(container: Container) -> bool:
+    container.reload()
+    return container.status == "running"
+
+
+def containers_using_volume(volume: str) -> list[Container]:
+    result = []
+    for container in client().containers.list(all=True, filters={"volume": volume}):
+        if container.labels.get(HELPER_LABEL):
+            continue
+        result.append(container)
+    return result
+
+
+def wants_stop(container: Container, names: Iterable[str]) -> bool:
+    names = set(names)
+    labels = container.labels or {}
+    return (
+        labels.get(STOP_LABEL, "").lower() in {"true", "1", "yes"}
+        or container.name in names
+        or labels.get(COMPOSE_SERVICE) in names
+    )
+
+
+def stop_container(container: Container, timeout: int = 60) -> None:
+    container.stop(timeout=timeout)
+
+
+def start_container(container_id: str) -> None:
+    client().containers.get(container_id).start()
+
+
+def container_state(container_id: str) -> str | None:
+    try:
+        return str(client().containers.get(container_id).status)
+    except NotFound:
+        return None
+
+
+@lru_cache(maxsize=1)
+def own_container() -> Container | None:
+    """The container this process runs in, if any."""
+    candidates = [socket.gethostname()]
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            candidates += re.findall(r"/containers/([0-9a-f]{64})/", handle.read())
+    except OSError:
+        pass
+    for candidate in candidates:
+        try:
+            return client().containers.get(candidate)
+        except (NotFound, APIError, DockerError):
+            continue
+    return None
+
+
+def own_compose_project() -> str | None:
+    try:
+        me = own_container()
+    except DockerException:
+        return None
+    return me.labels.get("com.docker.compose.project") if me else None
+
+
+def helper_image(configured: str | None) -> str:
+    """HELPER_IMAGE, else the image this process runs in, else toybox-backupd:latest."""
+    if configured:
+        return configured
+    me = own_container()
+    if me is not None and me.image is not None:
+        return str(me.image.id)
+    return "toybox-backupd:latest"
+
+
+# volumes ----------------------------------------------------------------------------------
+def volume_exists(name: str) -> bool:
+    try:
+        client().volumes.get(name)
+        return True
+    except NotFound:
+        return False
+
+
+def create_volume(name: str) -> None:
+    client().volumes.create(name)
+
+
+def remove_volume(name: str) -> None:
+    with contextlib.suppress(NotFound):
+        client().volumes.get(name).remove(force=True)
+
+
+# helper containers ------------------------------------------------------------------------
+@contextlib.contextmanager
+def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str) -> Iterator[Container]:
+    """A short-lived container that mounts `volumes` ({volume: (path, 'ro'|'rw')}).
+
+    It runs `sleep` so commands can be exec'd into it; it has no network, no logs, and is
+    removed on exit whatever happens.
+    """
+    api = client()
+    binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
+    try:
+        container = api.containers.run(
+            image, ["sleep", "infinity"], detach=True, remove=False, network_mode="none",
+            volumes=binds, labels={HELPER_LABEL: purpose}, entrypoint=[], user="0:0",
+            name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}",
+            log_config={"type": "none"},
+        )
+    except ImageNotFound:
+        raise DockerError(
+            f"helper image {image!r} not found; set HELPER_IMAGE to an image with GNU tar") from None
+    except APIError as exc:
+        raise DockerError(f"cannot start a helper container: {_short(exc)}") from None
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(DockerException):
+            container.remove(force=True)
+
+
+def remove_stale_helpers() -> int:
+    """Remove helper containers left by a crashed run."""
+    count = 0
+    for container in client().containers.list(all=True, filters={"label": HELPER_LABEL}):
+        with contextlib.suppress(DockerException):
+            container.remove(force=True)
+            count += 1
+    return count
+
+
+def put_file(container: Container, path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write one small file into a container (directory must exist)."""
+    directory, _, name = path.rpartition("/")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = mode
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    container.put_archive(directory or "/", buffer.getvalue())
+
+
+# exec streams ------------------------------------------------------------------------------
+@dataclass
+class ExecResult:
+    exit_code: int
+    stderr: str
+
+
+@dataclass
+class Exec:
+    """A command running in a container; iterate `stdout()`, then `wait()`.
+
+    `feed(chunks)` writes stdin from a thread; `close()` (from any thread) ends the stream.
+    """
+
+    container: Container
+    cmd: list[str]
+    environment: dict[str, str] | None = None
+    user: str | None = None
+    stdin: bool = False
+    _exec_id: str = ""
+    _sock: Any = None
+    _stderr: bytearray = field(default_factory=bytearray)
+    _writer: threading.Thread | None = None
+    _writer_error: BaseException | None = None
+    _closed: bool = False
+
+    def __post_init__(self) -> None:
+        api = client().api
+        try:
+            self._exec_id = api.exec_create(
+                self.container.id, self.cmd, stdout=True, stderr=True, stdin=self.stdin,
+                environment=self.environment, user=self.user or "",
+            )["Id"]
+            self._sock = api.exec_start(self._exec_id, socket=True)
+        except APIError as exc:
+            raise DockerError(
+                f"cannot run {self.cmd[0]} in container {self.container.name}: {_short(exc)}"
+            ) from None
+
+    def _raw(self) -> socket.socket:
+        return getattr(self._sock, "_sock", self._sock)
+
+    def stdout(self) -> Iterator[bytes]:
+        """Chunks of the command's stdout; stderr is kept (its tail) for `wait()`."""
+        try:
+            for stream, data in frames_iter(self._sock, tty=False):
+                if stream == STDOUT:
+                    yield data
+                elif stream == STDERR:
+                    self._stderr += data
+                    if len(self._stderr) > 2 * STDERR_KEEP:
+                        del self._stderr[:-STDERR_KEEP]
+        except (OSError, ValueError):
+            if not self._closed:
+                raise
+
+    def feed(self, chunks: Iterable[bytes]) -> None:
+        """Write `chunks` to the command's stdin from a thread, then close stdin."""
+
+        def write() -> None:
+            raw = self._raw()
+            try:
+                for chunk in chunks:
+                    if self._closed:
+                        return
+                    raw.sendall(chunk)
+                raw.shutdown(socket.SHUT_WR)
+            except BaseException as exc:  # handed to wait()
+                self._writer_error = exc
+                self.close()
+
+        self._writer = threading.Thread(target=write, name="exec-stdin", daemon=True)
+        self._writer.start()
+
+    def wait(self, timeout: float = 60) -> ExecResult:
+        """Drain what is left, then the command's exit status (-1 if it cannot be had)."""
+        for _ in self.stdout():
+            pass
+        if self._writer is not None:
+            self._writer.join(timeout)
+        api = client().api
+        deadline = time.monotonic() + timeout
+        code: int | None = None
+        while time.monotonic() < deadline:
+            info = api.exec_inspect(self._exec_id)
+            if not info.get("Running"):
+                code = info.get("ExitCode")
+                break
+            time.sleep(0.05)
+        self.close()
+        if self._writer_error is not None and not isinstance(self._writer_error, OSError):
+            raise self._writer_error
+        return ExecResult(exit_code=-1 if code is None else int(code),
+                          stderr=self._stderr.decode("utf-8", "replace").strip())
+
+    @property
+    def writer_error(self) -> BaseException | None:
+        return self._writer_error
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._raw().shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def run(container: Container, cmd: list[str], environment: dict[str, str] | None = None,
+        user: str | None = None) -> tuple[ExecResult, bytes]:
+    """Run a short command; return its result and (bounded) stdout."""
+    proc = Exec(container, cmd, environment=environment, user=user)
+    out = bytearray()
+    for chunk in proc.stdout():
+        if len(out) < 4 * 1024 * 1024:
+            out += chunk
+    return proc.wait(), bytes(out)

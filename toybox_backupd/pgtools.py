@@ -1,0 +1,154 @@
+"""Running PostgreSQL's client tools where their version matches the server.
+
+With PG_CONTAINER the tools run inside the database container (`docker exec`), so pg_dump is
+always the server's own version. Without it they run locally over the network, and pg_dump is
+refused if it is older than the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from . import database, docker_api
+from .docker_api import ExecResult
+from .runner import JobError
+from .settings import Settings
+
+STDERR_KEEP = 64 * 1024
+
+
+class Proc(Protocol):
+    def stdout(self) -> Iterator[bytes]: ...
+    def feed(self, chunks: Iterable[bytes]) -> None: ...
+    def wait(self, timeout: float = 60) -> ExecResult: ...
+    def close(self) -> None: ...
+
+
+class LocalProc:
+    """A local process with the same surface as docker_api.Exec."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], stdin: bool = False):
+        self.cmd = cmd
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**os.environ, **env})
+        self._stderr = bytearray()
+        self._err_thread = threading.Thread(target=self._read_stderr, daemon=True)
+        self._err_thread.start()
+        self._writer: threading.Thread | None = None
+
+    def _read_stderr(self) -> None:
+        assert self._proc.stderr is not None
+        for line in self._proc.stderr:
+            self._stderr += line
+            if len(self._stderr) > 2 * STDERR_KEEP:
+                del self._stderr[:-STDERR_KEEP]
+
+    def stdout(self) -> Iterator[bytes]:
+        assert self._proc.stdout is not None
+        with contextlib.suppress(ValueError, OSError):
+            while chunk := self._proc.stdout.read1(1024 * 1024):  # type: ignore[attr-defined]
+                yield chunk
+
+    def feed(self, chunks: Iterable[bytes]) -> None:
+        def write() -> None:
+            assert self._proc.stdin is not None
+            try:
+                for chunk in chunks:
+                    self._proc.stdin.write(chunk)
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()
+
+        self._writer = threading.Thread(target=write, daemon=True)
+        self._writer.start()
+
+    def wait(self, timeout: float = 60) -> ExecResult:
+        for _ in self.stdout():
+            pass
+        if self._writer:
+            self._writer.join(timeout)
+        code = self._proc.wait(timeout)
+        self._err_thread.join(timeout)
+        return ExecResult(code, self._stderr.decode("utf-8", "replace").strip())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._proc.kill()
+
+
+class PgTools:
+    """Builds and starts pg_dump / pg_restore / psql / pg_dumpall for the configured server."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.container: Any = None
+        if settings.pg_container:
+            self.container = docker_api.find_container(settings.pg_container)
+            if not docker_api.is_running(self.container):
+                raise JobError(
+                    f"the database container {self.container.name} (PG_CONTAINER="
+                    f"{settings.pg_container}) is not running ({self.container.status})")
+
+    @property
+    def where(self) -> str:
+        if self.container is not None:
+            return f"container {self.container.name}"
+        return "this host"
+
+    def start(self, tool: str, args: list[str], stdin: bool = False) -> Proc:
+        s = self.settings
+        env = {"PGPASSWORD": s.postgres_password_value or "", "PGCONNECT_TIMEOUT": "10",
+               "PGAPPNAME": "toybox-backupd"}
+        if self.container is not None:
+            cmd = [tool, "-U", s.postgres_user, *args]
+            return docker_api.Exec(self.container, cmd, environment=env, stdin=stdin)
+        binary = shutil.which(tool)
+        if binary is None:
+            raise JobError(f"{tool} is not installed here and PG_CONTAINER is not set; set "
+                           "PG_CONTAINER to the database container so the server's own tools run")
+        cmd = [binary, "-h", s.postgres_host, "-p", str(s.postgres_port), "-U", s.postgres_user,
+               *args]
+        return LocalProc(cmd, env, stdin=stdin)
+
+    def check_version(self, server_version: str) -> None:
+        """Refuse a local pg_dump older than the server (in-container tools always match)."""
+        if self.container is not None:
+            return
+        binary = shutil.which("pg_dump")
+        if binary is None:
+            raise JobError("pg_dump is not installed here and PG_CONTAINER is not set")
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"(\d+)(?:\.\d+)?", out)
+        local = int(match.group(1)) if match else 0
+        server = database.server_major(server_version)
+        if local < server:
+            raise JobError(
+                f"the local pg_dump is version {local} but the server is {server_version}; an "
+                "older pg_dump cannot dump a newer server. Set PG_CONTAINER to the database "
+                "container, or install PostgreSQL {server} client tools")
+
+
+def pump(source: Proc, sink: Proc) -> None:
+    """Feed `source`'s stdout into `sink`'s stdin."""
+    sink.feed(source.stdout())
+
+
+def tool_error(tool: str, result: ExecResult, where: str) -> str:
+    tail = result.stderr.strip().splitlines()[-6:]
+    detail = "; ".join(line.strip() for line in tail if line.strip()) or "no message"
+    if result.exit_code == -1:
+        return f"{tool} in {where}: its exit status could not be read ({detail})"
+    if result.exit_code >= 128:
+        return (f"{tool} in {where} was killed (signal {result.exit_code - 128}, exit status "
+                f"{result.exit_code}): {detail}")
+    return f"{tool} in {where} failed with exit status {result.exit_code}: {detail}"

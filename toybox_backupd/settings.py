@@ -1,0 +1,295 @@
+"""Settings: the `.env` file and the environment, validated once at start-up.
+
+Every variable name here is part of the product's interface (see `.env.example`).
+A bad value stops start-up with one line per problem, naming the variable; secrets are
+never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from . import redact
+
+CommaList = Annotated[list[str], NoDecode]
+_EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
+_SECRET_FIELDS = ("postgres_password", "smtp_password")
+
+JOBS = ("pgdump", "full", "diff")
+
+
+class SettingsError(Exception):
+    """The configuration is unusable; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def validate_cron(expr: str) -> str:
+    """A standard 5-field crontab(5) expression, or empty (job disabled)."""
+    expr = " ".join(expr.split())
+    if not expr:
+        return ""
+    if len(expr.split(" ")) != 5:
+        raise ValueError(f"{expr!r} is not a 5-field crontab expression (minute hour day month weekday)")
+    try:
+        CronSim(expr, _probe_time())
+    except CronSimError as exc:
+        raise ValueError(f"{expr!r} is not a valid crontab expression: {exc}") from None
+    return expr
+
+
+def _probe_time() -> Any:
+    from datetime import datetime
+
+    return datetime(2026, 1, 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # schedules and retention
+    tz: str = Field("UTC", alias="TZ")
+    pgdump_schedule: str = Field("0 17 * * *", alias="PGDUMP_SCHEDULE")
+    pgdump_keep_days: int = Field(7, ge=1, alias="PGDUMP_KEEP_DAYS")
+    pgdump_format: Literal["custom", "plain"] = Field("custom", alias="PGDUMP_FORMAT")
+    volume_full_schedule: str = Field("30 17 * * 0", alias="VOLUME_FULL_SCHEDULE")
+    volume_diff_schedule: str = Field("45 17 * * *", alias="VOLUME_DIFF_SCHEDULE")
+    volume_keep_days: int = Field(14, ge=1, alias="VOLUME_KEEP_DAYS")
+    backup_volumes: CommaList = Field(default_factory=list, alias="BACKUP_VOLUMES")
+    volume_compression: Literal["zstd", "gzip", "none"] = Field("zstd", alias="VOLUME_COMPRESSION")
+    volume_compression_level: int | None = Field(None, alias="VOLUME_COMPRESSION_LEVEL")
+    stop_during_backup: CommaList = Field(default_factory=list, alias="STOP_DURING_BACKUP")
+    helper_image: str | None = Field(None, alias="HELPER_IMAGE")
+    catch_up: bool = Field(True, alias="CATCH_UP")
+    pgdump_time_limit_min: int = Field(60, ge=1, alias="PGDUMP_TIME_LIMIT_MIN")
+    volume_full_time_limit_min: int = Field(240, ge=1, alias="VOLUME_FULL_TIME_LIMIT_MIN")
+    volume_diff_time_limit_min: int = Field(120, ge=1, alias="VOLUME_DIFF_TIME_LIMIT_MIN")
+    disk_margin_percent: int = Field(20, ge=0, alias="DISK_MARGIN_PERCENT")
+
+    # where things live
+    backup_dir: Path = Field(Path("/backups"), alias="BACKUP_DIR")
+    state_dir: Path = Field(Path("/var/lib/toybox-backupd"), alias="STATE_DIR")
+
+    # email
+    notify_email_to: CommaList = Field(default_factory=list, alias="NOTIFY_EMAIL_TO")
+    notify_on: Literal["all", "failure"] = Field("all", alias="NOTIFY_ON")
+    smtp_host: str | None = Field(None, alias="SMTP_HOST")
+    smtp_port: int = Field(587, ge=1, le=65535, alias="SMTP_PORT")
+    smtp_user: str | None = Field(None, alias="SMTP_USER")
+    smtp_password: SecretStr | None = Field(None, alias="SMTP_PASSWORD")
+    smtp_password_file: Path | None = Field(None, alias="SMTP_PASSWORD_FILE")
+    smtp_from: str | None = Field(None, alias="SMTP_FROM")
+    smtp_security: Literal["starttls", "ssl", "none"] = Field("starttls", alias="SMTP_SECURITY")
+    smtp_timeout: int = Field(30, ge=1, alias="SMTP_TIMEOUT")
+    smtp_ca_file: Path | None = Field(None, alias="SMTP_CA_FILE")
+
+    # database
+    postgres_host: str = Field("postgres", alias="POSTGRES_HOST")
+    postgres_port: int = Field(5432, ge=1, le=65535, alias="POSTGRES_PORT")
+    postgres_db: str = Field(alias="POSTGRES_DB", min_length=1)
+    postgres_user: str = Field("postgres", alias="POSTGRES_USER", min_length=1)
+    postgres_password: SecretStr | None = Field(None, alias="POSTGRES_PASSWORD")
+    postgres_password_file: Path | None = Field(None, alias="POSTGRES_PASSWORD_FILE")
+    pg_container: str | None = Field(None, alias="PG_CONTAINER")
+
+    # logs
+    log_format: Literal["console", "json"] = Field("console", alias="LOG_FORMAT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    @field_validator("pgdump_schedule", "volume_full_schedule", "volume_diff_schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return validate_cron(value)
+
+    @field_validator("tz")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Asia/Tokyo, UTC)") from None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("backup_volumes", "stop_during_backup", "notify_email_to", mode="before")
+    @classmethod
+    def _comma(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("notify_email_to")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        bad = [address for address in value if not _EMAIL.match(address)]
+        if bad:
+            raise ValueError(f"not an email address: {', '.join(bad)}")
+        return value
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        if value and ("\n" in value or "\r" in value):
+            raise ValueError("must be a single line")
+        return value
+
+    @field_validator(
+        "smtp_host", "smtp_user", "pg_container", "helper_image", "volume_compression_level",
+        "smtp_password", "postgres_password", "smtp_password_file", "postgres_password_file",
+        "smtp_ca_file", mode="before",
+    )
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _secret_files(self) -> Settings:
+        problems: list[str] = []
+        for name in _SECRET_FIELDS:
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            var = f"{name.upper()}_FILE"
+            if getattr(self, name) is not None:
+                problems.append(f"{var}: set only one of {name.upper()} and {var}")
+                continue
+            try:
+                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                problems.append(f"{var}: cannot read {path}: {exc.strerror or exc}")
+                continue
+            setattr(self, name, SecretStr(secret))
+        if problems:
+            raise ValueError("\n".join(problems))
+        redact.register(self.postgres_password_value, self.smtp_password_value)
+        return self
+
+    # convenience -----------------------------------------------------------------------
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz)
+
+    @property
+    def postgres_password_value(self) -> str | None:
+        return self.postgres_password.get_secret_value() if self.postgres_password else None
+
+    @property
+    def smtp_password_value(self) -> str | None:
+        return self.smtp_password.get_secret_value() if self.smtp_password else None
+
+    def schedule_for(self, job: str) -> str:
+        return {
+            "pgdump": self.pgdump_schedule,
+            "full": self.volume_full_schedule,
+            "diff": self.volume_diff_schedule,
+        }[job]
+
+    def time_limit_seconds(self, job: str) -> int:
+        minutes = {
+            "pgdump": self.pgdump_time_limit_min,
+            "full": self.volume_full_time_limit_min,
+            "diff": self.volume_diff_time_limit_min,
+        }[job]
+        return minutes * 60
+
+    def job_enabled(self, job: str) -> bool:
+        if not self.schedule_for(job):
+            return False
+        return job == "pgdump" or bool(self.backup_volumes)
+
+    def compression_level(self) -> int:
+        if self.volume_compression_level is not None:
+            return self.volume_compression_level
+        return {"zstd": 3, "gzip": 6, "none": 0}[self.volume_compression]
+
+    def problems(self) -> list[str]:
+        """Cross-field problems that do not belong to one variable's value."""
+        problems = []
+        if self.notify_email_to and not self.smtp_host:
+            problems.append("SMTP_HOST: required when NOTIFY_EMAIL_TO is set")
+        if self.notify_email_to and not self.smtp_from:
+            problems.append("SMTP_FROM: required when NOTIFY_EMAIL_TO is set")
+        if self.smtp_user and self.smtp_password is None:
+            problems.append("SMTP_PASSWORD: required when SMTP_USER is set (or SMTP_PASSWORD_FILE)")
+        if (self.volume_full_schedule or self.volume_diff_schedule) and not self.backup_volumes:
+            problems.append(
+                "BACKUP_VOLUMES: empty, so the full and differential jobs have nothing to archive "
+                "(name the volumes, or set VOLUME_FULL_SCHEDULE= and VOLUME_DIFF_SCHEDULE= to turn them off)"
+            )
+        level = self.volume_compression_level
+        if level is not None:
+            allowed = {"zstd": (1, 22), "gzip": (1, 9), "none": (0, 0)}[self.volume_compression]
+            if not allowed[0] <= level <= allowed[1]:
+                problems.append(
+                    f"VOLUME_COMPRESSION_LEVEL: {level} is outside {allowed[0]}..{allowed[1]} "
+                    f"for {self.volume_compression}"
+                )
+        return problems
+
+
+def _field_var(loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return "settings"
+    name = str(loc[0])
+    field = Settings.model_fields.get(name)
+    if field is not None and field.alias:
+        return field.alias
+    return name.upper()
+
+
+def load(env_file: str | os.PathLike[str] | None = ".env", *, strict: bool = True) -> Settings:
+    """Load and validate; raise SettingsError with one line per problem.
+
+    With `strict`, cross-field problems (Settings.problems) are errors too.
+    """
+    try:
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    if strict and (problems := settings.problems()):
+        raise SettingsError(problems)
+    return settings
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False, include_input=False):
+        var = _field_var(tuple(error.get("loc", ())))
+        message = str(error.get("msg", "invalid"))
+        message = message.removeprefix("Value error, ")
+        if error.get("type") == "missing":
+            message = "required, but not set"
+        elif error.get("type") == "int_parsing":
+            message = "must be a whole number"
+        for part in message.split("\n"):
+            part = part.strip()
+            if ":" in part and part.split(":", 1)[0].isupper() and part.split(":", 1)[0].endswith("_FILE"):
+                lines.append(redact.redact(part))
+            else:
+                lines.append(redact.redact(f"{var}: {part}"))
+    return lines
