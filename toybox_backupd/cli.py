@@ -105,11 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_plain(exc: BaseException) -> bool:
+    from .catalog import CatalogError
     from .database import DatabaseError
     from .docker_api import DockerError
     from .runner import JobError
 
-    return isinstance(exc, DockerError | DatabaseError | JobError | UserError)
+    return isinstance(exc, DockerError | DatabaseError | JobError | UserError | CatalogError)
 
 
 class UserError(Exception):

@@ -1,0 +1,73 @@
+"""`toybox-backupd check`: is every part the daemon needs reachable and usable?"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+from . import database, docker_api
+from .runner import human
+from .settings import Settings
+
+
+def _dir(path: os.PathLike[str] | str, what: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".toybox-check-"):
+        pass
+    return f"{path} writable, {human(shutil.disk_usage(path).free)} free"
+
+
+def _docker() -> str:
+    return f"engine {docker_api.ping()}"
+
+
+def _database(settings: Settings) -> str:
+    version = database.check_reachable(settings, attempts=1, timeout=5)
+    return f"{settings.postgres_db} on {settings.postgres_host}:{settings.postgres_port} " \
+           f"(PostgreSQL {version.split()[0]})"
+
+
+def _pg_container(settings: Settings) -> str:
+    container = docker_api.find_container(settings.pg_container or "")
+    if not docker_api.is_running(container):
+        raise RuntimeError(f"container {container.name} is {container.status}, not running")
+    return f"container {container.name} is running"
+
+
+def _volumes(settings: Settings) -> str:
+    missing = [v for v in settings.backup_volumes if not docker_api.volume_exists(v)]
+    if missing:
+        raise RuntimeError(f"no such Docker volume: {', '.join(missing)} (check BACKUP_VOLUMES)")
+    return ", ".join(settings.backup_volumes)
+
+
+def _smtp(settings: Settings) -> str:
+    from . import notify
+
+    return notify.check_smtp(settings)
+
+
+def run_checks(settings: Settings) -> int:
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("settings", lambda: "ok"),
+        ("backup dir", lambda: _dir(settings.backup_dir, "BACKUP_DIR")),
+        ("state dir", lambda: _dir(settings.state_dir, "STATE_DIR")),
+        ("docker", _docker),
+        ("database", lambda: _database(settings)),
+    ]
+    if settings.pg_container:
+        checks.append(("db container", lambda: _pg_container(settings)))
+    if settings.backup_volumes:
+        checks.append(("volumes", lambda: _volumes(settings)))
+    if settings.notify_email_to:
+        checks.append(("smtp", lambda: _smtp(settings)))
+    failed = 0
+    for name, check in checks:
+        try:
+            print(f"ok    {name:<12} {check()}")
+        except Exception as exc:
+            failed += 1
+            print(f"FAIL  {name:<12} {exc}")
+    return 1 if failed else 0
