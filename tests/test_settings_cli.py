@@ -1,0 +1,176 @@
+"""Settings and the CLI surface (issue 2): no Docker needed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from toybox_backupd import settings as settings_mod
+from toybox_backupd.history import SCHEMA_VERSION, History
+
+
+def write_env(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "test.env"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def cli(*args: str, env_file: Path, extra_env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "SMTP_"))}
+    environ.pop("TZ", None)
+    environ.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "toybox_backupd.cli", "--env-file", str(env_file),
+                           *args], capture_output=True, text=True, env=environ, cwd=cwd,
+                          timeout=60)
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    result = cli("--help", env_file=tmp_path / "none.env")
+    assert result.returncode == 0
+    for command in ("run", "backup", "list", "history", "restore", "verify", "schedule", "check",
+                    "healthcheck", "reindex", "notify"):
+        assert command in result.stdout
+    version = cli("--version", env_file=tmp_path / "none.env")
+    assert version.returncode == 0 and "toybox-backupd 0." in version.stdout
+
+
+def test_schedule_json_in_tokyo_matches_crontab(tmp_path: Path) -> None:
+    env = write_env(tmp_path, "TZ=Asia/Tokyo\nPOSTGRES_DB=toybox\nBACKUP_VOLUMES=media\n"
+                              f"STATE_DIR={tmp_path}/state\nBACKUP_DIR={tmp_path}/b\n")
+    result = cli("schedule", "--json", env_file=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["timezone"] == "Asia/Tokyo"
+    jobs = {job["job"]: job for job in data["jobs"]}
+    assert jobs["pgdump"]["schedule"] == "0 17 * * *"
+    for job, (hour, minute) in {"pgdump": (17, 0), "full": (17, 30), "diff": (17, 45)}.items():
+        times = [datetime.fromisoformat(t) for t in jobs[job]["next"]]
+        assert len(times) == 5
+        assert all(t.utcoffset().total_seconds() == 9 * 3600 for t in times)  # type: ignore[union-attr]
+        assert all((t.hour, t.minute) == (hour, minute) for t in times)
+        assert times == sorted(times)
+    fulls = [datetime.fromisoformat(t) for t in jobs["full"]["next"]]
+    assert all(t.isoweekday() == 7 for t in fulls)  # crontab 0 = Sunday
+    assert all((b - a).days == 7 for a, b in itertools.pairwise(fulls))
+    dailies = [datetime.fromisoformat(t) for t in jobs["pgdump"]["next"]]
+    assert all((b - a).days == 1 for a, b in itertools.pairwise(dailies))
+
+
+def test_malformed_env_lists_every_problem_without_traceback(tmp_path: Path) -> None:
+    env = write_env(tmp_path, "\n".join([
+        "PGDUMP_SCHEDULE=0 25 * * *",
+        "VOLUME_DIFF_SCHEDULE=every day",
+        "TZ=Asia/Tokio",
+        "PGDUMP_KEEP_DAYS=seven",
+        "SMTP_SECURITY=tls",
+        "POSTGRES_PASSWORD=Sup3r-Secret-pw",
+        "",  # POSTGRES_DB missing
+    ]))
+    result = cli("check", env_file=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line.strip() for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert any(line.startswith("PGDUMP_SCHEDULE:") for line in lines)
+    assert any(line.startswith("VOLUME_DIFF_SCHEDULE:") for line in lines)
+    assert any(line.startswith("TZ:") and "Asia/Tokio" in line for line in lines)
+    assert any(line.startswith("PGDUMP_KEEP_DAYS:") and "whole number" in line for line in lines)
+    assert any(line.startswith("SMTP_SECURITY:") for line in lines)
+    assert any(line.startswith("POSTGRES_DB:") and "required" in line for line in lines)
+    assert len(lines) == 6
+    assert "Sup3r-Secret-pw" not in result.stderr + result.stdout
+
+
+def test_secret_file_variant_and_conflict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file\n", encoding="utf-8")
+    monkeypatch.setenv("POSTGRES_DB", "toybox")
+    monkeypatch.setenv("POSTGRES_PASSWORD_FILE", str(secret))
+    monkeypatch.delenv("POSTGRES_PASSWORD", raising=False)
+    loaded = settings_mod.load(None, strict=False)
+    assert loaded.postgres_password_value == "from-a-file"
+    monkeypatch.setenv("POSTGRES_PASSWORD", "inline-secret")
+    with pytest.raises(settings_mod.SettingsError) as info:
+        settings_mod.load(None, strict=False)
+    assert "POSTGRES_PASSWORD_FILE" in str(info.value)
+    assert "inline-secret" not in str(info.value) and "from-a-file" not in str(info.value)
+    monkeypatch.delenv("POSTGRES_PASSWORD")
+    monkeypatch.setenv("POSTGRES_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(settings_mod.SettingsError) as info:
+        settings_mod.load(None, strict=False)
+    assert info.value.problems[0].startswith("POSTGRES_PASSWORD_FILE: cannot read")
+
+
+def test_cross_field_problems_name_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_DB", "toybox")
+    monkeypatch.setenv("NOTIFY_EMAIL_TO", "a@example.com, b@example.com")
+    monkeypatch.setenv("VOLUME_COMPRESSION_LEVEL", "40")
+    with pytest.raises(settings_mod.SettingsError) as info:
+        settings_mod.load(None)
+    text = str(info.value)
+    for var in ("SMTP_HOST", "SMTP_FROM", "BACKUP_VOLUMES", "VOLUME_COMPRESSION_LEVEL"):
+        assert f"{var}:" in text
+
+
+def test_empty_schedule_disables_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_DB", "toybox")
+    monkeypatch.setenv("BACKUP_VOLUMES", "a,b")
+    monkeypatch.setenv("VOLUME_DIFF_SCHEDULE", "")
+    loaded = settings_mod.load(None)
+    assert loaded.backup_volumes == ["a", "b"]
+    assert loaded.job_enabled("full") and not loaded.job_enabled("diff")
+
+
+def test_history_schema_is_versioned_and_shared(tmp_path: Path) -> None:
+    first = History(tmp_path)
+    second = History(tmp_path)  # a CLI process beside the daemon
+    assert first.version == SCHEMA_VERSION
+    assert first.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    run_id = first.open_run("pgdump", "toybox")
+    assert second.run(run_id) is not None and second.run(run_id).status == "running"  # type: ignore[union-attr]
+    second.close_run(run_id, "ok", bytes_=10, artifact="x")
+    assert first.run(run_id).status == "ok"  # type: ignore[union-attr]
+    first.db.execute("PRAGMA user_version=99")
+    with pytest.raises(RuntimeError, match="newer than this toybox-backupd"):
+        History(tmp_path)
+
+
+def test_history_cli_on_empty_state(tmp_path: Path) -> None:
+    env = write_env(tmp_path, f"POSTGRES_DB=toybox\nSTATE_DIR={tmp_path}/state\n")
+    result = cli("history", "--json", env_file=env)
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+
+
+def test_console_and_json_logs_carry_run_context(tmp_path: Path) -> None:
+    import io
+    import logging
+
+    import structlog
+
+    from toybox_backupd import logs, redact
+
+    redact.register("pa55-word-xyz")
+    for fmt in ("console", "json"):
+        stream = io.StringIO()
+        logs.setup(fmt, "INFO", stream=stream)
+        with structlog.contextvars.bound_contextvars(job="pgdump", run_id=42):
+            logs.get().info("run started", note="uses pa55-word-xyz")
+            logging.getLogger("apscheduler.scheduler").warning("stdlib line")
+        lines = stream.getvalue().strip().splitlines()
+        assert len(lines) == 2
+        assert "pa55-word-xyz" not in stream.getvalue()
+        if fmt == "json":
+            records = [json.loads(line) for line in lines]
+            assert all(r["job"] == "pgdump" and r["run_id"] == 42 for r in records)
+            assert records[1]["logger"] == "apscheduler.scheduler"
+        else:
+            assert all("job=pgdump" in line and "run_id=42" in line for line in lines)
+            assert "\x1b[" not in stream.getvalue()  # no colour when not a TTY
