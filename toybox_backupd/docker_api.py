@@ -27,6 +27,7 @@ from docker.utils.socket import STDERR, STDOUT, frames_iter
 
 STOP_LABEL = "toybox-backupd.stop-during-backup"
 HELPER_LABEL = "toybox-backupd.helper"
+OWNER_LABEL = "toybox-backupd.owner"
 COMPOSE_SERVICE = "com.docker.compose.service"
 STDERR_KEEP = 64 * 1024
 
@@ -109,7 +110,7 @@ def wants_stop(container: Container, names: Iterable[str]) -> bool:
     )
 
 
-def stop_container(container: Container, timeout: int = 60) -> None:
+def stop_container(container: Container, timeout: int = 120) -> None:
     container.stop(timeout=timeout)
 
 
@@ -179,18 +180,21 @@ def remove_volume(name: str) -> None:
 
 # helper containers ------------------------------------------------------------------------
 @contextlib.contextmanager
-def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str) -> Iterator[Container]:
+def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
+           owner: str = "") -> Iterator[Container]:
     """A short-lived container that mounts `volumes` ({volume: (path, 'ro'|'rw')}).
 
     It runs `sleep` so commands can be exec'd into it; it has no network, no logs, and is
-    removed on exit whatever happens.
+    removed on exit whatever happens. `owner` (the history's instance id) lets start-up
+    recovery remove only its own leftovers.
     """
     api = client()
     binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
     try:
         container = api.containers.run(
             image, ["sleep", "infinity"], detach=True, remove=False, network_mode="none",
-            volumes=binds, labels={HELPER_LABEL: purpose}, entrypoint=[], user="0:0",
+            volumes=binds, labels={HELPER_LABEL: purpose, OWNER_LABEL: owner}, entrypoint=[],
+            user="0:0",
             name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}",
             log_config={"type": "none"},
         )
@@ -206,10 +210,14 @@ def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str) -> Ite
             container.remove(force=True)
 
 
-def remove_stale_helpers() -> int:
-    """Remove helper containers left by a crashed run."""
+def remove_stale_helpers(owner: str) -> int:
+    """Remove helper containers that a crashed run of this instance (`owner`) left behind.
+
+    Call it only while holding the run lock, so no live run of this instance owns one.
+    """
     count = 0
-    for container in client().containers.list(all=True, filters={"label": HELPER_LABEL}):
+    for container in client().containers.list(
+            all=True, filters={"label": [HELPER_LABEL, f"{OWNER_LABEL}={owner}"]}):
         with contextlib.suppress(DockerException):
             container.remove(force=True)
             count += 1

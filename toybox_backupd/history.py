@@ -410,6 +410,19 @@ class History:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, value))
 
+    def instance_id(self) -> str:
+        """A random id of this history (labels helper containers as ours)."""
+        current = self.get_state("instance_id")
+        if current is None:
+            import uuid
+
+            with self.tx() as db:
+                db.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('instance_id', ?)",
+                           (uuid.uuid4().hex,))
+            current = self.get_state("instance_id")
+        assert current is not None
+        return current
+
     def get_state(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
         return row["value"] if row else None

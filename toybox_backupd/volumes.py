@@ -119,7 +119,8 @@ def archive_volume(ctx: RunContext, volume: str, kind: str) -> tuple[str, int, d
                " seen INTEGER, PRIMARY KEY (path)) WITHOUT ROWID")
     db.execute("DELETE FROM scan")
     with ExitStack() as stack:
-        helper = stack.enter_context(docker_api.helper(image, {volume: (MOUNT, "ro")}, "backup"))
+        helper = stack.enter_context(docker_api.helper(
+            image, {volume: (MOUNT, "ro")}, "backup", history.instance_id()))
         stack.enter_context(ctx.on_cancel(lambda: _kill(helper)))
         with AtomicFile(path) as out, stopped_for(ctx, volume) as downtime:
             _scan(ctx, helper, volume)
@@ -360,7 +361,9 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
             docker_api.stop_container(container)
             stopped.append(container)
         image = docker_api.helper_image(settings.helper_image)
-        with docker_api.helper(image, {target: (MOUNT, "rw")}, "restore") as helper:
+        with History(settings.state_dir) as history:
+            owner = history.instance_id()
+        with docker_api.helper(image, {target: (MOUNT, "rw")}, "restore", owner) as helper:
             _run(helper, ["find", MOUNT, "-mindepth", "1", "-delete"], "emptying the volume")
             _extract(helper, files[0], chain[0])
             if len(chain) > 1:
