@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -245,10 +246,8 @@ def test_database_volume_restored_into_new_volume_serves_rows(
         if restored_pg is not None:
             remove_pg(restored_pg)
         else:
-            try:
+            with contextlib.suppress(Exception):
                 docker_engine.volumes.get(new_volume).remove(force=True)
-            except Exception:
-                pass
 
 
 def test_files_changed_while_read_are_reported_not_fatal(
