@@ -293,3 +293,71 @@ def _describe(exc: ValidationError) -> list[str]:
             else:
                 lines.append(redact.redact(f"{var}: {part}"))
     return lines
+
+
+# the README's settings table is generated from here (python -m toybox_backupd.settings) ----------
+DESCRIPTIONS: dict[str, str] = {
+    "TZ": "IANA time zone the schedules, file names and emails use",
+    "PGDUMP_SCHEDULE": "crontab(5) schedule of the logical dump; empty turns it off",
+    "PGDUMP_KEEP_DAYS": "days logical dumps are kept (the newest is always kept)",
+    "PGDUMP_FORMAT": "`custom` (pg_restore, single tables) or `plain` (`.sql.gz`)",
+    "VOLUME_FULL_SCHEDULE": "crontab(5) schedule of the full volume archives; empty turns it off",
+    "VOLUME_DIFF_SCHEDULE": "crontab(5) schedule of the differential archives; empty turns it off",
+    "VOLUME_KEEP_DAYS": "days volume archives are kept (fulls a kept differential needs stay)",
+    "BACKUP_VOLUMES": "comma-separated Docker volume names to archive",
+    "VOLUME_COMPRESSION": "`zstd`, `gzip` or `none`",
+    "VOLUME_COMPRESSION_LEVEL": "compression level (default 3 for zstd, 6 for gzip)",
+    "STOP_DURING_BACKUP": "containers (names or compose services) stopped while their volume is "
+                          "read, besides those labelled `toybox-backupd.stop-during-backup=true`",
+    "HELPER_IMAGE": "image of the helper containers that read and write volumes (needs GNU tar); "
+                    "default: the sidecar's own image",
+    "CATCH_UP": "run a job missed while the daemon was down, once, at start",
+    "PGDUMP_TIME_LIMIT_MIN": "time limit of a logical run, minutes",
+    "VOLUME_FULL_TIME_LIMIT_MIN": "time limit of a full run, minutes",
+    "VOLUME_DIFF_TIME_LIMIT_MIN": "time limit of a differential run, minutes",
+    "DISK_MARGIN_PERCENT": "a run is refused early unless BACKUP_DIR has the last artifact's size "
+                           "plus this margin free",
+    "BACKUP_DIR": "where backups are written (plain files: copy them off the host)",
+    "STATE_DIR": "SQLite history and catalog, lock file",
+    "NOTIFY_EMAIL_TO": "comma-separated recipients of the run reports; empty: no email",
+    "NOTIFY_ON": "`all` (every run) or `failure`",
+    "SMTP_HOST": "mail server (required with NOTIFY_EMAIL_TO)",
+    "SMTP_PORT": "mail server port",
+    "SMTP_USER": "SMTP login; empty: no AUTH",
+    "SMTP_PASSWORD": "SMTP password (secret)",
+    "SMTP_PASSWORD_FILE": "file holding SMTP_PASSWORD (Docker secrets)",
+    "SMTP_FROM": "sender address (required with NOTIFY_EMAIL_TO)",
+    "SMTP_SECURITY": "`starttls`, `ssl` (implicit TLS) or `none`",
+    "SMTP_TIMEOUT": "seconds before an SMTP conversation is given up (retried later)",
+    "SMTP_CA_FILE": "extra CA bundle to trust for the mail server's certificate",
+    "POSTGRES_HOST": "database host as seen from the sidecar",
+    "POSTGRES_PORT": "database port",
+    "POSTGRES_DB": "the database to back up (required)",
+    "POSTGRES_USER": "database user (a superuser also saves role passwords)",
+    "POSTGRES_PASSWORD": "database password (secret)",
+    "POSTGRES_PASSWORD_FILE": "file holding POSTGRES_PASSWORD (Docker secrets)",
+    "PG_CONTAINER": "database container name or compose service: pg_dump runs inside it, so its "
+                    "version always matches the server; empty: the local pg_dump over the network",
+    "LOG_FORMAT": "`console` (readable key=value lines) or `json` (one object a line)",
+    "LOG_LEVEL": "`DEBUG`, `INFO`, `WARNING` or `ERROR`",
+}
+
+
+def markdown_table() -> str:
+    """The settings table for the README, from the model itself."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        alias = field.alias or name.upper()
+        if field.is_required():
+            default = "*(required)*"
+        else:
+            value = field.get_default(call_default_factory=True)
+            if isinstance(value, list):
+                value = ",".join(value)
+            default = f"`{value}`" if value not in (None, "") else "*(empty)*"
+        lines.append(f"| `{alias}` | {default} | {DESCRIPTIONS[alias]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
