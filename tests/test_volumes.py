@@ -386,3 +386,28 @@ def test_missing_volume_is_a_clear_failure(vol_env: Env) -> None:
     assert result.returncode != 0
     assert "no such Docker volume: tbt-no-such-volume" in last_run(env).error
     assert datetime.fromisoformat(last_run(env).started_at.isoformat())
+
+
+def test_reindex_rebuilds_the_catalog_from_the_backup_dir_alone(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    import shutil
+
+    env = vol_env
+    volume = make_volume(TREE)
+    env.values["BACKUP_VOLUMES"] = volume
+    run_ok(env, "backup", "full")
+    fill_volume(docker_engine, volume, CHANGES)
+    run_ok(env, "backup", "diff")
+    expected = state(docker_engine, volume)
+    before = json.loads(run_ok(env, "list", "--json").stdout)
+    shutil.rmtree(env.state_dir)  # the host is gone; only the backup dir was copied over
+    assert json.loads(run_ok(env, "list", "--json").stdout) == []
+    assert "2 artifact(s) added" in run_ok(env, "reindex").stdout
+    after = json.loads(run_ok(env, "list", "--json").stdout)
+    keys = ("tier", "target", "path", "created_at", "size", "sha256")
+    assert [{k: a[k] for k in keys} for a in after] == [{k: b[k] for k in keys} for b in before]
+    assert after[1]["base_id"] == after[0]["id"]
+    assert "0 artifact(s) added" in run_ok(env, "reindex").stdout  # idempotent
+    docker_engine.volumes.get(volume).remove()
+    run_ok(env, "restore", "volume", volume)
+    assert state(docker_engine, volume) == expected
