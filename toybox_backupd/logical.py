@@ -31,13 +31,13 @@ def _stamp(moment: datetime, settings: Settings) -> str:
     return moment.astimezone(settings.zone).strftime("%Y%m%d-%H%M%S")
 
 
-def _free_name(directory: Path, stem: str, suffix: str) -> Path:
-    path = directory / f"{stem}{suffix}"
-    number = 2
-    while path.exists() or path.with_name(path.name + archive.PARTIAL).exists():
-        path = directory / f"{stem}-{number}{suffix}"
+def _free_stem(directory: Path, stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`… if a file of that stem exists already."""
+    candidate, number = stem, 2
+    while any(directory.glob(f"{candidate}.*")):
+        candidate = f"{stem}-{number}"
         number += 1
-    return path
+    return candidate
 
 
 # backup --------------------------------------------------------------------------------------
@@ -55,15 +55,15 @@ def backup(ctx: RunContext) -> TierResult:
     created = utcnow()
     directory = settings.backup_dir / TIER / db
     custom = settings.pgdump_format == "custom"
-    path = _free_name(directory, f"{db}_{_stamp(created, settings)}",
-                      ".dump" if custom else ".sql.gz")
+    stem = _free_stem(directory, f"{db}_{_stamp(created, settings)}") if directory.exists() \
+        else f"{db}_{_stamp(created, settings)}"
+    path = directory / (stem + (".dump" if custom else ".sql.gz"))
     fmt = ["-Fc"] if custom else ["-Fp"]
     ctx.log.info("dumping database", database=db, server=server_version, where=tools.where,
                  file=str(path))
     size, digest = _dump_to(ctx, tools, "pg_dump", [*fmt, "-d", db], path, gzip_it=not custom,
                             check=_check_custom if custom else _check_plain)
-    globals_path = path.with_name(path.name.rsplit(".", 2 if not custom else 1)[0]
-                                  + ".globals.sql.gz")
+    globals_path = directory / f"{stem}.globals.sql.gz"
     globals_info: dict[str, Any] = {}
     try:
         gsize, gdigest = _dump_to(ctx, tools, "pg_dumpall", ["--globals-only"], globals_path,

@@ -75,6 +75,10 @@ class RunContext:
     def cancelled(self) -> bool:
         return self._cancel is not None
 
+    @property
+    def cancellation(self) -> Cancelled | None:
+        return self._cancel
+
     def cancel(self, reason: str, status: str = "failed") -> None:
         with self._lock:
             if self._cancel is not None:
@@ -233,9 +237,8 @@ def run_job(settings: Settings, job: str, *, trigger: str = "manual",
             except JobError as exc:
                 error = str(exc)
             except Exception as exc:
-                if ctx.cancelled:
-                    status = ctx._cancel.status if ctx._cancel else "failed"
-                    error = str(ctx._cancel)
+                if ctx.cancellation is not None:  # a stream closed by cancel() broke first
+                    status, error = ctx.cancellation.status, str(ctx.cancellation)
                 else:
                     error = describe_unexpected(exc)
                     log.error("unexpected error", error=error,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -48,16 +49,10 @@ def validate_cron(expr: str) -> str:
     if len(expr.split(" ")) != 5:
         raise ValueError(f"{expr!r} is not a 5-field crontab expression (minute hour day month weekday)")
     try:
-        CronSim(expr, _probe_time())
+        CronSim(expr, datetime(2026, 1, 1))
     except CronSimError as exc:
         raise ValueError(f"{expr!r} is not a valid crontab expression: {exc}") from None
     return expr
-
-
-def _probe_time() -> Any:
-    from datetime import datetime
-
-    return datetime(2026, 1, 1)
 
 
 class Settings(BaseSettings):
