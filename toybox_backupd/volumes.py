@@ -434,15 +434,42 @@ def restore_files(settings: Settings, name: str, patterns: list[str], *,
                 if tarstream.normalize(member.name) not in names:
                     continue
                 try:
-                    tar.extract(member, destination, filter="data")
+                    _extract_member(tar, member, destination)
                     written += 1
-                except (tarfile.FilterError, OSError, KeyError) as exc:
+                except (_FILTER_ERROR, ValueError, OSError, KeyError) as exc:
                     refused += 1
                     log.warning("member refused", member=member.name, error=str(exc))
     print(f"restored {written} path(s) of {name} into {destination}"
           + (f"; refused {refused} unsafe or unreadable member(s)" if refused else ""))
     if refused and not written:
         raise JobError("every matching member was refused (unsafe names or links)")
+
+
+# Python 3.11.0-3.11.3 (Debian 12 ships 3.11.2) has no tarfile extraction filters.
+_HAS_FILTERS = hasattr(tarfile, "data_filter")
+_FILTER_ERROR: type[Exception] = getattr(tarfile, "FilterError", ValueError)
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
+    """Extract one member under `destination` with the rules of tarfile's "data" filter."""
+    if _HAS_FILTERS:
+        tar.extract(member, destination, filter="data")
+        return
+    target = Path(os.path.realpath(destination / member.name))
+    if os.path.isabs(member.name) or not target.is_relative_to(destination):
+        raise ValueError(f"{member.name!r} would be written outside {destination}")
+    if member.issym() or member.islnk():
+        base = target.parent if member.issym() else destination
+        link = Path(os.path.realpath(base / member.linkname))
+        if os.path.isabs(member.linkname) or not link.is_relative_to(destination):
+            raise ValueError(f"{member.name!r} links outside {destination}")
+    elif not (member.isreg() or member.isdir()):
+        raise ValueError(f"{member.name!r} is a special file")
+    # no setuid/setgid/sticky or group/other write; the owner can read and write; owned by us
+    member.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
+    member.uid, member.gid = os.getuid(), os.getgid()
+    member.uname = member.gname = ""
+    tar.extract(member, destination, numeric_owner=True)
 
 
 def _matches(path: str, patterns: list[str]) -> bool:
