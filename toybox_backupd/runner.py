@@ -28,6 +28,8 @@ from .settings import Settings
 log = logs.get("toybox_backupd.runner")
 
 TIERS = {"pgdump": "logical", "full": "full", "diff": "diff"}
+TIME_LIMIT_VARS = {"pgdump": "PGDUMP_TIME_LIMIT_MIN", "full": "VOLUME_FULL_TIME_LIMIT_MIN",
+                   "diff": "VOLUME_DIFF_TIME_LIMIT_MIN"}
 
 
 class Cancelled(Exception):
@@ -220,7 +222,7 @@ def run_job(settings: Settings, job: str, *, trigger: str = "manual",
         limit = settings.time_limit_seconds(job)
         timer = threading.Timer(limit, ctx.cancel,
                                 args=(f"time limit of {limit // 60} min reached "
-                                      f"({job.upper()}_TIME_LIMIT_MIN)", "failed"))
+                                      f"({TIME_LIMIT_VARS[job]})", "failed"))
         timer.daemon = True
         started = time.monotonic()
         with bound(job=job, run_id=run_id):
@@ -235,7 +237,10 @@ def run_job(settings: Settings, job: str, *, trigger: str = "manual",
             except Cancelled as exc:
                 status, error = exc.status, str(exc)
             except JobError as exc:
-                error = str(exc)
+                if ctx.cancellation is not None:  # e.g. "tar exited 2" after cancel() closed it
+                    status, error = ctx.cancellation.status, str(ctx.cancellation)
+                else:
+                    error = str(exc)
             except Exception as exc:
                 if ctx.cancellation is not None:  # a stream closed by cancel() broke first
                     status, error = ctx.cancellation.status, str(ctx.cancellation)

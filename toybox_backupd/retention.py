@@ -1,0 +1,260 @@
+"""Retention: which old backups to delete, chain-aware, and deleting them safely.
+
+Rules (each one keeps something; an artifact is deleted only if no rule keeps it):
+
+- young enough: created within PGDUMP_KEEP_DAYS (logical) or VOLUME_KEEP_DAYS (full, diff);
+- newest good: the newest `ok` artifact of each tier and target is never deleted (the newest
+  dump per database, the newest full and the newest differential per volume), however old;
+- chain: a full that a kept differential is based on is kept, so the oldest kept restore
+  point is always complete;
+- only after success: `apply` refuses to prune unless the job's last run succeeded (the
+  runner calls it only after a successful run, before it closes the run row);
+- only our files: only an artifact's own file and its known companions (manifest, file index,
+  the globals dump of a logical backup and its manifest) are deleted, only when they resolve
+  inside BACKUP_DIR and are regular files; a file the catalog does not name is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from . import archive, logs
+from .catalog import INDEX_SUFFIX
+from .history import Artifact, History, utcnow
+from .settings import Settings
+
+log = logs.get("toybox_backupd.retention")
+
+FAMILIES = {"pgdump": ("logical",), "full": ("full", "diff"), "diff": ("full", "diff")}
+CONSIDERED = ("ok", "corrupt")  # 'deleted' rows are history already
+_DELETE_ORDER = {"diff": 0, "full": 1, "logical": 2}  # a diff goes before the full it needs
+
+
+@dataclass
+class Plan:
+    """What to delete and why, and why everything else is kept."""
+
+    delete: list[Artifact] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)  # artifact id -> why deleted
+    kept: dict[int, str] = field(default_factory=dict)  # artifact id -> why kept
+
+    @property
+    def delete_ids(self) -> list[int]:
+        return [item.id for item in self.delete]
+
+
+def keep_days(settings: Settings) -> dict[str, int]:
+    return {"logical": settings.pgdump_keep_days, "full": settings.volume_keep_days,
+            "diff": settings.volume_keep_days}
+
+
+_SETTING = {"logical": "PGDUMP_KEEP_DAYS", "full": "VOLUME_KEEP_DAYS", "diff": "VOLUME_KEEP_DAYS"}
+
+
+def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str, int]) -> Plan:
+    """Decide, without touching anything, which of `artifacts` to delete.
+
+    `artifacts` are catalog rows of one or more tiers/targets (rows with a status other than
+    ok/corrupt are ignored); `keep_days` maps a tier to its retention in days.
+    """
+    items = [item for item in artifacts if item.status in CONSIDERED]
+    by_id = {item.id: item for item in items}
+    result = Plan()
+    now = now.astimezone(UTC)
+
+    def keep(item: Artifact, why: str) -> None:
+        result.kept.setdefault(item.id, why)
+
+    # 1. young enough
+    for item in items:
+        days = keep_days[item.tier]
+        if item.created_at.astimezone(UTC) >= now - timedelta(days=days):
+            keep(item, f"younger than {days} days ({_SETTING[item.tier]})")
+    # 2. the newest good artifact of each tier and target
+    newest: dict[tuple[str, str], Artifact] = {}
+    for item in items:
+        if item.status != "ok":
+            continue
+        key = (item.tier, item.target)
+        current = newest.get(key)
+        if current is None or (item.created_at, item.id) > (current.created_at, current.id):
+            newest[key] = item
+    for item in newest.values():
+        keep(item, f"the newest good {item.tier} backup of {item.target}")
+    # 3. chain: the base of every kept differential (follow base_id until it ends)
+    changed = True
+    while changed:
+        changed = False
+        for item in items:
+            if item.id not in result.kept or item.base_id is None:
+                continue
+            base = by_id.get(item.base_id)
+            if base is not None and base.id not in result.kept:
+                keep(base, f"the base of kept differential {item.id} ({item.path})")
+                changed = True
+    # everything else goes, differentials before the fulls they were based on
+    doomed = [item for item in items if item.id not in result.kept]
+    doomed.sort(key=lambda item: (_DELETE_ORDER.get(item.tier, 9), item.created_at, item.id))
+    for item in doomed:
+        days = keep_days[item.tier]
+        result.delete.append(item)
+        result.reasons[item.id] = f"older than {days} days ({_SETTING[item.tier]})"
+    return result
+
+
+# applying a plan ----------------------------------------------------------------------------
+class RetentionRefused(Exception):
+    """Pruning is not safe right now (e.g. the last run did not succeed)."""
+
+
+def _last_run_ok(history: History, job: str) -> tuple[bool, str]:
+    last = history.last_run(job)
+    if last is None:
+        return False, f"no {job} run in the history"
+    if last.status == "ok":
+        return True, ""
+    # the runner prunes before it closes its own row: a run of this process still 'running'
+    if last.status == "running" and last.pid == os.getpid():
+        return True, ""
+    return False, f"the last {job} run (#{last.id}) is {last.status}, not ok"
+
+
+def apply(settings: Settings, history: History, job: str, targets: list[str],
+          now: datetime | None = None) -> list[str]:
+    """Prune `job`'s tier family for `targets` after a successful run.
+
+    Returns the deleted artifacts' paths, relative to BACKUP_DIR (companion files such as
+    manifests and file indexes are deleted with them and logged, not listed).
+    """
+    ok, why = _last_run_ok(history, job)
+    if not ok:
+        log.warning("retention skipped: pruning happens only after a successful run", job=job,
+                    reason=why)
+        return []
+    tiers = FAMILIES[job]
+    artifacts = [item for tier in tiers for target in targets
+                 for item in history.artifacts(tier=tier, target=target, statuses=CONSIDERED)]
+    decided = plan(artifacts, now=now or utcnow(), keep_days=keep_days(settings))
+    deleted: list[str] = []
+    for item in decided.delete:
+        removed = delete_artifact(settings, history, item, decided.reasons[item.id])
+        if removed:
+            deleted.append(item.path)
+    if deleted:
+        log.info("retention done", job=job, deleted=len(deleted))
+    return deleted
+
+
+def delete_artifact(settings: Settings, history: History, item: Artifact, reason: str) -> bool:
+    """Delete one artifact's files (only known, in-BACKUP_DIR ones); mark its row deleted.
+
+    Returns True if the artifact's own file was removed.
+    """
+    root = settings.backup_dir
+    main = inside(root, item.path)
+    if main is None:
+        log.error("retention: the catalog path is outside BACKUP_DIR; not deleting it",
+                  path=item.path, artifact=item.id)
+        return False
+    if os.path.lexists(main) and (not _is_regular(main) or main.lstat().st_size != item.size):
+        # something else now sits at our path (a link, a directory, another file): not ours
+        log.warning("retention: the file at this path is not the one the catalog wrote; "
+                    "leaving it alone and dropping the catalog entry", path=item.path,
+                    artifact=item.id)
+        history.set_artifact_status(item.id, "deleted")
+        return False
+    companions: list[Path] = []
+    for relative in companion_paths(item):
+        path = inside(root, relative)
+        if path is None:
+            log.warning("retention: a companion path is outside BACKUP_DIR; not deleting it",
+                        path=relative, artifact=item.id)
+            continue
+        if relative.endswith(archive.MANIFEST_SUFFIX) and not _our_manifest(path):
+            continue
+        companions.append(path)
+    removed_main = _unlink(main)
+    if not removed_main:
+        log.warning("retention: the artifact file was already gone", path=item.path)
+    gone = [str(path.relative_to(root)) for path in companions if _unlink(path)]
+    history.set_artifact_status(item.id, "deleted")
+    _forget_index(history, item.id)
+    log.info("retention: deleted", path=item.path, tier=item.tier, target=item.target,
+             created=item.created_at.astimezone(settings.zone).strftime("%Y-%m-%d %H:%M %Z"),
+             reason=reason, companions=", ".join(gone) or "-")
+    return removed_main
+
+
+def companion_paths(item: Artifact) -> list[str]:
+    """The files the catalog created beside `item.path` (besides the artifact itself)."""
+    paths = [item.path + archive.MANIFEST_SUFFIX, item.path + INDEX_SUFFIX]
+    globals_info: Any = item.extra.get("globals") if item.tier == "logical" else None
+    if isinstance(globals_info, dict) and isinstance(globals_info.get("path"), str):
+        gpath = globals_info["path"]
+        if gpath and gpath != item.path:
+            paths += [gpath, gpath + archive.MANIFEST_SUFFIX]
+    return paths
+
+
+def inside(root: Path, relative: str) -> Path | None:
+    """`root / relative` if it resolves inside `root` (symlinks followed), else None."""
+    if not relative or os.path.isabs(relative):
+        return None
+    candidate = root / relative
+    try:
+        real_root = root.resolve()
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError):
+        return None
+    if resolved == real_root or not resolved.is_relative_to(real_root):
+        return None
+    return candidate
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode)
+
+
+def _our_manifest(path: Path) -> bool:
+    if not _is_regular(path):
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("tool") == "toybox-backupd"
+
+
+def _unlink(path: Path) -> bool:
+    """Remove a regular file (never a link or a directory); True if something went."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        log.warning("retention: not a regular file, leaving it alone", path=str(path))
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _forget_index(history: History, artifact_id: int) -> None:
+    """The file index of a deleted artifact only takes space in the history database."""
+    with contextlib.suppress(Exception), history.tx() as db:
+        db.execute("DELETE FROM files WHERE artifact_id=?", (artifact_id,))
+        db.execute("DELETE FROM deleted_paths WHERE artifact_id=?", (artifact_id,))
