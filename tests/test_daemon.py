@@ -535,3 +535,51 @@ def test_cli_healthcheck_exit_codes(plain_env: Env) -> None:
     result = plain_env.cli("healthcheck")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("healthy:")
+
+
+def test_kill_9_of_a_backup_mid_archive_then_daemon_start_restarts_the_container(
+        plain_env: Env, docker_engine: Any, make_volume: Any, slow_tar_image: str,
+        daemons: Callable[..., Daemon]) -> None:
+    from toybox_backupd import docker_api
+
+    volume = make_volume("mkdir -p uploads && echo one > uploads/a.txt")
+    app = docker_engine.containers.run(
+        BASE_IMAGE, ["bash", "-c", "trap 'exit 0' TERM; sleep 300 & wait"], detach=True,
+        volumes={volume: {"bind": "/data", "mode": "rw"}},
+        labels={docker_api.STOP_LABEL: "true", "toybox-backupd.test": "1"})
+    environ = {**os.environ, **plain_env.values, "BACKUP_VOLUMES": volume,
+               "HELPER_IMAGE": slow_tar_image}
+    backup = subprocess.Popen(
+        [sys.executable, "-m", "toybox_backupd.cli", "--env-file", str(plain_env.tmp / "none.env"),
+         "backup", "full"], env=environ, cwd=str(plain_env.tmp),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def app_state() -> str:
+            app.reload()
+            return str(app.status)
+
+        wait_for("the app to be stopped", lambda: app_state() == "exited", 30)
+        wait_for("the partial archive", lambda: partials(plain_env), 20)
+        backup.send_signal(signal.SIGKILL)  # no finally, no cleanup: a crash
+        backup.wait(10)
+        time.sleep(1)
+        assert app_state() == "exited"
+        proc = daemons(plain_env, PGDUMP_SCHEDULE="", VOLUME_FULL_SCHEDULE="",
+                       VOLUME_DIFF_SCHEDULE="", BACKUP_VOLUMES=volume, CATCH_UP="false")
+        wait_for("the app to run again", lambda: app_state() == "running", 30, lambda: proc.log)
+        wait_for("recovery to finish", lambda: "start-up recovery done" in proc.log, 30,
+                 lambda: proc.log)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        [run] = runs(plain_env)
+        assert (run.job, run.status) == ("full", "interrupted")
+        assert not partials(plain_env)
+        with History(plain_env.state_dir) as history:
+            assert history.stopped_containers() == []
+        helpers = docker_engine.containers.list(
+            all=True, filters={"label": docker_api.HELPER_LABEL, "volume": volume})
+        assert helpers == []
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+        app.remove(force=True)

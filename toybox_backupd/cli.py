@@ -184,8 +184,18 @@ def confirm(question: str) -> bool:
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     from . import catalog
+    from .runner import job_lock
 
     at = catalog.parse_when(args.at, settings.zone) if args.at else None
+    # a restore waits for a running backup, and no backup (nor start-up recovery) runs beside it
+    with job_lock(settings.state_dir, f"restore {args.what}",
+                  wait_log=lambda holder: print(f"waiting for {holder} to finish…",
+                                                file=sys.stderr)):
+        _restore(settings, args, at)
+    return EXIT_OK
+
+
+def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None) -> None:
     if args.what == "db":
         from . import logical
 
@@ -201,7 +211,6 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         from . import volumes
 
         volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest)
-    return EXIT_OK
 
 
 def _local(moment: datetime, settings: Settings) -> str:
