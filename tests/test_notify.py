@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 from smtp_server import Received, SMTPServer, silent_server, smtp_server
 
-from toybox_backupd import notify
+from toybox_backupd import notify, report
 from toybox_backupd.history import History, iso, utcnow
 
 TO = ["maki@example.org", "tech@example.org"]
@@ -433,7 +433,7 @@ def test_after_run_never_raises(mail_env: Any, smtp: SMTPServer, monkeypatch: An
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("report bug")
 
-    monkeypatch.setattr(notify, "gather", broken)
+    monkeypatch.setattr(report, "gather", broken)
     with History(settings.state_dir) as history:
         run_id = make_run(history, status="failed", error="disk full")
         notify.after_run(settings, history, run_id)  # falls back to a short report
