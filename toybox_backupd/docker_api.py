@@ -207,7 +207,9 @@ def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
         yield container
     finally:
         with contextlib.suppress(DockerException):
-            container.remove(force=True)
+            # v=True: also the anonymous volumes of the image's VOLUME lines (the sidecar's own
+            # image declares two); the named volumes it mounted are never removed by this
+            container.remove(force=True, v=True)
 
 
 def remove_stale_helpers(owner: str) -> int:
@@ -219,7 +221,7 @@ def remove_stale_helpers(owner: str) -> int:
     for container in client().containers.list(
             all=True, filters={"label": [HELPER_LABEL, f"{OWNER_LABEL}={owner}"]}):
         with contextlib.suppress(DockerException):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
             count += 1
     return count
 
