@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -259,6 +259,15 @@ class Stack:
         return {v.name for v in self.client.volumes.list()
                 if v.name in (self.pg_volume, self.media_volume) or v.name.startswith(self.project)}
 
+    def leaked_volumes(self, since: datetime) -> list[str]:
+        """Anonymous volumes created since `since` that no container uses any more."""
+        leaked = []
+        for volume in self.client.volumes.list(filters={"dangling": True}):
+            created = datetime.fromisoformat(volume.attrs["CreatedAt"].replace("Z", "+00:00"))
+            if re.fullmatch(r"[0-9a-f]{64}", volume.name) and created >= since:
+                leaked.append(volume.name)
+        return leaked
+
     def helpers(self) -> list[Any]:
         return [c for c in self.client.containers.list(all=True,
                                                        filters={"label": "toybox-backupd.helper"})
@@ -374,6 +383,7 @@ def test_sidecar_end_to_end(stack: Stack) -> None:
 def _scenarios(st: Stack) -> None:
     zone = ZoneInfo("Asia/Tokyo")
     timings = st.timings
+    test_started = datetime.now(UTC)
     # data written after the database was created: a restore must bring it back too
     st.psql("INSERT INTO users(name, created) VALUES ('added-after-start', '2026-01-26')")
     seeded = st.rows()
@@ -541,6 +551,9 @@ def _scenarios(st: Stack) -> None:
     st.wait_pg()
     assert st.rows() == expected_rows
     timings["stop mid-full"] = time.monotonic() - started
+    # helper containers run the sidecar's image, whose VOLUME lines make anonymous volumes:
+    # they go with the helpers
+    assert not st.leaked_volumes(test_started)
     _log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 
