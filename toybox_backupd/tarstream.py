@@ -18,7 +18,12 @@ CHUNK = 1024 * 1024
 
 
 class TeeReader(io.RawIOBase):
-    """A readable stream over `chunks` that copies everything read into `sink`."""
+    """A readable stream over `chunks` that copies everything it takes in into `sink`.
+
+    Each chunk goes to `sink` whole as it is taken from `chunks` (so the sink sees the stream
+    byte for byte, in large writes), then is handed out by `read` or passed over without a copy
+    by `skip`.
+    """
 
     def __init__(self, chunks: Iterator[bytes], sink: IO[bytes] | None,
                  check: Callable[[], None] | None = None):
@@ -32,27 +37,34 @@ class TeeReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _pull(self) -> bool:
+        """Take the next chunk (into the sink); False at the end of the stream."""
+        while True:
+            if self._check:
+                self._check()
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                return False
+            if chunk:
+                if self._sink is not None:
+                    self._sink.write(chunk)
+                self._buffer = memoryview(chunk)
+                return True
+
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = 1 << 62
         parts = []
         need = size
         while need > 0:
-            if not self._buffer:
-                if self._check:
-                    self._check()
-                try:
-                    self._buffer = memoryview(next(self._chunks))
-                except StopIteration:
-                    break
-                continue
+            if not self._buffer and not self._pull():
+                break
             part = self._buffer[:need]
             self._buffer = self._buffer[need:]
             parts.append(part)
             need -= len(part)
         data = b"".join(parts)
-        if self._sink is not None and data:
-            self._sink.write(data)
         self.total += len(data)
         return data
 
@@ -61,10 +73,30 @@ class TeeReader(io.RawIOBase):
         target[: len(data)] = data
         return len(data)
 
+    def skip(self, size: int, update: Callable[[memoryview], object] | None = None) -> int:
+        """Pass over up to `size` bytes, showing them to `update`; return how many there were."""
+        need = size
+        while need > 0:
+            if not self._buffer and not self._pull():
+                break
+            part = self._buffer[:need]
+            self._buffer = self._buffer[need:]
+            if update is not None:
+                update(part)
+            need -= len(part)
+        self.total += size - need
+        return size - need
+
+    def tell(self) -> int:
+        return self.total
+
     def drain(self) -> None:
         """Forward whatever the tar reader left unread (end-of-archive padding)."""
-        while self.read(CHUNK):
-            pass
+        self.total += len(self._buffer)
+        self._buffer = memoryview(b"")
+        while self._pull():
+            self.total += len(self._buffer)
+            self._buffer = memoryview(b"")
 
 
 @dataclass
@@ -94,6 +126,9 @@ def normalize(name: str) -> str:
 
 def members(stream: IO[bytes]) -> Iterator[Member]:
     """Members of a tar stream, each regular file's content hashed (xxh3-128)."""
+    if isinstance(stream, TeeReader):
+        yield from _scan(stream)
+        return
     with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
         for info in tar:
             digest = None
@@ -104,8 +139,79 @@ def members(stream: IO[bytes]) -> Iterator[Member]:
                 while chunk := handle.read(CHUNK):
                     hasher.update(chunk)
                 digest = hasher.hexdigest()
-            yield Member(
-                path=normalize(info.name), type=_TYPES.get(info.type, "?"), size=info.size,
-                mtime=info.mtime, mode=info.mode, uid=info.uid, gid=info.gid,
-                link=info.linkname or None, hash=digest,
-            )
+            yield _member(info, digest)
+
+
+def _member(info: tarfile.TarInfo, digest: str | None) -> Member:
+    return Member(
+        path=normalize(info.name), type=_TYPES.get(info.type, "?"), size=info.size,
+        mtime=info.mtime, mode=info.mode, uid=info.uid, gid=info.gid,
+        link=info.linkname or None, hash=digest,
+    )
+
+
+class _Headers:
+    """The part of a TarFile that `TarInfo.fromtarfile` uses, reading from a TeeReader.
+
+    The headers (and pax / GNU long-name records) are parsed by tarfile itself, exactly as
+    `tarfile.open(mode="r|")` would; the members' contents are hashed straight from the
+    stream's chunks, without tarfile's buffering and copies, and no TarInfo is kept.
+    """
+
+    def __init__(self, reader: TeeReader):
+        self.fileobj = reader
+        self.encoding = tarfile.ENCODING
+        self.errors = "surrogateescape"
+        self.pax_headers: dict[str, str] = {}
+        self.offset = 0
+
+
+_ZEROS = bytes(CHUNK)
+
+
+def _scan(reader: TeeReader) -> Iterator[Member]:
+    """Like `tarfile.open(fileobj=reader, mode="r|")` + `extractfile`, in one pass, no copies."""
+    headers = _Headers(reader)
+    while True:
+        # what TarFile.next() does: advance to the next header, read it, stop at the end
+        gap = headers.offset - reader.tell()
+        if gap and reader.skip(gap) != gap:
+            raise tarfile.ReadError("unexpected end of data")
+        try:
+            info = tarfile.TarInfo.fromtarfile(headers)  # type: ignore[arg-type]
+        except tarfile.SubsequentHeaderError as exc:
+            raise tarfile.ReadError(str(exc)) from None
+        except tarfile.EOFHeaderError:
+            return
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            if headers.offset == 0:
+                raise tarfile.ReadError(str(exc)) from None
+            return
+        except tarfile.EmptyHeaderError:
+            if headers.offset == 0:
+                raise tarfile.ReadError("empty file") from None
+            return
+        digest = None
+        if info.isreg():
+            hasher = xxhash.xxh3_128()
+            _hash_content(reader, info, hasher.update)
+            digest = hasher.hexdigest()
+        yield _member(info, digest)
+
+
+def _hash_content(reader: TeeReader, info: tarfile.TarInfo,
+                  update: Callable[[memoryview], object]) -> None:
+    """Feed a member's content to `update` as `tar.extractfile(info)` would read it."""
+    if info.offset_data > reader.tell():
+        reader.skip(info.offset_data - reader.tell())
+    # sparse members: the stored segments, with the holes between them read as zeros
+    segments = info.sparse if info.sparse is not None else [(0, info.size)]
+    position = 0
+    for offset, size in [*segments, (info.size, 0)]:
+        while position < offset:
+            step = min(offset - position, CHUNK)
+            update(memoryview(_ZEROS)[:step])
+            position += step
+        if size and reader.skip(size, update) != size:
+            raise tarfile.ReadError("unexpected end of data")
+        position = max(position, offset + size)
