@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import select
 import socket
+import struct
 import tarfile
 import threading
 import time
@@ -30,6 +32,8 @@ HELPER_LABEL = "toybox-backupd.helper"
 OWNER_LABEL = "toybox-backupd.owner"
 COMPOSE_SERVICE = "com.docker.compose.service"
 STDERR_KEEP = 64 * 1024
+READ_SIZE = 1024 * 1024
+_FRAME = struct.Struct(">BxxxL")
 
 
 class DockerError(RuntimeError):
@@ -284,16 +288,66 @@ class Exec:
     def stdout(self) -> Iterator[bytes]:
         """Chunks of the command's stdout; stderr is kept (its tail) for `wait()`."""
         try:
-            for stream, data in frames_iter(self._sock, tty=False):
+            if isinstance(self._sock, socket.SocketIO):  # the local socket (unix or tcp)
+                yield from self._frames()
+                return
+            for stream, data in frames_iter(self._sock, tty=False):  # ssh, npipe, tls
                 if stream == STDOUT:
                     yield data
                 elif stream == STDERR:
-                    self._stderr += data
-                    if len(self._stderr) > 2 * STDERR_KEEP:
-                        del self._stderr[:-STDERR_KEEP]
+                    self._keep_stderr(data)
         except (OSError, ValueError):
             if not self._closed:
                 raise
+
+    def _keep_stderr(self, data: bytes | memoryview) -> None:
+        self._stderr += data
+        if len(self._stderr) > 2 * STDERR_KEEP:
+            del self._stderr[:-STDERR_KEEP]
+
+    def _frames(self) -> Iterator[bytes]:
+        """Demultiplex the stream (8-byte header + payload frames) from large reads.
+
+        docker's frames_iter reads each frame's header and payload separately (a poll and a
+        recv each, for frames of at most 32 KiB); this reads whatever has arrived, up to
+        READ_SIZE, into one reusable buffer and yields the stdout payloads of each read as one
+        chunk. Like frames_iter it waits for data without a time limit and ends at EOF.
+        """
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
+        waiter = select.poll()
+        waiter.register(self._raw(), select.POLLIN | select.POLLPRI)
+        header = b""
+        stream = left = 0
+        while True:
+            waiter.poll()
+            size = self._sock.readinto(view)
+            if size is None:
+                continue
+            if not size:
+                return
+            parts = []
+            position = 0
+            while position < size:
+                if not left:
+                    take = min(8 - len(header), size - position)
+                    header += view[position:position + take]
+                    position += take
+                    if len(header) == 8:
+                        stream, left = _FRAME.unpack(header)
+                        header = b""
+                    continue
+                take = min(left, size - position)
+                if stream == STDOUT:
+                    parts.append(view[position:position + take])
+                elif stream == STDERR:
+                    self._keep_stderr(view[position:position + take])
+                position += take
+                left -= take
+            if parts:
+                chunk = b"".join(parts)
+                parts.clear()
+                yield chunk
 
     def feed(self, chunks: Iterable[bytes]) -> None:
         """Write `chunks` to the command's stdin from a thread, then close stdin."""
