@@ -24,7 +24,6 @@ from . import __version__, archive, catalog, docker_api, logs, tarstream
 from .archive import AtomicFile, DiskFullError
 from .catalog import CatalogError, check_file, restore_point
 from .history import Artifact, History, iso, utcnow
-from .pgtools import tool_error
 from .runner import JobError, RunContext, TierResult, human
 from .settings import Settings
 
@@ -43,6 +42,13 @@ TAR_EXTRACT = [
 ]
 INDEX_COLUMNS = "path, type, size, mtime_ns, ctime_ns, inode, mode, uid, gid, link, hash"
 COMPARED = ("type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link")
+
+
+def tool_error(tool: str, result: docker_api.ExecResult, where: str) -> str:
+    # pgtools imports psycopg (~60 ms at start-up): load it only to word a failure
+    from .pgtools import tool_error as describe
+
+    return describe(tool, result, where)
 
 
 def backup_full(ctx: RunContext) -> TierResult:
