@@ -24,5 +24,5 @@ if docker info >/dev/null 2>&1; then
   docker ps -aq --filter label=toybox-backupd.test | xargs -r docker rm -f >/dev/null 2>&1 || true
 fi
 
-python3 -m ruff check toybox_backupd tests benchmarks
+python3 -m ruff check .
 exec python3 -m pytest -p no:cacheprovider "$@"
