@@ -280,7 +280,8 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     for job in JOBS:
         expr = settings.schedule_for(job)
         enabled = settings.job_enabled(job)
-        times = next_times(expr, settings.zone, now, 5) if enabled else []
+        times = [t.astimezone(settings.zone) for t in next_times(expr, settings.zone, now, 5)] \
+            if enabled else []
         jobs.append({
             "job": job, "schedule": expr, "timezone": settings.tz, "enabled": enabled,
             "targets": [settings.postgres_db] if job == "pgdump" else settings.backup_volumes,
