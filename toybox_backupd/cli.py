@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `toybox-backupd list | head`
+        sys.stderr.close()
+        return EXIT_OK
     except Exception as exc:  # a clear line, never a traceback with secrets in it
         from .runner import describe_unexpected
 
@@ -280,8 +283,7 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     for job in JOBS:
         expr = settings.schedule_for(job)
         enabled = settings.job_enabled(job)
-        times = [t.astimezone(settings.zone) for t in next_times(expr, settings.zone, now, 5)] \
-            if enabled else []
+        times = next_times(expr, settings.zone, now, 5) if enabled else []
         jobs.append({
             "job": job, "schedule": expr, "timezone": settings.tz, "enabled": enabled,
             "targets": [settings.postgres_db] if job == "pgdump" else settings.backup_volumes,
@@ -294,7 +296,8 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
         state = "" if job["enabled"] else "  (disabled)"
         print(f"{job['job']:<7} {job['schedule'] or '-':<16} {settings.tz}{state}")
         for moment in job["next"]:
-            print(f"          {datetime.fromisoformat(moment).strftime('%a %Y-%m-%d %H:%M %Z')}")
+            local = datetime.fromisoformat(moment).astimezone(settings.zone)
+            print(f"          {local.strftime('%a %Y-%m-%d %H:%M %Z')}")
     return EXIT_OK
 
 
