@@ -1,0 +1,1 @@
+"""Benchmarks of toybox-backupd against the standard tools (`python -m benchmarks.run`)."""
