@@ -313,10 +313,13 @@ class Exec:
         READ_SIZE, into one reusable buffer and yields the stdout payloads of each read as one
         chunk. Like frames_iter it waits for data without a time limit and ends at EOF.
         """
+        raw = self._raw()
+        if raw is None:  # closed before anything was read: like reading a closed SocketIO
+            raise ValueError("I/O operation on closed socket")
         buffer = bytearray(READ_SIZE)
         view = memoryview(buffer)
         waiter = select.poll()
-        waiter.register(self._raw(), select.POLLIN | select.POLLPRI)
+        waiter.register(raw, select.POLLIN | select.POLLPRI)
         header = b""
         stream = left = 0
         while True:
