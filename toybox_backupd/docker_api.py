@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import select
 import socket
@@ -43,7 +44,8 @@ class DockerError(RuntimeError):
 @lru_cache(maxsize=1)
 def client() -> docker.DockerClient:
     try:
-        return docker.from_env(timeout=120)
+        # API calls time out; exec streams do not (see Exec): a run's time limit ends those
+        return docker.from_env(timeout=int(os.environ.get("DOCKER_CLIENT_TIMEOUT", "120")))
     except DockerException as exc:
         raise DockerError(
             f"cannot reach the Docker engine ({_short(exc)}); is /var/run/docker.sock mounted "
@@ -277,6 +279,9 @@ class Exec:
                 environment=self.environment, user=self.user or "",
             )["Id"]
             self._sock = api.exec_start(self._exec_id, socket=True)
+            # A stream may rightly be silent (pg_dump waiting for a lock) or not read (tar busy
+            # with a big file while its list of names waits) for longer than the API timeout.
+            self._raw().settimeout(None)
         except APIError as exc:
             raise DockerError(
                 f"cannot run {self.cmd[0]} in container {self.container.name}: {_short(exc)}"
