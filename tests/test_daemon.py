@@ -393,9 +393,8 @@ def slow_tar_image(docker_engine: Any, images: Any) -> str:
     return SLOW_TAR_IMAGE
 
 
-def test_second_signal_aborts_a_volume_run_and_restarts_containers(
-        plain_env: Env, docker_engine: Any, make_volume: Any, slow_tar_image: str,
-        daemons: Callable[..., Daemon]) -> None:
+def labelled_app(docker_engine: Any, make_volume: Any) -> tuple[str, Any]:
+    """A volume, and a running container using it that asks to be stopped during backups."""
     from toybox_backupd import docker_api
 
     volume = make_volume("mkdir -p uploads && echo one > uploads/a.txt")
@@ -403,6 +402,15 @@ def test_second_signal_aborts_a_volume_run_and_restarts_containers(
         BASE_IMAGE, ["bash", "-c", "trap 'exit 0' TERM; sleep 300 & wait"], detach=True,
         volumes={volume: {"bind": "/data", "mode": "rw"}},
         labels={docker_api.STOP_LABEL: "true", "toybox-backupd.test": "1"})
+    return volume, app
+
+
+def test_second_signal_aborts_a_volume_run_and_restarts_containers(
+        plain_env: Env, docker_engine: Any, make_volume: Any, slow_tar_image: str,
+        daemons: Callable[..., Daemon]) -> None:
+    from toybox_backupd import docker_api
+
+    volume, app = labelled_app(docker_engine, make_volume)
     try:
         installed_days_ago(plain_env, 1)
         expr = daily_at(datetime.now(UTC) - timedelta(minutes=5))
@@ -542,11 +550,7 @@ def test_kill_9_of_a_backup_mid_archive_then_daemon_start_restarts_the_container
         daemons: Callable[..., Daemon]) -> None:
     from toybox_backupd import docker_api
 
-    volume = make_volume("mkdir -p uploads && echo one > uploads/a.txt")
-    app = docker_engine.containers.run(
-        BASE_IMAGE, ["bash", "-c", "trap 'exit 0' TERM; sleep 300 & wait"], detach=True,
-        volumes={volume: {"bind": "/data", "mode": "rw"}},
-        labels={docker_api.STOP_LABEL: "true", "toybox-backupd.test": "1"})
+    volume, app = labelled_app(docker_engine, make_volume)
     environ = {**os.environ, **plain_env.values, "BACKUP_VOLUMES": volume,
                "HELPER_IMAGE": slow_tar_image}
     backup = subprocess.Popen(
