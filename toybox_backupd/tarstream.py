@@ -52,19 +52,21 @@ class TeeReader(io.RawIOBase):
                 self._buffer = memoryview(chunk)
                 return True
 
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = 1 << 62
-        parts = []
+    def _take(self, size: int) -> Iterator[memoryview]:
+        """Up to `size` bytes from the chunks, as slices of them (no copies)."""
         need = size
         while need > 0:
             if not self._buffer and not self._pull():
-                break
+                return
             part = self._buffer[:need]
             self._buffer = self._buffer[need:]
-            parts.append(part)
             need -= len(part)
-        data = b"".join(parts)
+            yield part
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = 1 << 62
+        data = b"".join(self._take(size))
         self.total += len(data)
         return data
 
@@ -75,17 +77,13 @@ class TeeReader(io.RawIOBase):
 
     def skip(self, size: int, update: Callable[[memoryview], object] | None = None) -> int:
         """Pass over up to `size` bytes, showing them to `update`; return how many there were."""
-        need = size
-        while need > 0:
-            if not self._buffer and not self._pull():
-                break
-            part = self._buffer[:need]
-            self._buffer = self._buffer[need:]
+        taken = 0
+        for part in self._take(size):
             if update is not None:
                 update(part)
-            need -= len(part)
-        self.total += size - need
-        return size - need
+            taken += len(part)
+        self.total += taken
+        return taken
 
     def tell(self) -> int:
         return self.total
