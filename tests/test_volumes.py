@@ -79,6 +79,16 @@ def run_ok(env: Env, *args: str, **overrides: str) -> subprocess.CompletedProces
     return result
 
 
+def full_then_diff(env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> str:
+    """A volume with TREE, a full of it, CHANGES, a differential; return the volume's name."""
+    volume = make_volume(TREE)
+    env.values["BACKUP_VOLUMES"] = volume
+    run_ok(env, "backup", "full")
+    fill_volume(docker_engine, volume, CHANGES)
+    run_ok(env, "backup", "diff")
+    return volume
+
+
 def when(item: Any) -> str:
     return item.created_at.isoformat()
 
@@ -286,11 +296,7 @@ def test_differential_without_full_makes_a_full(vol_env: Env,
 def test_restore_files_from_differential(vol_env: Env, docker_engine: Any,
                                          make_volume: Callable[..., str], tmp_path: Path) -> None:
     env = vol_env
-    volume = make_volume(TREE)
-    env.values["BACKUP_VOLUMES"] = volume
-    run_ok(env, "backup", "full")
-    fill_volume(docker_engine, volume, CHANGES)
-    run_ok(env, "backup", "diff")
+    volume = full_then_diff(env, docker_engine, make_volume)
     fill_volume(docker_engine, volume, "rm -rf uploads")
     dest = tmp_path / "out"
     run_ok(env, "restore", "files", volume, "uploads/2026-01-2*/*.jpg", "--dest", str(dest))
@@ -393,11 +399,7 @@ def test_reindex_rebuilds_the_catalog_from_the_backup_dir_alone(
     import shutil
 
     env = vol_env
-    volume = make_volume(TREE)
-    env.values["BACKUP_VOLUMES"] = volume
-    run_ok(env, "backup", "full")
-    fill_volume(docker_engine, volume, CHANGES)
-    run_ok(env, "backup", "diff")
+    volume = full_then_diff(env, docker_engine, make_volume)
     expected = state(docker_engine, volume)
     before = json.loads(run_ok(env, "list", "--json").stdout)
     shutil.rmtree(env.state_dir)  # the host is gone; only the backup dir was copied over
