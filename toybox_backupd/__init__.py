@@ -1,3 +1,3 @@
 """toybox-backupd: logical, full and differential backups of a docker compose stack."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

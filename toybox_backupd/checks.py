@@ -6,13 +6,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from . import database, docker_api
-from .runner import human
+from . import database, docker_api, notify, redact
+from .basics import human
 from .settings import Settings
 
 
-def _dir(path: os.PathLike[str] | str, what: str) -> str:
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    text: str
+
+
+def _dir(path: os.PathLike[str] | str) -> str:
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".toybox-check-"):
         pass
@@ -43,17 +51,12 @@ def _volumes(settings: Settings) -> str:
     return ", ".join(settings.backup_volumes)
 
 
-def _smtp(settings: Settings) -> str:
-    from . import notify
-
-    return notify.check_smtp(settings)
-
-
-def run_checks(settings: Settings) -> int:
+def run_checks(settings: Settings) -> list[Outcome]:
+    """Try each part in turn (settings, dirs, Docker, database, volumes, SMTP); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("settings", lambda: "ok"),
-        ("backup dir", lambda: _dir(settings.backup_dir, "BACKUP_DIR")),
-        ("state dir", lambda: _dir(settings.state_dir, "STATE_DIR")),
+        ("backup dir", lambda: _dir(settings.backup_dir)),
+        ("state dir", lambda: _dir(settings.state_dir)),
         ("docker", _docker),
         ("database", lambda: _database(settings)),
     ]
@@ -62,12 +65,11 @@ def run_checks(settings: Settings) -> int:
     if settings.backup_volumes:
         checks.append(("volumes", lambda: _volumes(settings)))
     if settings.notify_email_to:
-        checks.append(("smtp", lambda: _smtp(settings)))
-    failed = 0
+        checks.append(("smtp", lambda: notify.check_smtp(settings)))
+    outcomes = []
     for name, check in checks:
         try:
-            print(f"ok    {name:<12} {check()}")
+            outcomes.append(Outcome(name, True, check()))
         except Exception as exc:
-            failed += 1
-            print(f"FAIL  {name:<12} {exc}")
-    return 1 if failed else 0
+            outcomes.append(Outcome(name, False, redact.redact(str(exc))))
+    return outcomes

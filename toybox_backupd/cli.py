@@ -8,15 +8,20 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
-from . import __version__, logs, redact
-from .settings import JOBS, Settings, SettingsError, load
+from . import __version__, jobs, logs, redact
+from .basics import ToyboxError, describe_unexpected, human, local_time
+from .settings import Settings, SettingsError, load
+from .store import Store
+
+# Each command imports what it needs when it runs: `healthcheck` and `--help` stay fast
+# (the Docker SDK, psycopg and APScheduler cost ~0.5 s to import).
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every command."""
     parser = argparse.ArgumentParser(
         prog="toybox-backupd",
         description="Logical (pg_dump), full and differential volume backups of a docker "
@@ -30,19 +35,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the daemon: schedules, retention, emails (the sidecar's job)")
 
     p = sub.add_parser("backup", help="run one backup now, through the scheduler's path")
-    p.add_argument("job", choices=JOBS, help="pgdump | full | diff")
+    p.add_argument("job", metavar="JOB",
+                   help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
     p.add_argument("--volume", action="append", metavar="NAME",
                    help="only this volume (full/diff; repeatable)")
 
     p = sub.add_parser("list", help="restore points of every tier")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--tier", choices=("logical", "full", "diff"))
+    p.add_argument("--tier", choices=jobs.names())
 
     p = sub.add_parser("history", help="recent runs and their outcome")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)
 
-    p = sub.add_parser("restore", help="restore a database, a volume or some files")
+    _add_restore(sub.add_parser("restore", help="restore a database, a volume or some files"))
+
+    p = sub.add_parser("verify", help="re-check checksums and readability of every kept artifact")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("schedule", help="each job's schedule and next 5 run times")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("check", help="validate settings; reach Docker, PostgreSQL, backup dir, SMTP")
+    sub.add_parser("healthcheck", help="exit 0 only if the daemon is alive and backups are fresh")
+    sub.add_parser("reindex", help="rebuild the catalog from the manifests in BACKUP_DIR")
+
+    p = sub.add_parser("notify", help="email tools")
+    nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
+    nsub.add_parser("test", help="send a test email and report how the SMTP server answered")
+    return parser
+
+
+def _add_restore(p: argparse.ArgumentParser) -> None:
     rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     r = rsub.add_parser("db", help="restore the database from a pg_dump")
     r.add_argument("--at", metavar="WHEN", help="newest dump at or before WHEN (ISO, in TZ)")
@@ -62,23 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--at", metavar="WHEN")
     r.add_argument("--dest", required=True, metavar="DIR")
 
-    p = sub.add_parser("verify", help="re-check checksums and readability of every kept artifact")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("schedule", help="each job's schedule and next 5 run times")
-    p.add_argument("--json", action="store_true")
-
-    sub.add_parser("check", help="validate settings; reach Docker, PostgreSQL, backup dir, SMTP")
-    sub.add_parser("healthcheck", help="exit 0 only if the daemon is alive and backups are fresh")
-    sub.add_parser("reindex", help="rebuild the catalog from the manifests in BACKUP_DIR")
-
-    p = sub.add_parser("notify", help="email tools")
-    nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
-    nsub.add_parser("test", help="send a test email and report how the SMTP server answered")
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `toybox-backupd` command; returns the exit status (0 ok, 1 failed, 2 bad settings)."""
     args = build_parser().parse_args(argv)
     strict = args.command in ("run", "check")
     try:
@@ -92,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.setup(settings.log_format, settings.log_level)
     try:
-        return int(dispatch(args, settings) or 0)
+        return int(COMMANDS[args.command](settings, args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -100,84 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return EXIT_OK
     except Exception as exc:  # a clear line, never a traceback with secrets in it
-        from .runner import describe_unexpected
-
-        message = str(exc) if _is_plain(exc) else describe_unexpected(exc)
+        message = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
         print(f"toybox-backupd: {redact.redact(message)}", file=sys.stderr)
         return EXIT_FAIL
 
 
-def _is_plain(exc: BaseException) -> bool:
-    from .catalog import CatalogError
-    from .database import DatabaseError
-    from .docker_api import DockerError
-    from .runner import JobError
-
-    return isinstance(exc, DockerError | DatabaseError | JobError | UserError | CatalogError)
-
-
-class UserError(Exception):
-    """A request that cannot be carried out; nothing was changed."""
-
-
-def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    command = args.command
-    if command == "run":
-        from . import daemon
-
-        return daemon.run(settings)
-    if command == "backup":
-        from .history import History
-        from .runner import run_job
-
-        run_id = run_job(settings, args.job, volumes=args.volume)
-        with History(settings.state_dir) as history:
-            run = history.run(run_id)
-        assert run is not None
-        if run.status == "ok":
-            print(f"run {run_id}: ok, {run.artifact}")
-            return EXIT_OK
-        print(f"run {run_id}: {run.status}: {run.error}", file=sys.stderr)
-        return EXIT_FAIL
-    if command == "list":
-        return cmd_list(settings, args)
-    if command == "history":
-        return cmd_history(settings, args)
-    if command == "schedule":
-        return cmd_schedule(settings, args)
-    if command == "check":
-        from . import checks
-
-        return checks.run_checks(settings)
-    if command == "restore":
-        return cmd_restore(settings, args)
-    if command == "verify":
-        from . import verify
-
-        return verify.run(settings, as_json=args.json)
-    if command == "healthcheck":
-        from . import daemon
-
-        healthy, reasons = daemon.healthcheck(settings)
-        for reason in reasons:
-            print(reason)
-        return EXIT_OK if healthy else EXIT_FAIL
-    if command == "reindex":
-        from . import catalog
-
-        added = catalog.reindex(settings)
-        print(f"reindex: {added} artifact(s) added to the catalog")
-        return EXIT_OK
-    if command == "notify":
-        from . import notify
-
-        ok, message = notify.send_test(settings)
-        print(message, file=sys.stdout if ok else sys.stderr)
-        return EXIT_OK if ok else EXIT_FAIL
-    raise UserError(f"unknown command {command}")
+def say(line: str) -> None:
+    """Show one line to the operator (the `say` callback of restores)."""
+    print(line)
 
 
 def confirm(question: str) -> bool:
+    """Ask on the terminal; without one, refuse (the caller says to pass --yes)."""
     if not sys.stdin.isatty():
         print(f"{question}\nrefusing without --yes (no terminal to ask on)", file=sys.stderr)
         return False
@@ -185,47 +129,118 @@ def confirm(question: str) -> bool:
     return answer in ("y", "yes")
 
 
-def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
-    from . import catalog
-    from .runner import job_lock
+# commands ------------------------------------------------------------------------------------
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """`run`: the daemon, until SIGTERM/SIGINT."""
+    from .daemon import loop
 
-    at = catalog.parse_when(args.at, settings.zone) if args.at else None
+    return loop.run(settings)
+
+
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    """`backup JOB`: one run now; exit 1 unless it succeeded."""
+    from . import runner
+
+    try:
+        job = jobs.get(args.job)
+    except ValueError as exc:
+        print(f"toybox-backupd backup: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    run_id = runner.run_job(settings, job.name, volumes=args.volume)
+    with Store(settings.state_dir) as store:
+        run = store.run(run_id)
+    assert run is not None
+    if run.status == "ok":
+        print(f"run {run_id}: ok, {run.artifact}")
+        return EXIT_OK
+    print(f"run {run_id}: {run.status}: {run.error}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    """`restore db|volume|files`: holds the run lock while it works."""
+    from . import locks
+    from .restore_points import parse_when
+    from .tiers import logical, volumes
+
+    at = parse_when(args.at, settings.zone) if args.at else None
+    ask = None if getattr(args, "yes", False) else confirm
     # a restore waits for a running backup, and no backup (nor start-up recovery) runs beside it
-    with job_lock(settings.state_dir, f"restore {args.what}",
-                  wait_log=lambda holder: print(f"waiting for {holder} to finish…",
-                                                file=sys.stderr)):
-        _restore(settings, args, at)
+    with locks.run_lock(settings.state_dir, f"restore {args.what}",
+                        wait_log=lambda holder: print(f"waiting for {holder} to finish…",
+                                                      file=sys.stderr)):
+        if args.what == "db":
+            logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
+                               confirm=ask, say=say)
+        elif args.what == "volume":
+            volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
+                                   stop_containers=args.stop_containers, say=say)
+        else:
+            volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest,
+                                  say=say)
     return EXIT_OK
 
 
-def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None) -> None:
-    if args.what == "db":
-        from . import logical
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """`verify`: every kept artifact re-read; exit 1 if any is bad."""
+    from . import verify
 
-        logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
-                           confirm=None if args.yes else confirm)
-    elif args.what == "volume":
-        from . import volumes
+    results = verify.verify_all(settings)
+    bad = [result for result in results if not result.ok]
+    if args.json:
+        print(json.dumps([result.as_dict() for result in results], indent=2))
+        return 1 if bad else 0
+    for result in results:
+        state = "ok     " if result.ok else "CORRUPT"
+        print(f"{state} {result.tier:<8} {result.path}"
+              + (f"\n        {result.problem}" if result.problem else ""))
+    print(f"{len(results) - len(bad)} of {len(results)} artifacts verified"
+          + (f", {len(bad)} bad" if bad else ""))
+    return 1 if bad else 0
 
-        volumes.restore_volume(settings, args.name, at=at, to=args.to,
-                               confirm=None if args.yes else confirm,
-                               stop_containers=args.stop_containers)
-    else:
-        from . import volumes
 
-        volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest)
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    """`check`: every part tried; exit 1 if any fails."""
+    from . import checks
+
+    outcomes = checks.run_checks(settings)
+    for outcome in outcomes:
+        print(f"{'ok  ' if outcome.ok else 'FAIL'}  {outcome.name:<12} {outcome.text}")
+    return EXIT_OK if all(outcome.ok for outcome in outcomes) else EXIT_FAIL
 
 
-def _local(moment: datetime, settings: Settings) -> str:
-    return moment.astimezone(settings.zone).strftime("%Y-%m-%d %H:%M:%S")
+def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """`healthcheck`: exit 0 only if the daemon is alive and backups are fresh."""
+    from .daemon.health import healthcheck
+
+    healthy, reasons = healthcheck(settings)
+    for reason in reasons:
+        print(reason)
+    return EXIT_OK if healthy else EXIT_FAIL
+
+
+def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
+    """`reindex`: the catalog rebuilt from the manifests."""
+    from . import reindex
+
+    added = reindex.reindex(settings.backup_dir, settings.state_dir)
+    print(f"reindex: {added} artifact(s) added to the catalog")
+    return EXIT_OK
+
+
+def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
+    """`notify test`: a test email, and how the server answered."""
+    from . import notify
+
+    ok, message = notify.send_test(settings)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    from .history import History
-    from .runner import human
-
-    with History(settings.state_dir) as history:
-        items = history.artifacts(tier=args.tier, statuses=("ok", "corrupt"))
+    """`list`: restore points, oldest first."""
+    with Store(settings.state_dir) as store:
+        items = store.artifacts(tier=args.tier, statuses=("ok", "corrupt"))
     if args.json:
         print(json.dumps([item.as_dict() for item in items], indent=2))
         return EXIT_OK
@@ -234,20 +249,18 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [("ID", "TIER", "TARGET", f"TIME ({settings.tz})", "SIZE", "SHA256", "STATUS", "BASE")]
     for item in items:
-        rows.append((str(item.id), item.tier, item.target, _local(item.created_at, settings),
-                     human(item.size), item.sha256[:12], item.status,
-                     str(item.base_id) if item.base_id else "-"))
+        rows.append((str(item.id), item.tier, item.target,
+                     local_time(item.created_at, settings.zone, "table"), human(item.size),
+                     item.sha256[:12], item.status, str(item.base_id) if item.base_id else "-"))
     _table(rows)
     return EXIT_OK
 
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
-    from .history import History
-    from .runner import human
-
-    with History(settings.state_dir) as history:
-        runs = history.runs(limit=args.limit)
-        mail = {run.id: _mail_status(history, run.id) for run in runs}
+    """`history`: recent runs, newest first, with their email's state."""
+    with Store(settings.state_dir) as store:
+        runs = store.runs(limit=args.limit)
+        mail = {run.id: store.mail_status(run.id) for run in runs}
     if args.json:
         print(json.dumps([{**run.as_dict(), "email": mail[run.id]} for run in runs], indent=2))
         return EXIT_OK
@@ -260,44 +273,34 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
         duration = f"{run.duration:.1f}s" if run.duration is not None else "-"
         result = run.error if run.status != "ok" else (run.artifact or "")
         rows.append((str(run.id), run.job, run.target or "", run.trigger, run.status,
-                     _local(run.started_at, settings), duration, human(run.bytes),
-                     mail[run.id] or "-", (result or "")[:120]))
+                     local_time(run.started_at, settings.zone, "table"), duration,
+                     human(run.bytes), mail[run.id] or "-", (result or "")[:120]))
     _table(rows)
     return EXIT_OK
 
 
-def _mail_status(history: Any, run_id: int) -> str | None:
-    row = history.db.execute(
-        "SELECT status, attempts FROM outbox WHERE run_id=? ORDER BY id DESC LIMIT 1", (run_id,)
-    ).fetchone()
-    if row is None:
-        return None
-    return str(row["status"]) if row["status"] != "retrying" else f"retrying ({row['attempts']})"
-
-
 def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
+    """`schedule`: each job's schedule and next five times."""
     from .schedule import next_times
 
     now = datetime.now(settings.zone)
-    jobs = []
-    for job in JOBS:
-        expr = settings.schedule_for(job)
-        enabled = settings.job_enabled(job)
-        times = next_times(expr, settings.zone, now, 5) if enabled else []
-        jobs.append({
-            "job": job, "schedule": expr, "timezone": settings.tz, "enabled": enabled,
-            "targets": [settings.postgres_db] if job == "pgdump" else settings.backup_volumes,
+    listed = []
+    for job in jobs.all_jobs():
+        enabled = job.enabled(settings)
+        times = next_times(job.schedule(settings), settings.zone, now, 5) if enabled else []
+        listed.append({
+            "job": job.name, "schedule": job.schedule(settings), "timezone": settings.tz,
+            "enabled": enabled, "targets": job.targets(settings),
             "next": [moment.isoformat() for moment in times],
         })
     if args.json:
-        print(json.dumps({"timezone": settings.tz, "jobs": jobs}, indent=2))
+        print(json.dumps({"timezone": settings.tz, "jobs": listed}, indent=2))
         return EXIT_OK
-    for job in jobs:
-        state = "" if job["enabled"] else "  (disabled)"
-        print(f"{job['job']:<7} {job['schedule'] or '-':<16} {settings.tz}{state}")
-        for moment in job["next"]:
-            local = datetime.fromisoformat(moment).astimezone(settings.zone)
-            print(f"          {local.strftime('%a %Y-%m-%d %H:%M %Z')}")
+    for entry in listed:
+        state = "" if entry["enabled"] else "  (disabled)"
+        print(f"{entry['job']:<7} {entry['schedule'] or '-':<16} {settings.tz}{state}")
+        for moment in entry["next"]:
+            print(f"          {local_time(datetime.fromisoformat(moment), settings.zone, 'weekday')}")
     return EXIT_OK
 
 
@@ -305,6 +308,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+COMMANDS = {
+    "run": cmd_run, "backup": cmd_backup, "list": cmd_list, "history": cmd_history,
+    "restore": cmd_restore, "verify": cmd_verify, "schedule": cmd_schedule, "check": cmd_check,
+    "healthcheck": cmd_healthcheck, "reindex": cmd_reindex, "notify": cmd_notify,
+}
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
-"""Talking to PostgreSQL with psycopg: reachability in plain words, small admin queries."""
+"""Talking to PostgreSQL with psycopg: reachability in plain words, small admin statements.
+
+The only module that imports psycopg.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from psycopg import sql
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from . import redact
+from .basics import ToyboxError, human
 from .settings import Settings
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(ToyboxError):
     """The database cannot be used, in words an operator can act on."""
 
     def __init__(self, message: str, retryable: bool = False):
@@ -56,6 +62,7 @@ def explain(exc: BaseException, settings: Settings, dbname: str | None = None) -
 
 def connect(settings: Settings, dbname: str | None = None, timeout: int = 5,
             autocommit: bool = True) -> psycopg.Connection:
+    """A connection as POSTGRES_USER; DatabaseError in plain words when it cannot be had."""
     try:
         return psycopg.connect(
             host=settings.postgres_host, port=settings.postgres_port,
@@ -83,6 +90,7 @@ def check_reachable(settings: Settings, dbname: str | None = None, attempts: int
 
 
 def server_major(version: str) -> int:
+    """The major version in `SHOW server_version` ("15.18 (Debian…)" → 15)."""
     return int(re.match(r"(\d+)", version).group(1))  # type: ignore[union-attr]
 
 
@@ -97,6 +105,47 @@ def admin(settings: Settings) -> Iterator[psycopg.Connection]:
 
 
 def database_exists(settings: Settings, name: str) -> bool:
+    """Whether database `name` exists on the server."""
     with admin(settings) as conn:
         row = conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (name,)).fetchone()
         return row is not None
+
+
+def describe(settings: Settings, name: str) -> str:
+    """"12 tables, 45.1 MiB": what a restore is about to replace."""
+    with connect(settings, name) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema NOT IN "
+            "('pg_catalog','information_schema')").fetchone()
+        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    tables = row[0] if row else 0
+    return f"{tables} tables, {human(size[0] if size else 0)}"
+
+
+def create(settings: Settings, name: str, like: str | None) -> None:
+    """CREATE DATABASE `name` from template0, owned like `like` (else by POSTGRES_USER)."""
+    with admin(settings) as conn:
+        owner = settings.postgres_user
+        if like:
+            row = conn.execute(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname=%s", (like,)
+            ).fetchone()
+            owner = row[0] if row else owner
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
+            sql.Identifier(name), sql.Identifier(owner)))
+
+
+def drop_quietly(settings: Settings, name: str) -> None:
+    """DROP DATABASE IF EXISTS `name` (forcing sessions out); errors are swallowed."""
+    with contextlib.suppress(psycopg.Error, DatabaseError), admin(settings) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def replace(settings: Settings, scratch: str, target: str, exists: bool) -> None:
+    """Replace database `target` by the fully restored `scratch`."""
+    with admin(settings) as conn:
+        if exists:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(scratch), sql.Identifier(target)))

@@ -18,7 +18,7 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -27,6 +27,8 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.utils.socket import STDERR, STDOUT, frames_iter
+
+from .basics import ToyboxError
 
 STOP_LABEL = "toybox-backupd.stop-during-backup"
 HELPER_LABEL = "toybox-backupd.helper"
@@ -37,12 +39,13 @@ READ_SIZE = 1024 * 1024
 _FRAME = struct.Struct(">BxxxL")
 
 
-class DockerError(RuntimeError):
+class DockerError(ToyboxError):
     """A Docker problem, in words an operator can act on."""
 
 
 @lru_cache(maxsize=1)
 def client() -> docker.DockerClient:
+    """The Docker client (cached); DockerError when the engine cannot be reached."""
     try:
         # API calls time out; exec streams do not (see Exec): a run's time limit ends those
         return docker.from_env(timeout=int(os.environ.get("DOCKER_CLIENT_TIMEOUT", "120")))
@@ -88,16 +91,14 @@ def find_container(name: str) -> Container:
     return (running or matches)[0]
 
 
-def container_name(container: Container) -> str:
-    return str(container.name)
-
-
 def is_running(container: Container) -> bool:
+    """Whether `container` runs now (its state is reloaded first)."""
     container.reload()
     return container.status == "running"
 
 
 def containers_using_volume(volume: str) -> list[Container]:
+    """Containers (any state) that mount `volume`, our helpers left out."""
     result = []
     for container in client().containers.list(all=True, filters={"volume": volume}):
         if container.labels.get(HELPER_LABEL):
@@ -107,6 +108,7 @@ def containers_using_volume(volume: str) -> list[Container]:
 
 
 def wants_stop(container: Container, names: Iterable[str]) -> bool:
+    """Whether `container` is stopped while its volume is read: labelled, or named in `names`."""
     names = set(names)
     labels = container.labels or {}
     return (
@@ -117,14 +119,17 @@ def wants_stop(container: Container, names: Iterable[str]) -> bool:
 
 
 def stop_container(container: Container, timeout: int = 120) -> None:
+    """Stop `container`, giving it `timeout` seconds before SIGKILL."""
     container.stop(timeout=timeout)
 
 
 def start_container(container_id: str) -> None:
+    """Start the container with this id."""
     client().containers.get(container_id).start()
 
 
 def container_state(container_id: str) -> str | None:
+    """The container's status (running, exited, ...), or None if it is gone."""
     try:
         return str(client().containers.get(container_id).status)
     except NotFound:
@@ -149,6 +154,7 @@ def own_container() -> Container | None:
 
 
 def own_compose_project() -> str | None:
+    """The compose project of the container this process runs in, if any."""
     try:
         me = own_container()
     except DockerException:
@@ -168,6 +174,7 @@ def helper_image(configured: str | None) -> str:
 
 # volumes ----------------------------------------------------------------------------------
 def volume_exists(name: str) -> bool:
+    """Whether a Docker volume of this name exists."""
     try:
         client().volumes.get(name)
         return True
@@ -176,12 +183,8 @@ def volume_exists(name: str) -> bool:
 
 
 def create_volume(name: str) -> None:
+    """Create an empty named volume."""
     client().volumes.create(name)
-
-
-def remove_volume(name: str) -> None:
-    with contextlib.suppress(NotFound):
-        client().volumes.get(name).remove(force=True)
 
 
 # helper containers ------------------------------------------------------------------------
@@ -246,6 +249,38 @@ def put_file(container: Container, path: str, data: bytes, mode: int = 0o600) ->
 
 
 # exec streams ------------------------------------------------------------------------------
+class _Demux:
+    """Docker's multiplexed stream (8-byte header + payload frames), across arbitrary reads."""
+
+    def __init__(self, on_stderr: Callable[[memoryview], None]):
+        self.on_stderr = on_stderr
+        self.header = b""
+        self.stream = 0
+        self.left = 0  # payload bytes of the current frame still to come
+
+    def split(self, data: memoryview) -> list[memoryview]:
+        """The stdout payload pieces in `data`; stderr pieces go to `on_stderr`."""
+        parts = []
+        position, size = 0, len(data)
+        while position < size:
+            if not self.left:
+                take = min(8 - len(self.header), size - position)
+                self.header += data[position:position + take]
+                position += take
+                if len(self.header) == 8:
+                    self.stream, self.left = _FRAME.unpack(self.header)
+                    self.header = b""
+                continue
+            take = min(self.left, size - position)
+            if self.stream == STDOUT:
+                parts.append(data[position:position + take])
+            elif self.stream == STDERR:
+                self.on_stderr(data[position:position + take])
+            position += take
+            self.left -= take
+        return parts
+
+
 @dataclass
 class ExecResult:
     exit_code: int
@@ -325,8 +360,7 @@ class Exec:
         view = memoryview(buffer)
         waiter = select.poll()
         waiter.register(raw, select.POLLIN | select.POLLPRI)
-        header = b""
-        stream = left = 0
+        demux = _Demux(self._keep_stderr)
         while True:
             waiter.poll()
             size = self._sock.readinto(view)
@@ -334,28 +368,9 @@ class Exec:
                 continue
             if not size:
                 return
-            parts = []
-            position = 0
-            while position < size:
-                if not left:
-                    take = min(8 - len(header), size - position)
-                    header += view[position:position + take]
-                    position += take
-                    if len(header) == 8:
-                        stream, left = _FRAME.unpack(header)
-                        header = b""
-                    continue
-                take = min(left, size - position)
-                if stream == STDOUT:
-                    parts.append(view[position:position + take])
-                elif stream == STDERR:
-                    self._keep_stderr(view[position:position + take])
-                position += take
-                left -= take
+            parts = demux.split(view[:size])
             if parts:
-                chunk = b"".join(parts)
-                parts.clear()
-                yield chunk
+                yield b"".join(parts)
 
     def feed(self, chunks: Iterable[bytes]) -> None:
         """Write `chunks` to the command's stdin from a thread, then close stdin."""
@@ -395,10 +410,6 @@ class Exec:
             raise self._writer_error
         return ExecResult(exit_code=-1 if code is None else int(code),
                           stderr=self._stderr.decode("utf-8", "replace").strip())
-
-    @property
-    def writer_error(self) -> BaseException | None:
-        return self._writer_error
 
     def close(self) -> None:
         if self._closed:

@@ -73,4 +73,5 @@ def setup(log_format: str = "console", level: str = "INFO", stream: Any = None) 
 
 
 def get(name: str = "toybox_backupd") -> Any:
+    """A structlog logger called `name`."""
     return structlog.get_logger(name)

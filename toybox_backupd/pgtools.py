@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 from . import database, docker_api
+from .basics import JobError
 from .docker_api import ExecResult
-from .runner import JobError
 from .settings import Settings
 
 STDERR_KEEP = 64 * 1024
@@ -135,15 +135,11 @@ class PgTools:
             raise JobError(
                 f"the local pg_dump is version {local} but the server is {server_version}; an "
                 "older pg_dump cannot dump a newer server. Set PG_CONTAINER to the database "
-                "container, or install PostgreSQL {server} client tools")
-
-
-def pump(source: Proc, sink: Proc) -> None:
-    """Feed `source`'s stdout into `sink`'s stdin."""
-    sink.feed(source.stdout())
+                f"container, or install PostgreSQL {server} client tools")
 
 
 def tool_error(tool: str, result: ExecResult, where: str) -> str:
+    """A failed tool's exit status and the tail of its stderr, in one line."""
     tail = result.stderr.strip().splitlines()[-6:]
     detail = "; ".join(line.strip() for line in tail if line.strip()) or "no message"
     if result.exit_code == -1:

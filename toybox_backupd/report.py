@@ -1,4 +1,4 @@
-"""The email about one run: gathered from the SQLite history, rendered as text and HTML.
+"""The email about one run: gathered from the SQLite store, rendered as text and HTML.
 
 Everything that reaches a header goes through `header_text` (no CR/LF, so no header injection);
 everything goes through `redact` (no secrets).
@@ -20,25 +20,18 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from . import __version__, redact
-from .history import Artifact, History, Run, parse_iso, utcnow
-from .runner import human
+from . import __version__, jobs, redact
+from .basics import duration_text, human, local_time, utcnow
 from .schedule import next_times
-from .settings import JOBS, Settings
+from .settings import Settings
+from .smtp import host_token
+from .store import Run, Store
 
 WINDOW_DAYS = 7
 MAX_WARNINGS = 20
 SUBJECT_PREFIX = "[toybox-backupd]"
 
 STATUS_WORDS = {"ok": "OK", "failed": "FAILED", "interrupted": "INTERRUPTED"}
-SCHEDULE_VARS = {"pgdump": "PGDUMP_SCHEDULE", "full": "VOLUME_FULL_SCHEDULE",
-                 "diff": "VOLUME_DIFF_SCHEDULE"}
-TIER_ORDER = ("logical", "full", "diff")
-JOB_LABELS = {"pgdump": "logical backup (pg_dump)", "full": "full volume backup",
-              "diff": "differential volume backup"}
-GRID_LABELS = {"pgdump": "logical (pgdump)", "full": "full", "diff": "diff"}
-
-
 
 # composing -----------------------------------------------------------------------------------
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -57,33 +50,13 @@ def body_text(value: object) -> str:
     return redact.redact(_BODY_CONTROL.sub("", text))
 
 
-def host_token() -> str:
-    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip(".-")
-    return host or "localhost"
-
-
 def _local(moment: datetime | None, settings: Settings, seconds: bool = True) -> str:
-    if moment is None:
-        return "-"
-    return moment.astimezone(settings.zone).strftime(
-        "%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
-
-
-def duration_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    return local_time(moment, settings.zone, "seconds" if seconds else "minutes")
 
 
 @dataclass
 class Report:
-    """Everything an email about one run says, gathered from the history."""
+    """Everything an email about one run says, gathered from the store."""
 
     run: Run
     status_word: str
@@ -100,41 +73,56 @@ class Report:
     footer: str = ""
 
 
-def gather(settings: Settings, history: History, run: Run, now: datetime) -> Report:
-    job = run.job
+def gather(settings: Settings, store: Store, run: Run, now: datetime) -> Report:
+    """Everything the email about `run` says, from the store (never from in-memory state)."""
+    job, target = run.job, run.target or "-"
     host = run.host or socket.gethostname()
     status_word = STATUS_WORDS.get(run.status, run.status.upper())
     catchup = run.trigger == "catchup"
-    target = run.target or "-"
     subject = (f"{SUBJECT_PREFIX} {status_word} {job} {target} "
-               f"{run.started_at.astimezone(settings.zone).strftime('%Y-%m-%d %H:%M')}"
+               f"{local_time(run.started_at, settings.zone, 'subject')}"
                + (" (catch-up)" if catchup else ""))
-    label = JOB_LABELS.get(job, f"{job} backup")
-    headline = f"{status_word}: {label} of {target} on {host}"
     report = Report(run=run, status_word=status_word, subject=header_text(subject),
-                    headline=headline)
-    if catchup:
-        report.notes.append("This is a catch-up run: the scheduled time passed while the daemon "
-                            "was not running, so the backup ran as soon as it started again.")
-    if run.status == "interrupted":
-        report.notes.append("The run was interrupted before it finished (the daemon stopped or "
-                            "crashed, or it was cancelled); nothing it wrote is used as a "
-                            "restore point.")
-    elif run.status != "ok":
-        report.notes.append("This run made no usable restore point for what failed; the restore "
-                            "points made before it are untouched (retention only runs after "
-                            "a success).")
+                    headline=f"{status_word}: {_title(job)} of {target} on {host}")
+    report.notes = _notes(run)
+    report.facts = _facts(settings, store, run, host)
+    if run.status != "ok":
+        report.error = run.error or "no error text was recorded for this run"
+    report.warnings = warnings_of(run.details or {})
+    report.restore_points = _restore_points(settings, store)
+    report.overview.append(("Free space", free_space_text(settings)))
+    report.overview.append((f"Next {job} run", next_run_text(settings, job, now)))
+    report.days, report.grid = last_days(settings, store, now)
+    report.footer = (f"Sent by toybox-backupd {__version__} on {host} (TZ {settings.tz}). "
+                     "`toybox-backupd history` lists every run, `toybox-backupd list` every "
+                     "restore point.")
+    return report
 
+
+def _notes(run: Run) -> list[str]:
+    notes = []
+    if run.trigger == "catchup":
+        notes.append("This is a catch-up run: the scheduled time passed while the daemon "
+                     "was not running, so the backup ran as soon as it started again.")
+    if run.status == "interrupted":
+        notes.append("The run was interrupted before it finished (the daemon stopped or "
+                     "crashed, or it was cancelled); nothing it wrote is used as a "
+                     "restore point.")
+    elif run.status != "ok":
+        notes.append("This run made no usable restore point for what failed; the restore "
+                     "points made before it are untouched (retention only runs after "
+                     "a success).")
+    return notes
+
+
+def _facts(settings: Settings, store: Store, run: Run, host: str) -> list[tuple[str, str]]:
     details = run.details or {}
-    facts = report.facts
-    facts.append(("Host", host))
-    facts.append(("Job", f"{job}: {label}, {'catch-up' if catchup else run.trigger} run #{run.id}"))
-    facts.append(("Target", target))
-    facts.append(("Started", _local(run.started_at, settings)))
-    facts.append(("Ended", _local(run.ended_at, settings)))
-    facts.append(("Duration", duration_text(run.duration)))
-    facts.append(("Size", human(run.bytes) if run.bytes else "-"))
-    artifacts = _run_artifacts(history, run.id)
+    how = "catch-up" if run.trigger == "catchup" else run.trigger
+    facts = [("Host", host), ("Job", f"{run.job}: {_title(run.job)}, {how} run #{run.id}"),
+             ("Target", run.target or "-"), ("Started", _local(run.started_at, settings)),
+             ("Ended", _local(run.ended_at, settings)), ("Duration", duration_text(run.duration)),
+             ("Size", human(run.bytes) if run.bytes else "-")]
+    artifacts = store.run_artifacts(run.id)
     if artifacts:
         facts.append(("Artifact", "\n".join(
             f"{item.path} ({human(item.size)})" for item in artifacts)))
@@ -155,32 +143,28 @@ def gather(settings: Settings, history: History, run: Run, now: datetime) -> Rep
                           + "\n".join(_path_of(item) for item in deleted)))
         elif "retention_error" not in details:
             facts.append(("Retention", "nothing to delete"))
-    if run.status != "ok":
-        report.error = run.error or "no error text was recorded for this run"
-    report.warnings = warnings_of(details)
+    return facts
 
-    for name in TIER_ORDER:
-        items = history.artifacts(tier=name)
+
+def _restore_points(settings: Settings, store: Store) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name in jobs.names():
+        items = store.artifacts(tier=name)
         if items:
             oldest, newest = items[0], items[-1]
-            report.restore_points.append((
-                name, str(len(items)),
-                f"{_local(oldest.created_at, settings, False)} ({oldest.target})",
-                f"{_local(newest.created_at, settings, False)} ({newest.target})"))
+            rows.append((name, str(len(items)),
+                         f"{_local(oldest.created_at, settings, False)} ({oldest.target})",
+                         f"{_local(newest.created_at, settings, False)} ({newest.target})"))
         else:
-            report.restore_points.append((name, "0", "-", "-"))
-    report.overview.append(("Free space", free_space_text(settings)))
-    report.overview.append((f"Next {job} run", next_run_text(settings, job, now)))
-    report.days, report.grid = last_days(settings, history, now)
-    report.footer = (f"Sent by toybox-backupd {__version__} on {host} (TZ {settings.tz}). "
-                     "`toybox-backupd history` lists every run, `toybox-backupd list` every "
-                     "restore point.")
-    return report
+            rows.append((name, "0", "-", "-"))
+    return rows
 
 
-def _run_artifacts(history: History, run_id: int) -> list[Artifact]:
-    rows = history.db.execute("SELECT * FROM artifacts WHERE run_id=? ORDER BY id", (run_id,))
-    return [Artifact.from_row(row) for row in rows]
+def _title(job: str) -> str:
+    try:
+        return jobs.get(job).title
+    except ValueError:  # a run of a job no longer registered (or `verify`)
+        return f"{job} backup"
 
 
 def _path_of(item: Any) -> str:
@@ -223,6 +207,7 @@ def _number(value: Any) -> float | None:
 
 
 def warnings_of(details: dict[str, Any]) -> list[str]:
+    """A run's warnings from its details, at most MAX_WARNINGS, with a count of the rest."""
     found: list[str] = []
     listed = details.get("warnings")
     if isinstance(listed, list):
@@ -244,6 +229,7 @@ def warnings_of(details: dict[str, Any]) -> list[str]:
 
 
 def free_space_text(settings: Settings) -> str:
+    """"12.3 GiB free of 50.0 GiB (25%) in /backups"."""
     try:
         usage = shutil.disk_usage(settings.backup_dir)
     except OSError as exc:
@@ -252,52 +238,52 @@ def free_space_text(settings: Settings) -> str:
     return f"{human(usage.free)} free of {human(usage.total)} ({percent:.0f}%) in {settings.backup_dir}"
 
 
-def next_run_text(settings: Settings, job: str, now: datetime) -> str:
-    if job not in JOBS:
-        return "-"
-    if not settings.job_enabled(job):
-        why = (f"{SCHEDULE_VARS[job]} is empty" if not settings.schedule_for(job)
-               else "BACKUP_VOLUMES is empty")
-        return f"not scheduled ({why})"
+def next_run_text(settings: Settings, job_name: str, now: datetime) -> str:
+    """When `job_name` runs next, or why it does not."""
     try:
-        moment = next_times(settings.schedule_for(job), settings.zone, now, 1)[0]
+        job = jobs.get(job_name)
+    except ValueError:
+        return "-"
+    why = job.disabled_reason(settings)
+    if why:
+        return f"not scheduled ({why})"
+    expr = job.schedule(settings)
+    try:
+        moment = next_times(expr, settings.zone, now, 1)[0]
     except Exception:
-        return f"none found for {settings.schedule_for(job)!r}"
-    return f"{moment.strftime('%a %Y-%m-%d %H:%M %Z')} ({settings.schedule_for(job)})"
+        return f"none found for {expr!r}"
+    return f"{local_time(moment, settings.zone, 'weekday')} ({expr})"
 
 
 Grid = list[tuple[str, list[str]]]
 
 
-def last_days(settings: Settings, history: History, now: datetime) -> tuple[list[str], Grid]:
+def last_days(settings: Settings, store: Store, now: datetime) -> tuple[list[str], Grid]:
     """The last WINDOW_DAYS days (in TZ) per job: OK / FAILED / missing / - (nothing due)."""
     zone = settings.zone
     today = now.astimezone(zone).date()
     days = [today - timedelta(days=offset) for offset in range(WINDOW_DAYS - 1, -1, -1)]
     starts = [datetime(day.year, day.month, day.day, tzinfo=zone) for day in days]
     ends = [*starts[1:], starts[-1] + timedelta(days=1)]
-    runs = history.runs_since(starts[0])
-    first = history.db.execute("SELECT MIN(started_at) AS first FROM runs").fetchone()["first"]
-    first_seen = parse_iso(first)
+    runs = store.runs_since(starts[0])
+    first_seen = store.first_run_started()
     by_job_day: dict[tuple[str, Any], list[str]] = {}
     for run in runs:
         day = run.started_at.astimezone(zone).date()
         by_job_day.setdefault((run.job, day), []).append(run.status)
     grid: Grid = []
-    for job in JOBS:
-        enabled = settings.job_enabled(job)
-        has_runs = any(key[0] == job for key in by_job_day)
-        if not enabled and not has_runs:
+    for job in jobs.all_jobs():
+        enabled = job.enabled(settings)
+        if not enabled and not any(key[0] == job.name for key in by_job_day):
             continue
-        cells = []
-        for day, start, end in zip(days, starts, ends, strict=True):
-            statuses = by_job_day.get((job, day), [])
-            cells.append(_cell(settings, job, enabled, statuses, start, end, now, first_seen))
-        grid.append((GRID_LABELS[job], cells))
+        cells = [_cell(settings, job.schedule(settings), enabled,
+                       by_job_day.get((job.name, day), []), start, end, now, first_seen)
+                 for day, start, end in zip(days, starts, ends, strict=True)]
+        grid.append((job.name, cells))
     return [day.strftime("%a %m-%d") for day in days], grid
 
 
-def _cell(settings: Settings, job: str, enabled: bool, statuses: list[str], start: datetime,
+def _cell(settings: Settings, expr: str, enabled: bool, statuses: list[str], start: datetime,
           end: datetime, now: datetime, first_seen: datetime | None) -> str:
     if "ok" in statuses:
         failed = sum(1 for status in statuses if status not in ("ok", "running"))
@@ -309,7 +295,7 @@ def _cell(settings: Settings, job: str, enabled: bool, statuses: list[str], star
     if not enabled or first_seen is None or end <= first_seen:
         return "-"
     try:
-        fire = next_times(settings.schedule_for(job), settings.zone, start - timedelta(microseconds=1), 1)[0]
+        fire = next_times(expr, settings.zone, start - timedelta(microseconds=1), 1)[0]
     except Exception:
         return "-"
     if fire < end and fire < now and fire >= first_seen:
@@ -319,6 +305,7 @@ def _cell(settings: Settings, job: str, enabled: bool, statuses: list[str], star
 
 # rendering ---------------------------------------------------------------------------------
 def render_text(report: Report) -> str:
+    """The plain-text body of a report."""
     width = max(len(label) for label, _ in [*report.facts, *report.overview, ("Warnings", "")])
     lines = [report.headline, ""]
     for note in report.notes:
@@ -367,6 +354,7 @@ def _esc_lines(value: str) -> str:
 
 
 def render_html(report: Report) -> str:
+    """The HTML body of a report (every value escaped)."""
     color = _COLORS.get(report.status_word, "#9a6700")
     td = 'style="padding:2px 10px 2px 0;vertical-align:top"'
     th = 'style="padding:2px 10px 2px 0;text-align:left;vertical-align:top"'
@@ -437,12 +425,12 @@ def build_message(settings: Settings, *, subject: str, text: str, html_body: str
     return message
 
 
-def compose_run(settings: Settings, history: History, run: Run, *, message_id: str,
+def compose_run(settings: Settings, store: Store, run: Run, *, message_id: str,
                 now: datetime | None = None) -> EmailMessage:
     """The email about one run, from its history row and the catalog."""
     register_secrets(settings)
     now = now or utcnow()
-    report = gather(settings, history, run, now)
+    report = gather(settings, store, run, now)
     return build_message(
         settings, subject=report.subject, text=render_text(report), html_body=render_html(report),
         message_id=message_id, now=now,
@@ -452,9 +440,10 @@ def compose_run(settings: Settings, history: History, run: Run, *, message_id: s
 
 def compose_fallback(settings: Settings, run: Run, *, message_id: str, now: datetime,
                      problem: str) -> EmailMessage:
+    """A short email with the bare facts of a run, for when the full report cannot be built."""
     status_word = STATUS_WORDS.get(run.status, run.status.upper())
     subject = (f"{SUBJECT_PREFIX} {status_word} {run.job} {run.target or '-'} "
-               f"{run.started_at.astimezone(settings.zone).strftime('%Y-%m-%d %H:%M')}")
+               f"{local_time(run.started_at, settings.zone, 'subject')}")
     text = "\n".join([
         f"{status_word}: {run.job} backup of {run.target or '-'} on {run.host or socket.gethostname()}",
         "",
@@ -474,6 +463,7 @@ def compose_fallback(settings: Settings, run: Run, *, message_id: str, now: date
 
 
 def compose_test(settings: Settings) -> EmailMessage:
+    """The email `toybox-backupd notify test` sends."""
     now = utcnow()
     host = socket.gethostname()
     text = "\n".join([
@@ -494,4 +484,5 @@ def compose_test(settings: Settings) -> EmailMessage:
 
 
 def register_secrets(settings: Settings) -> None:
+    """Make sure the SMTP and database passwords are masked in what is sent."""
     redact.register(settings.smtp_password_value, settings.postgres_password_value)

@@ -16,7 +16,6 @@ Rules (each one keeps something; an artifact is deleted only if no rule keeps it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
@@ -26,14 +25,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import archive, logs
-from .catalog import INDEX_SUFFIX
-from .history import Artifact, History, utcnow
+from . import jobs, logs
+from .basics import local_time, utcnow
+from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, TOOL
 from .settings import Settings
+from .store import Artifact, Store
 
 log = logs.get("toybox_backupd.retention")
 
-FAMILIES = {"pgdump": ("logical",), "full": ("full", "diff"), "diff": ("full", "diff")}
 CONSIDERED = ("ok", "corrupt")  # 'deleted' rows are history already
 _DELETE_ORDER = {"diff": 0, "full": 1, "logical": 2}  # a diff goes before the full it needs
 
@@ -52,11 +51,12 @@ class Plan:
 
 
 def keep_days(settings: Settings) -> dict[str, int]:
-    return {"logical": settings.pgdump_keep_days, "full": settings.volume_keep_days,
-            "diff": settings.volume_keep_days}
+    """Days each tier is kept, from its job's setting."""
+    return {job.name: job.keep_days(settings) for job in jobs.all_jobs()}
 
 
-_SETTING = {"logical": "PGDUMP_KEEP_DAYS", "full": "VOLUME_KEEP_DAYS", "diff": "VOLUME_KEEP_DAYS"}
+def _why_old(tier: str, days: int) -> str:
+    return f"older than {days} days ({jobs.get(tier).keep_var})"
 
 
 def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str, int]) -> Plan:
@@ -66,19 +66,26 @@ def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str
     ok/corrupt are ignored); `keep_days` maps a tier to its retention in days.
     """
     items = [item for item in artifacts if item.status in CONSIDERED]
-    by_id = {item.id: item for item in items}
     result = Plan()
     now = now.astimezone(UTC)
-
-    def keep(item: Artifact, why: str) -> None:
-        result.kept.setdefault(item.id, why)
-
-    # 1. young enough
-    for item in items:
+    for item in items:  # 1. young enough
         days = keep_days[item.tier]
         if item.created_at.astimezone(UTC) >= now - timedelta(days=days):
-            keep(item, f"younger than {days} days ({_SETTING[item.tier]})")
-    # 2. the newest good artifact of each tier and target
+            result.kept.setdefault(
+                item.id, f"younger than {days} days ({jobs.get(item.tier).keep_var})")
+    for item in _newest_good(items):  # 2. the newest good artifact of each tier and target
+        result.kept.setdefault(item.id, f"the newest good {item.tier} backup of {item.target}")
+    _keep_chains(items, result)  # 3. the base of every kept differential
+    # everything else goes, differentials before the fulls they were based on
+    doomed = [item for item in items if item.id not in result.kept]
+    doomed.sort(key=lambda item: (_DELETE_ORDER.get(item.tier, 9), item.created_at, item.id))
+    for item in doomed:
+        result.delete.append(item)
+        result.reasons[item.id] = _why_old(item.tier, keep_days[item.tier])
+    return result
+
+
+def _newest_good(items: list[Artifact]) -> list[Artifact]:
     newest: dict[tuple[str, str], Artifact] = {}
     for item in items:
         if item.status != "ok":
@@ -87,9 +94,12 @@ def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str
         current = newest.get(key)
         if current is None or (item.created_at, item.id) > (current.created_at, current.id):
             newest[key] = item
-    for item in newest.values():
-        keep(item, f"the newest good {item.tier} backup of {item.target}")
-    # 3. chain: the base of every kept differential (follow base_id until it ends)
+    return list(newest.values())
+
+
+def _keep_chains(items: list[Artifact], result: Plan) -> None:
+    """Keep the base of every kept differential (following base_id until it ends)."""
+    by_id = {item.id: item for item in items}
     changed = True
     while changed:
         changed = False
@@ -98,25 +108,13 @@ def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str
                 continue
             base = by_id.get(item.base_id)
             if base is not None and base.id not in result.kept:
-                keep(base, f"the base of kept differential {item.id} ({item.path})")
+                result.kept[base.id] = f"the base of kept differential {item.id} ({item.path})"
                 changed = True
-    # everything else goes, differentials before the fulls they were based on
-    doomed = [item for item in items if item.id not in result.kept]
-    doomed.sort(key=lambda item: (_DELETE_ORDER.get(item.tier, 9), item.created_at, item.id))
-    for item in doomed:
-        days = keep_days[item.tier]
-        result.delete.append(item)
-        result.reasons[item.id] = f"older than {days} days ({_SETTING[item.tier]})"
-    return result
 
 
 # applying a plan ----------------------------------------------------------------------------
-class RetentionRefused(Exception):
-    """Pruning is not safe right now (e.g. the last run did not succeed)."""
-
-
-def _last_run_ok(history: History, job: str) -> tuple[bool, str]:
-    last = history.last_run(job)
+def _last_run_ok(store: Store, job: str) -> tuple[bool, str]:
+    last = store.last_run(job)
     if last is None:
         return False, f"no {job} run in the history"
     if last.status == "ok":
@@ -127,25 +125,26 @@ def _last_run_ok(history: History, job: str) -> tuple[bool, str]:
     return False, f"the last {job} run (#{last.id}) is {last.status}, not ok"
 
 
-def apply(settings: Settings, history: History, job: str, targets: list[str],
+def apply(settings: Settings, store: Store, job: str, targets: list[str],
           now: datetime | None = None) -> list[str]:
     """Prune `job`'s tier family for `targets` after a successful run.
 
     Returns the deleted artifacts' paths, relative to BACKUP_DIR (companion files such as
     manifests and file indexes are deleted with them and logged, not listed).
     """
-    ok, why = _last_run_ok(history, job)
+    job = jobs.get(job).name
+    ok, why = _last_run_ok(store, job)
     if not ok:
         log.warning("retention skipped: pruning happens only after a successful run", job=job,
                     reason=why)
         return []
-    tiers = FAMILIES[job]
+    tiers = jobs.get(job).family
     artifacts = [item for tier in tiers for target in targets
-                 for item in history.artifacts(tier=tier, target=target, statuses=CONSIDERED)]
+                 for item in store.artifacts(tier=tier, target=target, statuses=CONSIDERED)]
     decided = plan(artifacts, now=now or utcnow(), keep_days=keep_days(settings))
     deleted: list[str] = []
     for item in decided.delete:
-        removed = delete_artifact(settings, history, item, decided.reasons[item.id])
+        removed = delete_artifact(settings, store, item, decided.reasons[item.id])
         if removed:
             deleted.append(item.path)
     if deleted:
@@ -153,7 +152,7 @@ def apply(settings: Settings, history: History, job: str, targets: list[str],
     return deleted
 
 
-def delete_artifact(settings: Settings, history: History, item: Artifact, reason: str) -> bool:
+def delete_artifact(settings: Settings, store: Store, item: Artifact, reason: str) -> bool:
     """Delete one artifact's files (only known, in-BACKUP_DIR ones); mark its row deleted.
 
     Returns True if the artifact's own file was removed.
@@ -169,7 +168,7 @@ def delete_artifact(settings: Settings, history: History, item: Artifact, reason
         log.warning("retention: the file at this path is not the one the catalog wrote; "
                     "leaving it alone and dropping the catalog entry", path=item.path,
                     artifact=item.id)
-        history.set_artifact_status(item.id, "deleted")
+        store.set_artifact_status(item.id, "deleted")
         return False
     companions: list[Path] = []
     for relative in companion_paths(item):
@@ -178,29 +177,29 @@ def delete_artifact(settings: Settings, history: History, item: Artifact, reason
             log.warning("retention: a companion path is outside BACKUP_DIR; not deleting it",
                         path=relative, artifact=item.id)
             continue
-        if relative.endswith(archive.MANIFEST_SUFFIX) and not _our_manifest(path):
+        if relative.endswith(MANIFEST_SUFFIX) and not _our_manifest(path):
             continue
         companions.append(path)
     removed_main = _unlink(main)
     if not removed_main:
         log.warning("retention: the artifact file was already gone", path=item.path)
     gone = [str(path.relative_to(root)) for path in companions if _unlink(path)]
-    history.set_artifact_status(item.id, "deleted")
-    _forget_index(history, item.id)
+    store.set_artifact_status(item.id, "deleted")
+    store.forget_index(item.id)
     log.info("retention: deleted", path=item.path, tier=item.tier, target=item.target,
-             created=item.created_at.astimezone(settings.zone).strftime("%Y-%m-%d %H:%M %Z"),
+             created=local_time(item.created_at, settings.zone, "minutes"),
              reason=reason, companions=", ".join(gone) or "-")
     return removed_main
 
 
 def companion_paths(item: Artifact) -> list[str]:
     """The files the catalog created beside `item.path` (besides the artifact itself)."""
-    paths = [item.path + archive.MANIFEST_SUFFIX, item.path + INDEX_SUFFIX]
+    paths = [item.path + MANIFEST_SUFFIX, item.path + INDEX_SUFFIX]
     globals_info: Any = item.extra.get("globals") if item.tier == "logical" else None
     if isinstance(globals_info, dict) and isinstance(globals_info.get("path"), str):
         gpath = globals_info["path"]
         if gpath and gpath != item.path:
-            paths += [gpath, gpath + archive.MANIFEST_SUFFIX]
+            paths += [gpath, gpath + MANIFEST_SUFFIX]
     return paths
 
 
@@ -234,7 +233,7 @@ def _our_manifest(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("tool") == "toybox-backupd"
+    return isinstance(data, dict) and data.get("tool") == TOOL
 
 
 def _unlink(path: Path) -> bool:
@@ -251,10 +250,3 @@ def _unlink(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _forget_index(history: History, artifact_id: int) -> None:
-    """The file index of a deleted artifact only takes space in the history database."""
-    with contextlib.suppress(Exception), history.tx() as db:
-        db.execute("DELETE FROM files WHERE artifact_id=?", (artifact_id,))
-        db.execute("DELETE FROM deleted_paths WHERE artifact_id=?", (artifact_id,))

@@ -19,15 +19,14 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import redact
+from .basics import ToyboxError
 
 CommaList = Annotated[list[str], NoDecode]
 _EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
 _SECRET_FIELDS = ("postgres_password", "smtp_password")
 
-JOBS = ("pgdump", "full", "diff")
 
-
-class SettingsError(Exception):
+class SettingsError(ToyboxError):
     """The configuration is unusable; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]):
@@ -197,25 +196,12 @@ class Settings(BaseSettings):
     def smtp_password_value(self) -> str | None:
         return self.smtp_password.get_secret_value() if self.smtp_password else None
 
-    def schedule_for(self, job: str) -> str:
-        return {
-            "pgdump": self.pgdump_schedule,
-            "full": self.volume_full_schedule,
-            "diff": self.volume_diff_schedule,
-        }[job]
-
-    def time_limit_seconds(self, job: str) -> int:
-        minutes = {
-            "pgdump": self.pgdump_time_limit_min,
-            "full": self.volume_full_time_limit_min,
-            "diff": self.volume_diff_time_limit_min,
-        }[job]
-        return minutes * 60
-
-    def job_enabled(self, job: str) -> bool:
-        if not self.schedule_for(job):
-            return False
-        return job == "pgdump" or bool(self.backup_volumes)
+    def value(self, var: str) -> Any:
+        """The value of the setting whose variable is `var` (e.g. "PGDUMP_SCHEDULE")."""
+        for name, field in type(self).model_fields.items():
+            if field.alias == var:
+                return getattr(self, name)
+        raise KeyError(f"no setting {var}")
 
     def compression_level(self) -> int:
         if self.volume_compression_level is not None:
@@ -355,4 +341,4 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())
+    print(markdown_table())  # noqa: T201 - `python -m toybox_backupd.settings` makes the README table

@@ -118,6 +118,7 @@ _TYPES = {
 
 
 def normalize(name: str) -> str:
+    """A member name as the file index spells it (no leading ./ or /; the root is ".")."""
     name = name.removeprefix("./").rstrip("/")
     return name or "."
 
@@ -125,7 +126,7 @@ def normalize(name: str) -> str:
 def members(stream: IO[bytes]) -> Iterator[Member]:
     """Members of a tar stream, each regular file's content hashed (xxh3-128)."""
     if isinstance(stream, TeeReader):
-        yield from _scan(stream)
+        yield from _read_headers(stream)
         return
     with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
         for info in tar:
@@ -167,7 +168,7 @@ class _Headers:
 _ZEROS = bytes(CHUNK)
 
 
-def _scan(reader: TeeReader) -> Iterator[Member]:
+def _read_headers(reader: TeeReader) -> Iterator[Member]:
     """Like `tarfile.open(fileobj=reader, mode="r|")` + `extractfile`, in one pass, no copies."""
     headers = _Headers(reader)
     while True:

@@ -2,52 +2,62 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from . import logs
-from .history import Artifact, History
+from . import jobs, logs
 from .settings import Settings
+from .store import Artifact, Store
 
 log = logs.get("toybox_backupd.verify")
 
 
+@dataclass
+class Checked:
+    """One artifact's verdict."""
+
+    id: int
+    tier: str
+    target: str
+    path: str
+    ok: bool
+    problem: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def check_artifact(settings: Settings, item: Artifact) -> str | None:
-    """None if the artifact is sound, else what is wrong."""
-    if item.tier == "logical":
-        from . import logical
+    """None if the artifact is sound, else what is wrong (its tier module reads it)."""
+    try:
+        tier = jobs.get(item.tier).tier
+    except ValueError:
+        return f"no tier {item.tier!r} is known to this version, so it cannot be read"
+    problem: str | None = tier.verify(settings, item)
+    return problem
 
-        return logical.verify(settings, item)
-    from . import volumes
 
-    return volumes.verify(settings, item)
+def verify_all(settings: Settings) -> list[Checked]:
+    """Check every kept artifact (ok or corrupt), record the verdicts and a `verify` run.
 
-
-def run(settings: Settings, as_json: bool = False) -> int:
-    results = []
-    with History(settings.state_dir) as history:
-        items = history.artifacts(statuses=("ok", "corrupt"))
-        run_id = history.open_run("verify", f"{len(items)} artifacts")
+    A corrupt artifact that reads well again is marked ok. Returns the verdicts, oldest first.
+    """
+    results: list[Checked] = []
+    with Store(settings.state_dir) as store:
+        items = store.artifacts(statuses=("ok", "corrupt"))
+        run_id = store.open_run("verify", f"{len(items)} artifacts")
         for item in items:
             problem = check_artifact(settings, item)
-            history.mark_verified(item.id, problem is None)
+            store.mark_verified(item.id, problem is None)
             if problem is None and item.status == "corrupt":
-                history.set_artifact_status(item.id, "ok")
-            results.append({"id": item.id, "tier": item.tier, "target": item.target,
-                            "path": item.path, "ok": problem is None, "problem": problem})
+                store.set_artifact_status(item.id, "ok")
+            results.append(Checked(item.id, item.tier, item.target, item.path, problem is None,
+                                   problem))
             if problem:
                 log.error("artifact failed verification", path=item.path, problem=problem)
-        bad = [r for r in results if not r["ok"]]
-        history.close_run(
+        bad = [r for r in results if not r.ok]
+        store.close_run(
             run_id, "failed" if bad else "ok", bytes_=sum(i.size for i in items),
-            error="; ".join(f"{r['path']}: {r['problem']}" for r in bad) or None,
+            error="; ".join(f"{r.path}: {r.problem}" for r in bad) or None,
             details={"checked": len(results), "bad": len(bad)})
-    if as_json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            state = "ok     " if result["ok"] else "CORRUPT"
-            print(f"{state} {result['tier']:<8} {result['path']}"
-                  + (f"\n        {result['problem']}" if result["problem"] else ""))
-        print(f"{len(results) - len(bad)} of {len(results)} artifacts verified"
-              + (f", {len(bad)} bad" if bad else ""))
-    return 1 if bad else 0
+    return results

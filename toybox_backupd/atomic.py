@@ -1,0 +1,125 @@
+"""Writing files so that nothing half-written looks valid.
+
+`AtomicFile` writes `<name>.partial`, counts and sha256-hashes what goes to disk, fsyncs, renames
+and fsyncs the directory; on any error the partial is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .basics import DiskFullError
+
+PARTIAL = ".partial"
+CHUNK = 1024 * 1024
+
+
+class AtomicFile:
+    """A binary file written as `<path>.partial`, renamed to `path` by `commit()`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle: BinaryIO | None = open(self.partial, "xb")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.committed = False
+
+    # file-like surface used by compressors
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        assert self._handle is not None
+        try:
+            self._handle.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(self.path.parent, exc.errno) from None
+            raise
+        self._hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> None:
+        """fsync, rename into place, fsync the directory."""
+        assert self._handle is not None
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(self.path.parent, exc.errno) from None
+            raise
+        self._handle.close()
+        self._handle = None
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        self.committed = True
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                self.partial.unlink()
+
+    def close(self) -> None:
+        """Compressors call close() when they finish; the file stays open until commit()."""
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None or not self.committed:
+            self.discard()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_partials(root: Path) -> list[Path]:
+    """Delete `*.partial` files under `root` (left by a crash); return what was removed."""
+    removed = []
+    if not root.exists():
+        return removed
+    for path in root.rglob("*" + PARTIAL):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

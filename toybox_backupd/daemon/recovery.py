@@ -1,0 +1,112 @@
+"""Start-up recovery: what a crashed process left behind is put right before any run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from .. import docker_api, locks, logs, notify
+from ..atomic import remove_partials
+from ..basics import iso, local_time, parse_iso
+from ..settings import Settings
+from ..store import Store
+from .keys import STATE_HEARTBEAT
+
+log = logs.get("toybox_backupd.daemon")
+
+
+def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None,
+            last_alive: datetime | None = None) -> dict[str, Any]:
+    """Clean up after a crash; safe to call whenever, as it holds the run lock while it works.
+
+    With the lock held no run is in progress (every run holds it), so every `running` row is
+    left over from a process that died. `last_alive` (default: the heartbeat in the store)
+    estimates when that happened. Returns what was done:
+    {"interrupted": [run ids], "partials_removed": [paths], "containers_started": [names],
+     "containers_failed": [{"name", "error"}], "helpers_removed": n}.
+    """
+    result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "containers_started": [],
+                              "containers_failed": [], "helpers_removed": 0}
+    with locks.run_lock(
+        settings.state_dir, "start-up recovery",
+        wait_log=lambda holder: log.info("recovery waits for the current run", holder=holder),
+        cancelled=stop_requested,
+    ), Store(settings.state_dir) as store:
+        _close_interrupted(settings, store, last_alive, result)
+        for path in remove_partials(settings.backup_dir):
+            relative = str(path.relative_to(settings.backup_dir))
+            result["partials_removed"].append(relative)
+            log.warning("partial file removed", file=relative)
+        stopped = store.stopped_containers()
+        if stopped or settings.backup_volumes:
+            _restart_containers(store, stopped, result)
+            _remove_helpers(store, result)
+    # outside the lock: a slow mail server never holds up the first backup
+    if result["interrupted"]:
+        with Store(settings.state_dir) as store:
+            for run_id in result["interrupted"]:
+                notify.after_run(settings, store, run_id)
+    _log_summary(result)
+    return result
+
+
+def _close_interrupted(settings: Settings, store: Store, last_alive: datetime | None,
+                       result: dict[str, Any]) -> None:
+    """Mark runs left `running` as interrupted, ended around the last heartbeat."""
+    beat = last_alive or parse_iso(store.get_state(STATE_HEARTBEAT))
+    for run in store.running_runs():
+        where = f"pid {run.pid} on {run.host}" if run.pid else "its process"
+        error = (f"interrupted: the process running it ({where}) stopped or crashed before "
+                 "the run ended; found at start-up, its partial file was removed")
+        cancel_reason = run.details.get("cancel_reason")
+        if cancel_reason:
+            error += f" (it had been ended because: {cancel_reason}, but did not stop)"
+        # the crash happened around the last heartbeat, not now
+        ended = beat if beat is not None and beat > run.started_at else None
+        store.close_run(run.id, "interrupted", error=error, ended_at=ended,
+                        details={"recovered_at": iso(), "recovered_by": "start-up recovery"})
+        result["interrupted"].append(run.id)
+        log.warning("run left running by a crash marked interrupted", run_id=run.id,
+                    job=run.job, started=local_time(run.started_at, settings.zone, "weekday"))
+
+
+def _restart_containers(store: Store, stopped: list[Any], result: dict[str, Any]) -> None:
+    """Start the containers a crashed run left stopped (recorded before they were stopped)."""
+    for row in stopped:
+        container_id, name = row["container_id"], row["name"]
+        try:
+            state = docker_api.container_state(container_id)
+            if state is None:
+                log.warning("a container stopped by a crashed run no longer exists",
+                            container=name)
+            elif state != "running":
+                docker_api.start_container(container_id)
+                log.warning("container left stopped by a crashed run started again",
+                            container=name, run_id=row["run_id"])
+                result["containers_started"].append(name)
+            store.forget_stopped(container_id)
+        except Exception as exc:
+            log.error("could not start a container left stopped by a crashed run; start it by "
+                      "hand (docker start)", container=name, error=str(exc))
+            result["containers_failed"].append({"name": name, "error": str(exc)})
+
+
+def _remove_helpers(store: Store, result: dict[str, Any]) -> None:
+    try:
+        result["helpers_removed"] = docker_api.remove_stale_helpers(store.instance_id())
+        if result["helpers_removed"]:
+            log.warning("leftover helper containers removed", count=result["helpers_removed"])
+    except Exception as exc:
+        log.warning("could not look for leftover helper containers", error=str(exc))
+
+
+def _log_summary(result: dict[str, Any]) -> None:
+    if any(result[key] for key in result):
+        log.info("start-up recovery done", interrupted=len(result["interrupted"]),
+                 partials_removed=len(result["partials_removed"]),
+                 containers_started=", ".join(result["containers_started"]) or "-",
+                 containers_failed=len(result["containers_failed"]),
+                 helpers_removed=result["helpers_removed"])
+    else:
+        log.info("start-up recovery: nothing to recover")

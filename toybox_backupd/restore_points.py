@@ -1,0 +1,74 @@
+"""Restore points: choosing one by time, and the checked file behind it."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, tzinfo
+from pathlib import Path
+
+from .atomic import sha256_of
+from .basics import CatalogError
+from .store import Artifact, Store
+
+
+def parse_when(text: str, zone: tzinfo) -> datetime:
+    """`--at`: an ISO date or datetime in `zone`; a bare date means the end of that day.
+
+    Raises CatalogError for anything else.
+    """
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime.combine(day, time.max, tzinfo=zone)
+        moment = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        raise CatalogError(
+            f"--at {text!r}: use an ISO date (2026-01-26) or date and time (2026-01-26T17:45)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment
+
+
+def restore_point(store: Store, tiers: tuple[str, ...], target: str,
+                  at: datetime | None) -> Artifact:
+    """The newest good artifact of `tiers` for `target` at or before `at` (default: latest).
+
+    Raises CatalogError naming the oldest kept one when there is none.
+    """
+    kept = [item for tier in tiers for item in store.artifacts(tier=tier, target=target)]
+    candidates = [item for item in kept if at is None or item.created_at <= at]
+    if not candidates:
+        when = f" at or before {at.isoformat()}" if at else ""
+        hint = (f"; the oldest kept one is from {min(i.created_at for i in kept).isoformat()}"
+                if kept else "; none are kept (see `toybox-backupd list`, or run `reindex`)")
+        raise CatalogError(f"no {'/'.join(tiers)} backup of {target!r}{when}{hint}")
+    return max(candidates, key=lambda item: (item.created_at, item.id))
+
+
+def chain_for(store: Store, volume: str, at: datetime | None) -> list[Artifact]:
+    """The artifacts that rebuild `volume` at `at`: [full] or [full, differential]."""
+    point = restore_point(store, ("full", "diff"), volume, at)
+    if point.tier == "full":
+        return [point]
+    base = store.artifact(point.base_id) if point.base_id else None
+    if base is None or base.status != "ok":
+        raise CatalogError(f"the differential {point.path} needs its full archive, which is "
+                           "missing from the catalog")
+    return [base, point]
+
+
+def check_file(backup_dir: Path, item: Artifact) -> Path:
+    """The artifact's file, after its checksum was checked against the catalog.
+
+    Raises CatalogError when it is missing or its sha256 differs.
+    """
+    path = backup_dir / item.path
+    if not path.exists():
+        raise CatalogError(f"{path} is missing from the backup directory")
+    actual = sha256_of(path)
+    if actual != item.sha256:
+        raise CatalogError(
+            f"{path} is corrupt: its sha256 is {actual[:16]}…, the catalog says "
+            f"{item.sha256[:16]}…; refusing to restore from it (pick another with --at)")
+    return path

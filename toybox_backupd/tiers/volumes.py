@@ -1,0 +1,306 @@
+"""The physical tiers: full and differential archives of Docker volumes.
+
+How a volume is read: a short-lived helper container mounts it read-only (by volume name, through
+the Docker API), `find` lists every path with its metadata, and GNU tar archives the chosen paths
+to stdout. The stream comes back over `docker exec`, is indexed and hashed as it passes
+(tarstream), compressed (zstd by default) and written atomically. The same code serves the full
+(every path) and the differential (paths whose metadata differ from the last full's index).
+Restores live in volume_restore.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, docker_api, tarstream
+from ..atomic import CHUNK, AtomicFile
+from ..basics import (
+    CatalogError,
+    JobError,
+    RunContext,
+    TierResult,
+    ToyboxError,
+    human,
+    iso,
+    local_time,
+    utcnow,
+)
+from ..compression import EXTENSIONS, compressor, decompressed, kind_of
+from ..manifests import TOOL, write_index, write_manifest
+from ..pgtools import tool_error
+from ..restore_points import check_file
+from ..settings import Settings
+from ..store import Artifact
+from .volume_restore import MOUNT, restore_files, restore_volume
+
+__all__ = ["backup", "restore_files", "restore_volume", "verify"]
+
+FIND_FORMAT = r"%P\0%y\0%s\0%T@\0%C@\0%i\0%m\0%U\0%G\0%l\0"
+FIELDS = 10
+TAR_CREATE = [
+    "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--no-recursion",
+    "--ignore-failed-read", "--pax-option=delete=atime", "--xattrs", "--directory=" + MOUNT,
+    "--null", "--verbatim-files-from", "--files-from=-",
+]
+
+
+@dataclass
+class Archived:
+    """One volume's archive: where, how big, and what the run should report."""
+
+    path: str
+    size: int
+    downtime: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def backup(ctx: RunContext) -> TierResult:
+    """Archive every target volume (`ctx.job.name`: "full" or "diff").
+
+    Each volume is archived on its own: one volume's failure is reported and the others still
+    run. Returns the archives; raises JobError naming every volume that failed.
+    """
+    if not ctx.targets:
+        raise JobError("no volumes to archive: set BACKUP_VOLUMES")
+    missing = [v for v in ctx.targets if not docker_api.volume_exists(v)]
+    if missing:
+        raise JobError(f"no such Docker volume: {', '.join(missing)} (check BACKUP_VOLUMES)")
+    result = TierResult()
+    downtime: dict[str, float] = {}
+    warnings: list[str] = []
+    errors: list[str] = []
+    for volume in ctx.targets:
+        ctx.check()
+        try:
+            archived = archive_volume(ctx, volume, ctx.job.name)
+        except ToyboxError as exc:
+            errors.append(f"{volume}: {exc}")
+            ctx.log.error("volume archive failed", volume=volume, error=str(exc))
+            continue
+        result.bytes += archived.size
+        result.artifacts.append(archived.path)
+        for name, seconds in archived.downtime.items():
+            downtime[name] = downtime.get(name, 0.0) + seconds
+        warnings += [f"{volume}: {w}" for w in archived.warnings]
+    result.details = {
+        "downtime": {k: round(v, 2) for k, v in downtime.items()},
+        "downtime_seconds": round(sum(downtime.values()), 2),
+        "warnings": warnings[:200],
+        "warnings_total": len(warnings),
+    }
+    ctx.note(**result.details)
+    if errors:
+        raise JobError("; ".join(errors))
+    return result
+
+
+# one volume ----------------------------------------------------------------------------------
+def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
+    """Archive one volume (a full, or a differential against its newest full)."""
+    settings, store = ctx.settings, ctx.store
+    kind, base, notes = _base_for(ctx, volume, kind)
+    created = utcnow()
+    path = _new_path(settings, volume, kind, created)
+    image = docker_api.helper_image(settings.helper_image)
+    store.scan_reset()
+    with ExitStack() as stack:
+        helper = stack.enter_context(docker_api.helper(
+            image, {volume: (MOUNT, "ro")}, "backup", store.instance_id()))
+        stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
+        with AtomicFile(path) as out, stopped_for(ctx, volume) as downtime:
+            _list_volume(ctx, helper, volume)
+            deleted = store.scan_select_changed(base.id) if base else []
+            if base is None:
+                store.scan_select_all()
+            tar_warnings = _tar(ctx, helper, out)
+        archived = Archived(str(path.relative_to(settings.backup_dir)), out.size, downtime,
+                            notes + tar_warnings)
+        vanished = store.scan_take_vanished()
+        archived.warnings += [f"vanished while read: {p}" for p in vanished[:100]]
+        _catalog(ctx, path, out, volume, kind, created, base, deleted, archived)
+    return archived
+
+
+def _base_for(ctx: RunContext, volume: str, kind: str) -> tuple[str, Artifact | None, list[str]]:
+    """(kind, base full, notes): a differential without a full becomes a full."""
+    if kind != "diff":
+        return kind, None, []
+    fulls = ctx.store.artifacts(tier="full", target=volume)
+    if fulls:
+        return kind, fulls[-1], []
+    ctx.log.warning("no full archive yet: making a full instead", volume=volume)
+    return "full", None, ["no full archive yet, so this differential run made a full instead"]
+
+
+def _new_path(settings: Settings, volume: str, kind: str, created: datetime) -> Path:
+    stamp = local_time(created, settings.zone, "stamp")
+    ext = ".tar" + EXTENSIONS[settings.volume_compression]
+    directory = settings.backup_dir / "volumes" / volume
+    path = directory / f"{volume}_{stamp}_{kind}{ext}"
+    number = 2
+    while path.exists():
+        path = directory / f"{volume}_{stamp}-{number}_{kind}{ext}"
+        number += 1
+    return path
+
+
+def _catalog(ctx: RunContext, path: Path, out: AtomicFile, volume: str, kind: str,
+             created: datetime, base: Artifact | None, deleted: list[str],
+             archived: Archived) -> None:
+    """The index and manifest beside the archive, then its catalog rows."""
+    store = ctx.store
+    count = store.scan_count()
+    extra = {"compression": ctx.settings.volume_compression, "files": count,
+             "deleted": len(deleted), "warnings": len(archived.warnings),
+             "downtime_seconds": round(sum(archived.downtime.values()), 2)}
+    write_index(path, store.scan_index_rows())
+    write_manifest(path, {
+        "tool": TOOL, "version": __version__, "tier": kind, "target": volume,
+        "created_at": iso(created), "size": out.size, "sha256": out.sha256,
+        "file": path.name, "base": base.path if base else None, "deleted": deleted,
+        "extra": extra,
+    })
+    artifact_id = store.add_artifact(
+        run_id=ctx.run_id, tier=kind, target=volume, path=archived.path, created_at=created,
+        size=out.size, sha256=out.sha256, base_id=base.id if base else None, extra=extra)
+    store.add_files(artifact_id, store.scan_index_rows())
+    store.add_deleted_paths(artifact_id, deleted)
+    ctx.log.info("volume archived", volume=volume, kind=kind, file=archived.path, files=count,
+                 deleted=len(deleted), size=human(out.size),
+                 downtime_s=extra["downtime_seconds"])
+
+
+@contextmanager
+def stopped_for(ctx: RunContext, volume: str) -> Iterator[dict[str, float]]:
+    """Stop the containers that want it while `volume` is read; always start them again.
+
+    Each is recorded in the store before it is stopped, so start-up recovery restarts it
+    after a crash. Yields {container name: seconds stopped}, filled in on the way out.
+    """
+    own = docker_api.own_container()
+    candidates = [
+        c for c in docker_api.containers_using_volume(volume)
+        if c.status == "running" and (own is None or c.id != own.id)
+        and docker_api.wants_stop(c, ctx.settings.stop_during_backup)
+    ]
+    downtime: dict[str, float] = {}
+    stopped: list[tuple[Any, float]] = []
+    try:
+        for container in candidates:
+            ctx.store.record_stopped(container.id, container.name, ctx.run_id)
+            ctx.log.info("stopping container for a consistent archive", container=container.name,
+                         volume=volume)
+            docker_api.stop_container(container)
+            stopped.append((container, time.monotonic()))
+        yield downtime
+    finally:
+        for container, since in reversed(stopped):
+            try:
+                docker_api.start_container(container.id)
+                ctx.store.forget_stopped(container.id)
+                downtime[container.name] = time.monotonic() - since
+                ctx.log.info("container started again", container=container.name,
+                             downtime_s=round(downtime[container.name], 2))
+            except Exception as exc:  # recorded in stopped_containers: start-up retries it
+                ctx.log.error("could not start container again", container=container.name,
+                              error=str(exc))
+
+
+def _ns(text: str) -> int:
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
+
+
+def _list_volume(ctx: RunContext, helper: Any, volume: str) -> None:
+    """List every path of the volume with its metadata into the store's scan table."""
+    proc = docker_api.Exec(helper, ["find", MOUNT, "-printf", FIND_FORMAT])
+    batch: list[tuple[Any, ...]] = []
+    pending = b""
+    with ctx.on_cancel(proc.close):
+        for chunk in proc.stdout():
+            ctx.check()
+            fields = (pending + chunk).split(b"\0")
+            complete = (len(fields) - 1) // FIELDS * FIELDS
+            pending = b"\0".join(fields[complete:])
+            batch += [_scan_row(fields[i:i + FIELDS]) for i in range(0, complete, FIELDS)]
+            if len(batch) >= 5000:
+                ctx.store.scan_add(batch)
+                batch = []
+        ctx.store.scan_add(batch)
+        result = proc.wait()
+    if result.exit_code != 0:
+        raise JobError(tool_error("find", result, f"the helper container for {volume}"))
+
+
+def _scan_row(fields: list[bytes]) -> tuple[Any, ...]:
+    name, kind, size, mtime, ctime, inode, mode, uid, gid, link = (
+        f.decode("utf-8", "surrogateescape") for f in fields)
+    return (name or ".", kind, int(size), _ns(mtime), _ns(ctime), int(inode), int(mode, 8),
+            int(uid), int(gid), link if kind == "l" else None)
+
+
+def _tar(ctx: RunContext, helper: Any, out: AtomicFile) -> list[str]:
+    """Archive the selected paths into `out` (and commit it); return tar's warnings."""
+    settings, store = ctx.settings, ctx.store
+    with tempfile.TemporaryFile(dir=settings.state_dir) as names:
+        for name in store.scan_selected_names():
+            names.write(name.encode("utf-8", "surrogateescape") + b"\0")
+        names.seek(0)
+        proc = docker_api.Exec(helper, TAR_CREATE, stdin=True)
+        proc.feed(iter(lambda: names.read(CHUNK), b""))
+        with ctx.on_cancel(proc.close):
+            try:
+                with compressor(out, settings.volume_compression,
+                                settings.compression_level()) as sink:
+                    _index_stream(ctx, tarstream.TeeReader(proc.stdout(), sink, ctx.check))
+            except tarfile.TarError as exc:
+                ctx.check()
+                raise JobError(f"the tar stream from the helper was damaged: {exc}") from None
+            ctx.check()
+            result = proc.wait()
+    # GNU tar: 0 ok, 1 "some files differ" (changed while read), 2 fatal
+    if result.exit_code not in (0, 1):
+        raise JobError(tool_error("tar", result, "the helper container"))
+    out.commit()
+    return [line.removeprefix("tar: ") for line in result.stderr.splitlines() if line.strip()]
+
+
+def _index_stream(ctx: RunContext, reader: tarstream.TeeReader) -> None:
+    """Read the archive as it passes: mark each member seen, with its content hash."""
+    hashes: list[tuple[str | None, str]] = []
+    for member in tarstream.members(reader):
+        hashes.append((member.hash, member.path))
+        if len(hashes) >= 5000:
+            ctx.store.scan_mark_seen(hashes)
+            hashes = []
+    reader.drain()
+    ctx.store.scan_mark_seen(hashes)
+
+
+# verify --------------------------------------------------------------------------------------
+def verify(settings: Settings, item: Artifact) -> str | None:
+    """Re-read one archive to its end: None if it is sound, else what is wrong."""
+    try:
+        path = check_file(settings.backup_dir, item)
+    except CatalogError as exc:
+        return str(exc)
+    kind = item.extra.get("compression") or kind_of(path)
+    count = 0
+    try:
+        reader = tarstream.TeeReader(decompressed(path, kind), None)
+        for _ in tarstream.members(reader):
+            count += 1
+    except Exception as exc:
+        return f"{path.name} does not read to its end: {exc}"
+    expected = item.extra.get("files")
+    if expected is not None and count != expected:
+        return f"{path.name} holds {count} members, the catalog says {expected}"
+    return None
