@@ -14,7 +14,7 @@ the order swapped every round:
   new volume in a helper container (both from our full archive of that round);
 - diff (after changing 1 % of the files): `toybox-backupd backup diff` vs GNU tar's level-1
   `--listed-incremental` (snapshot taken at the full) `| zstd -3 -T0` + sync;
-- pgdump: `toybox-backupd backup pgdump` vs `docker exec PG pg_dump -Fc > F && sync F`.
+- pgdump: `toybox-backupd backup logical` vs `docker exec PG pg_dump -Fc > F && sync F`.
 
 Both sides read the same volume (mounted read-only), write to the same disk, use zstd level 3
 and fsync what they write; before each timed run the page cache is synced and left to settle
@@ -235,7 +235,7 @@ class Bench:
             self.diff(r)
         if "pgdump" in only:
             dump = self.base_dir / f"pg-{r}.dump"
-            self.pair("pgdump", r, lambda: self.ours("pgdump", ["backup", "pgdump"]),
+            self.pair("pgdump", r, lambda: self.ours("pgdump", ["backup", "logical"]),
                       lambda: self.baseline("pgdump", [
                           "sh", "-c", f"docker exec {self.pg} pg_dump -U toybox -Fc -d toybox"
                           f" > '{dump}' && sync '{dump}'"], dump))

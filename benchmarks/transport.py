@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from toybox_backupd import archive, docker_api, tarstream
+from toybox_backupd import atomic, compression, docker_api, tarstream
 
 from .dataset import HELPER_IMAGE
 from .measure import Watch
@@ -47,7 +47,7 @@ TAR = ["tar", "--create", "--format=posix", "--numeric-owner", "--ignore-failed-
 class _Writer:
     """Hands the compressor's output to a thread that writes and hashes it (AtomicFile)."""
 
-    def __init__(self, target: archive.AtomicFile):
+    def __init__(self, target: atomic.AtomicFile):
         self.target = target
         self.queue: queue.Queue[bytes | None] = queue.Queue(8)
         self.error: BaseException | None = None
@@ -79,9 +79,9 @@ class _Writer:
 
 def _pipeline(chunks: Iterator[bytes], out: Path, threaded: bool = False) -> int:
     members = 0
-    with archive.AtomicFile(out) as target:
+    with atomic.AtomicFile(out) as target:
         writer = _Writer(target) if threaded else None
-        with archive.compressor(writer or target, "zstd", 3) as sink:  # type: ignore[arg-type]
+        with compression.compressor(writer or target, "zstd", 3) as sink:  # type: ignore[arg-type]
             reader = tarstream.TeeReader(chunks, sink)
             for _member in tarstream.members(reader):
                 members += 1
@@ -94,7 +94,7 @@ def _pipeline(chunks: Iterator[bytes], out: Path, threaded: bool = False) -> int
 
 def _fifo_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb", buffering=0) as pipe:
-        while chunk := pipe.read(archive.CHUNK):
+        while chunk := pipe.read(atomic.CHUNK):
             yield chunk
 
 

@@ -25,4 +25,5 @@ if docker info >/dev/null 2>&1; then
 fi
 
 python3 -m ruff check .
+lint-imports --no-cache >/dev/null || lint-imports --no-cache  # architecture contracts (pyproject.toml)
 exec python3 -m pytest -p no:cacheprovider "$@"

@@ -22,8 +22,10 @@ import psycopg
 import pytest
 from conftest import BASE_IMAGE, PG, Env
 
-from toybox_backupd import daemon
-from toybox_backupd.history import History, Run, iso
+from toybox_backupd import jobs
+from toybox_backupd.basics import iso
+from toybox_backupd.daemon import catchup, health, keys, loop, recovery
+from toybox_backupd.store import Run, Store
 
 TOKYO_OFFSET = timedelta(hours=9)
 
@@ -90,7 +92,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, log: Callable[
 def runs(env: Env) -> list[Run]:
     if not (env.state_dir / "history.sqlite3").exists():
         return []
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         return sorted(history.runs(limit=100), key=lambda run: run.id)
 
 
@@ -100,8 +102,8 @@ def partials(env: Env) -> list[Path]:
 
 def installed_days_ago(env: Env, days: float) -> None:
     """As if the daemon had first been started `days` ago (so missed runs are caught up)."""
-    with History(env.state_dir) as history:
-        history.set_state(daemon.STATE_FIRST_STARTED, iso(datetime.now(UTC) - timedelta(days=days)))
+    with Store(env.state_dir) as history:
+        history.set_state(keys.STATE_FIRST_STARTED, iso(datetime.now(UTC) - timedelta(days=days)))
 
 
 def daily_at(moment: datetime) -> str:
@@ -154,7 +156,7 @@ def test_jobs_due_together_run_in_order_without_overlap(env: Env, pg: PG, make_v
                    CATCH_UP="false")
     wait_for("the start-up summary", lambda: "diff: '" in proc.log, 20, lambda: proc.log)
     summary = proc.log
-    for job in ("pgdump", "full", "diff"):
+    for job in ("logical", "full", "diff"):
         assert f"{job}: '{expr}' in Asia/Tokyo, next run " in summary
     assert runs(env) == []
     # at `due` all three are due; the dump hangs on our lock, the others must wait for it
@@ -162,19 +164,19 @@ def test_jobs_due_together_run_in_order_without_overlap(env: Env, pg: PG, make_v
              (due - datetime.now(UTC)).total_seconds() + 30, lambda: proc.log)
     wait_for("pg_dump to wait for the lock", lambda: dump_waiting(pg), 20)
     time.sleep(2)
-    assert [(r.job, r.status) for r in runs(env)] == [("pgdump", "running")]
+    assert [(r.job, r.status) for r in runs(env)] == [("logical", "running")]
     table_lock.release()
     done = wait_for("three finished runs",
                     lambda: (lambda rs: rs if len(rs) == 3 and all(r.ended_at for r in rs)
                              else None)(runs(env)), 90, lambda: proc.log)
-    assert [r.job for r in done] == ["pgdump", "full", "diff"]
+    assert [r.job for r in done] == ["logical", "full", "diff"]
     assert all(r.status == "ok" for r in done), [(r.job, r.status, r.error) for r in done]
     assert all(r.trigger == "schedule" for r in done)
     assert done[0].started_at >= due
     for earlier, later in pairwise(done):
         assert earlier.ended_at is not None and later.started_at >= earlier.ended_at
     assert (done[0].ended_at - done[0].started_at) >= timedelta(seconds=2)  # type: ignore[operator]
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         tiers = [(item.tier, item.target) for item in history.artifacts()]
     assert sorted(tiers) == sorted([("logical", "toybox"), ("full", volume), ("diff", volume)])
     assert "next run" in proc.log
@@ -198,7 +200,7 @@ def test_kill_9_mid_run_then_recovery_and_catch_up(env: Env, pg: PG, make_volume
     assert "catching up now" in first.log
     [partial] = wait_for("the partial file", lambda: partials(env), 10)
     [interrupted] = runs(env)
-    assert (interrupted.job, interrupted.status, interrupted.trigger) == ("pgdump", "running",
+    assert (interrupted.job, interrupted.status, interrupted.trigger) == ("logical", "running",
                                                                           "catchup")
     first.proc.send_signal(signal.SIGKILL)
     first.wait(10)
@@ -223,7 +225,7 @@ def test_kill_9_mid_run_then_recovery_and_catch_up(env: Env, pg: PG, make_volume
     diffs = [r for r in everything if r.job == "diff"]
     assert [(r.trigger, r.status) for r in diffs] == [("catchup", "ok")], [
         (r.trigger, r.status, r.error) for r in diffs]
-    assert [r.id for r in everything if r.job == "pgdump"] == [interrupted.id]
+    assert [r.id for r in everything if r.job == "logical"] == [interrupted.id]
     # a third start: nothing more to recover or catch up
     third = daemons(env, "third", **settings)
     wait_for("start-up", lambda: "next run" in third.log, 20, lambda: third.log)
@@ -239,7 +241,7 @@ def test_recover_restarts_containers_and_removes_helpers(plain_env: Env, docker_
     from toybox_backupd import docker_api
 
     settings = plain_env.settings(BACKUP_VOLUMES="media")
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         instance = history.instance_id()
 
     def sleeper(**labels: str) -> Any:
@@ -258,11 +260,11 @@ def test_recover_restarts_containers_and_removes_helpers(plain_env: Env, docker_
         keep.parent.mkdir(parents=True)
         keep.write_bytes(b"done")
         (keep.parent / "y.dump.partial").write_bytes(b"half")
-        with History(settings.state_dir) as history:
+        with Store(settings.state_dir) as history:
             run_id = history.open_run("full", "media", "schedule", pid=999999)
             history.record_stopped(app.id, app.name, run_id)
             history.record_stopped("0" * 64, "gone-container", run_id)
-        result = daemon.recover(settings)
+        result = recovery.recover(settings)
         assert result["interrupted"] == [run_id]
         assert result["partials_removed"] == ["logical/toybox/y.dump.partial"]
         assert result["containers_started"] == [app.name]
@@ -270,7 +272,7 @@ def test_recover_restarts_containers_and_removes_helpers(plain_env: Env, docker_
         app.reload()
         assert app.status == "running"
         assert keep.exists()
-        with History(settings.state_dir) as history:
+        with Store(settings.state_dir) as history:
             assert history.stopped_containers() == []
             run = history.run(run_id)
             assert run is not None and run.status == "interrupted" and run.ended_at
@@ -290,40 +292,40 @@ def test_missed_jobs_rules(plain_env: Env) -> None:
     tokyo = settings.zone
     now = datetime(2026, 1, 26, 18, 10, tzinfo=tokyo)  # Monday; back after a 16:55 reboot
     installed = datetime(2026, 1, 1, tzinfo=tokyo)
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         def run(job: str, at: datetime, status: str, trigger: str = "schedule") -> None:
             run_id = history.open_run(job, "x", trigger, started_at=at)
             history.close_run(run_id, status)
 
-        run("pgdump", datetime(2026, 1, 25, 17, 0, tzinfo=tokyo), "ok")
+        run("logical", datetime(2026, 1, 25, 17, 0, tzinfo=tokyo), "ok")
         run("full", datetime(2026, 1, 25, 17, 30, tzinfo=tokyo), "ok")
         run("diff", datetime(2026, 1, 25, 17, 45, tzinfo=tokyo), "ok")
         # missed today's 17:00 dump and 17:45 differential; the Sunday full ran
-        assert daemon.missed_jobs(settings, history, now, installed) == {
-            "pgdump": datetime(2026, 1, 26, 17, 0, tzinfo=tokyo),
+        assert catchup.missed_jobs(settings, history, now, installed) == {
+            "logical": datetime(2026, 1, 26, 17, 0, tzinfo=tokyo),
             "diff": datetime(2026, 1, 26, 17, 45, tzinfo=tokyo)}
         run("diff", datetime(2026, 1, 26, 18, 10, tzinfo=tokyo), "ok", "manual")
-        assert list(daemon.missed_jobs(settings, history, now, installed)) == ["pgdump"]
+        assert list(catchup.missed_jobs(settings, history, now, installed)) == ["logical"]
         # a new installation catches nothing up
-        assert daemon.missed_jobs(settings, history, now, now - timedelta(minutes=5)) == {}
-        assert daemon.missed_jobs(settings, history, now, None) == {}
+        assert catchup.missed_jobs(settings, history, now, now - timedelta(minutes=5)) == {}
+        assert catchup.missed_jobs(settings, history, now, None) == {}
         # once per slot however many were missed: two days down is still one dump
-        assert list(daemon.missed_jobs(settings, history, now + timedelta(days=2), installed)) \
-            == ["pgdump", "diff"]
+        assert list(catchup.missed_jobs(settings, history, now + timedelta(days=2), installed)) \
+            == ["logical", "diff"]
         # a failed run served its slot (its failure was reported; no retry at start)
-        run("pgdump", datetime(2026, 1, 26, 17, 0, tzinfo=tokyo), "failed")
-        assert daemon.missed_jobs(settings, history, now, installed) == {}
+        run("logical", datetime(2026, 1, 26, 17, 0, tzinfo=tokyo), "failed")
+        assert catchup.missed_jobs(settings, history, now, installed) == {}
         # an interrupted scheduled run did not: the backup did not happen, so it runs once more
         with history.tx() as db:
             db.execute("UPDATE runs SET status='interrupted' WHERE status='failed'")
-        assert list(daemon.missed_jobs(settings, history, now, installed)) == ["pgdump"]
+        assert list(catchup.missed_jobs(settings, history, now, installed)) == ["logical"]
         # ...but an interrupted catch-up is not retried again (no crash loop)
-        run("pgdump", datetime(2026, 1, 26, 18, 10, tzinfo=tokyo), "interrupted", "catchup")
-        assert daemon.missed_jobs(settings, history, now + timedelta(minutes=1), installed) == {}
+        run("logical", datetime(2026, 1, 26, 18, 10, tzinfo=tokyo), "interrupted", "catchup")
+        assert catchup.missed_jobs(settings, history, now + timedelta(minutes=1), installed) == {}
         # a disabled job is never caught up
         off = plain_env.settings(PGDUMP_SCHEDULE="", BACKUP_VOLUMES="media",
                                  VOLUME_FULL_SCHEDULE="", VOLUME_DIFF_SCHEDULE="45 17 * * *")
-        assert list(daemon.missed_jobs(off, history, now + timedelta(days=2), installed)) == [
+        assert list(catchup.missed_jobs(off, history, now + timedelta(days=2), installed)) == [
             "diff"]
 
 
@@ -341,7 +343,7 @@ def test_sigterm_lets_the_run_finish(env: Env, pg: PG, table_lock: TableLock,
                                      daemons: Callable[..., Daemon]) -> None:
     proc = start_hung_dump(env, pg, daemons)
     proc.signal(signal.SIGTERM)
-    wait_for("the stop message", lambda: "waiting for the current pgdump run" in proc.log, 10,
+    wait_for("the stop message", lambda: "waiting for the current logical run" in proc.log, 10,
              lambda: proc.log)
     time.sleep(1.5)
     assert proc.proc.poll() is None  # still finishing the run
@@ -352,9 +354,9 @@ def test_sigterm_lets_the_run_finish(env: Env, pg: PG, table_lock: TableLock,
     [run] = runs(env)
     assert run.status == "ok", run.error
     assert not partials(env)
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         [item] = history.artifacts(tier="logical")
-        assert history.get_state(daemon.STATE_STOPPED)
+        assert history.get_state(keys.STATE_STOPPED)
     assert (env.backup_dir / item.path).stat().st_size == item.size
 
 
@@ -362,7 +364,7 @@ def test_second_signal_aborts_the_run_cleanly(env: Env, pg: PG, table_lock: Tabl
                                               daemons: Callable[..., Daemon]) -> None:
     proc = start_hung_dump(env, pg, daemons)
     proc.signal(signal.SIGTERM)
-    wait_for("the stop message", lambda: "waiting for the current pgdump run" in proc.log, 10,
+    wait_for("the stop message", lambda: "waiting for the current logical run" in proc.log, 10,
              lambda: proc.log)
     started = time.monotonic()
     proc.signal(signal.SIGINT)
@@ -370,9 +372,9 @@ def test_second_signal_aborts_the_run_cleanly(env: Env, pg: PG, table_lock: Tabl
     assert time.monotonic() - started < 20
     [run] = runs(env)
     assert run.status == "interrupted"
-    assert run.error == daemon.ABORT_REASON
+    assert run.error == loop.ABORT_REASON
     assert not partials(env)
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         assert history.artifacts(tier="logical") == []
     assert "aborting the current run" in proc.log
 
@@ -424,7 +426,7 @@ def test_second_signal_aborts_a_volume_run_and_restarts_containers(
         # mid-run: the app is stopped for a consistent archive and tar is streaming (slowly)
         wait_for("the app to be stopped", lambda: app_state() == "exited", 30, lambda: proc.log)
         wait_for("the partial archive", lambda: partials(plain_env), 20, lambda: proc.log)
-        with History(plain_env.state_dir) as history:
+        with Store(plain_env.state_dir) as history:
             assert [row["name"] for row in history.stopped_containers()] == [app.name]
         proc.signal(signal.SIGTERM)
         wait_for("the stop message", lambda: "waiting for the current full run" in proc.log, 10)
@@ -433,10 +435,10 @@ def test_second_signal_aborts_a_volume_run_and_restarts_containers(
         assert proc.wait(45) == 0
         assert time.monotonic() - started < 30
         [run] = runs(plain_env)
-        assert (run.job, run.status, run.error) == ("full", "interrupted", daemon.ABORT_REASON)
+        assert (run.job, run.status, run.error) == ("full", "interrupted", loop.ABORT_REASON)
         assert not partials(plain_env)
         assert app_state() == "running"
-        with History(plain_env.state_dir) as history:
+        with Store(plain_env.state_dir) as history:
             assert history.stopped_containers() == []
             assert history.artifacts(tier="full") == []
         helpers = docker_engine.containers.list(
@@ -449,13 +451,13 @@ def test_second_signal_aborts_a_volume_run_and_restarts_containers(
 def test_time_limit_ends_a_hung_run(env: Env, pg: PG, table_lock: TableLock,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     settings = env.settings()
-    monkeypatch.setattr(type(settings), "time_limit_seconds", lambda self, job: 3)
-    worker = daemon.Daemon(settings)
+    monkeypatch.setattr(jobs.Job, "time_limit_seconds", lambda self, settings: 3)
+    worker = loop.Daemon(settings)
     started = time.monotonic()
-    run_id = worker.execute("pgdump")
+    run_id = worker.execute("logical")
     assert time.monotonic() - started < 20
     assert run_id is not None
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run = history.run(run_id)
     assert run is not None and run.status == "failed"
     assert run.error and "time limit" in run.error
@@ -478,17 +480,17 @@ def test_required_slot() -> None:
 
     tokyo = ZoneInfo("Asia/Tokyo")
     # daily 17:00: 6 h (25 % of a day) to succeed
-    due = daemon.required_slot("0 17 * * *", tokyo, datetime(2026, 1, 26, 22, 59, tzinfo=tokyo))
+    due = health.required_slot("0 17 * * *", tokyo, datetime(2026, 1, 26, 22, 59, tzinfo=tokyo))
     assert due is not None and due.slot == datetime(2026, 1, 25, 17, 0, tzinfo=tokyo)
     assert due.interval == timedelta(days=1) and due.margin == timedelta(hours=6)
-    due = daemon.required_slot("0 17 * * *", tokyo, datetime(2026, 1, 26, 23, 0, tzinfo=tokyo))
+    due = health.required_slot("0 17 * * *", tokyo, datetime(2026, 1, 26, 23, 0, tzinfo=tokyo))
     assert due is not None and due.slot == datetime(2026, 1, 26, 17, 0, tzinfo=tokyo)
     # weekly: 42 h
-    due = daemon.required_slot("30 17 * * 0", tokyo, datetime(2026, 1, 27, 11, 30, tzinfo=tokyo))
+    due = health.required_slot("30 17 * * 0", tokyo, datetime(2026, 1, 27, 11, 30, tzinfo=tokyo))
     assert due is not None and due.slot == datetime(2026, 1, 25, 17, 30, tzinfo=tokyo)
     assert due.margin == timedelta(hours=42)
     # every 15 minutes: at least an hour
-    due = daemon.required_slot("*/15 * * * *", tokyo, datetime(2026, 1, 26, 12, 5, tzinfo=tokyo))
+    due = health.required_slot("*/15 * * * *", tokyo, datetime(2026, 1, 26, 12, 5, tzinfo=tokyo))
     assert due is not None and due.slot == datetime(2026, 1, 26, 11, 0, tzinfo=tokyo)
     assert due.margin == timedelta(hours=1)
 
@@ -497,39 +499,39 @@ def test_healthcheck(plain_env: Env) -> None:
     settings = plain_env.settings(PGDUMP_SCHEDULE="0 17 * * *")
     tokyo = settings.zone
     now = datetime(2026, 1, 27, 9, 0, tzinfo=tokyo)
-    healthy, lines = daemon.healthcheck(settings, now=now)
+    healthy, lines = health.healthcheck(settings, now=now)
     assert not healthy and len(lines) == 1 and "no heartbeat" in lines[0]
-    with History(settings.state_dir) as history:
-        history.set_state(daemon.STATE_HEARTBEAT, iso(now - timedelta(seconds=20)))
-        history.set_state(daemon.STATE_FIRST_STARTED, iso(now - timedelta(hours=2)))
+    with Store(settings.state_dir) as history:
+        history.set_state(keys.STATE_HEARTBEAT, iso(now - timedelta(seconds=20)))
+        history.set_state(keys.STATE_FIRST_STARTED, iso(now - timedelta(hours=2)))
         # installed this morning: the dump has not been due since
-        healthy, lines = daemon.healthcheck(settings, now=now)
+        healthy, lines = health.healthcheck(settings, now=now)
         assert healthy, lines
-        assert lines[0].startswith("healthy:") and "pgdump not due yet" in lines[0]
+        assert lines[0].startswith("healthy:") and "logical not due yet" in lines[0]
         # installed two days ago, never succeeded
-        history.set_state(daemon.STATE_FIRST_STARTED, iso(now - timedelta(days=2)))
-        run_id = history.open_run("pgdump", "toybox", "schedule",
+        history.set_state(keys.STATE_FIRST_STARTED, iso(now - timedelta(days=2)))
+        run_id = history.open_run("logical", "toybox", "schedule",
                                   started_at=datetime(2026, 1, 26, 17, 0, tzinfo=tokyo))
         history.close_run(run_id, "failed", error="pg_dump: connection refused")
-        healthy, lines = daemon.healthcheck(settings, now=now)
+        healthy, lines = health.healthcheck(settings, now=now)
         assert not healthy
         [line] = lines
-        assert line.startswith("pgdump: no successful run since the one due Mon 2026-01-26 17:00")
+        assert line.startswith("logical: no successful run since the one due Mon 2026-01-26 17:00")
         assert "never succeeded" in line and "connection refused" in line
         # a later run of that slot succeeded
-        run_id = history.open_run("pgdump", "toybox", "schedule",
+        run_id = history.open_run("logical", "toybox", "schedule",
                                   started_at=datetime(2026, 1, 26, 17, 0, 1, tzinfo=tokyo))
         history.close_run(run_id, "ok")
-        assert daemon.healthcheck(settings, now=now)[0]
+        assert health.healthcheck(settings, now=now)[0]
         # today's 17:00 dump has 6 h (25 % of its day) before its absence counts
-        history.set_state(daemon.STATE_HEARTBEAT, iso(datetime(2026, 1, 27, 22, 58, tzinfo=tokyo)))
-        assert daemon.healthcheck(settings, now=datetime(2026, 1, 27, 22, 59, tzinfo=tokyo))[0]
-        history.set_state(daemon.STATE_HEARTBEAT, iso(datetime(2026, 1, 27, 23, 0, tzinfo=tokyo)))
-        healthy, lines = daemon.healthcheck(settings, now=datetime(2026, 1, 27, 23, 1, tzinfo=tokyo))
-        assert not healthy and lines[0].startswith("pgdump: no successful run since the one due "
+        history.set_state(keys.STATE_HEARTBEAT, iso(datetime(2026, 1, 27, 22, 58, tzinfo=tokyo)))
+        assert health.healthcheck(settings, now=datetime(2026, 1, 27, 22, 59, tzinfo=tokyo))[0]
+        history.set_state(keys.STATE_HEARTBEAT, iso(datetime(2026, 1, 27, 23, 0, tzinfo=tokyo)))
+        healthy, lines = health.healthcheck(settings, now=datetime(2026, 1, 27, 23, 1, tzinfo=tokyo))
+        assert not healthy and lines[0].startswith("logical: no successful run since the one due "
                                                    "Tue 2026-01-27 17:00")
         # a stale heartbeat is its own line
-        healthy, lines = daemon.healthcheck(settings, now=datetime(2026, 1, 27, 23, 10, tzinfo=tokyo))
+        healthy, lines = health.healthcheck(settings, now=datetime(2026, 1, 27, 23, 10, tzinfo=tokyo))
         assert not healthy and any(line.startswith("daemon: last heartbeat 10 min ago")
                                    for line in lines)
 
@@ -537,9 +539,9 @@ def test_healthcheck(plain_env: Env) -> None:
 def test_cli_healthcheck_exit_codes(plain_env: Env) -> None:
     result = plain_env.cli("healthcheck")
     assert result.returncode == 1 and "no heartbeat" in result.stdout
-    with History(plain_env.state_dir) as history:
-        history.set_state(daemon.STATE_HEARTBEAT, iso())
-        history.set_state(daemon.STATE_FIRST_STARTED, iso())
+    with Store(plain_env.state_dir) as history:
+        history.set_state(keys.STATE_HEARTBEAT, iso())
+        history.set_state(keys.STATE_FIRST_STARTED, iso())
     result = plain_env.cli("healthcheck")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("healthy:")
@@ -578,7 +580,7 @@ def test_kill_9_of_a_backup_mid_archive_then_daemon_start_restarts_the_container
         [run] = runs(plain_env)
         assert (run.job, run.status) == ("full", "interrupted")
         assert not partials(plain_env)
-        with History(plain_env.state_dir) as history:
+        with Store(plain_env.state_dir) as history:
             assert history.stopped_containers() == []
         helpers = docker_engine.containers.list(
             all=True, filters={"label": docker_api.HELPER_LABEL, "volume": volume})

@@ -394,13 +394,13 @@ def _scenarios(st: Stack) -> None:
     # 1. the three tiers, the health check, one email per run ------------------------------
     started = time.monotonic()
     run_ids = []
-    for job in ("pgdump", "full", "diff"):
+    for job in ("logical", "full", "diff"):
         result = st.tool("backup", job, timeout=600)
         assert ": ok, " in result.stdout, result.stdout
         run_ids.append(_run_id(result.stdout))
     timings["three tiers"] = time.monotonic() - started
     runs = _runs_by_id(st.history())
-    for run_id, job in zip(run_ids, ("pgdump", "full", "diff"), strict=True):
+    for run_id, job in zip(run_ids, ("logical", "full", "diff"), strict=True):
         assert runs[run_id]["job"] == job and runs[run_id]["status"] == "ok", runs[run_id]
     full_run = runs[run_ids[1]]
     # the database container was stopped for the archive of its volume, and started again
@@ -429,7 +429,7 @@ def _scenarios(st: Stack) -> None:
         rcpt = {address.strip() for address in message["X-RcptTo"].split(",")}
         assert rcpt == RECIPIENTS, message
     subjects = " | ".join(message["Subject"] for message in mail)
-    for job in ("pgdump", "full", "diff"):
+    for job in ("logical", "full", "diff"):
         assert job in subjects, subjects
 
     # 2. scenario 1: the database is broken -> the whole database back from the dump -------

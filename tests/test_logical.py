@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 from conftest import PG, SEED_TABLES, Env
 
-from toybox_backupd import archive
-from toybox_backupd.history import History
+from toybox_backupd import atomic, manifests
+from toybox_backupd.store import Store
 
 
 def artifacts(env: Env, tier: str = "logical") -> list[Any]:
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         return history.artifacts(tier=tier)
 
 
 def last_run(env: Env) -> Any:
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         return history.runs(limit=1)[0]
 
 
@@ -42,8 +42,8 @@ def test_dump_is_readable_by_pg_restore_and_checksummed(env: Env, pg: PG) -> Non
     path = env.backup_dir / item.path
     assert path.name.endswith(".dump") and path.stat().st_size == item.size
     # checksum: file == catalog == manifest
-    manifest = json.loads(archive.manifest_path(path).read_text())
-    assert archive.sha256_of(path) == item.sha256 == manifest["sha256"]
+    manifest = json.loads(manifests.manifest_path(path).read_text())
+    assert atomic.sha256_of(path) == item.sha256 == manifest["sha256"]
     assert manifest["tier"] == "logical" and manifest["target"] == "toybox"
     # pg_restore --list reads it (inside the server's container: same major version)
     from toybox_backupd import docker_api
@@ -154,7 +154,7 @@ def test_corrupt_dump_is_refused_and_verify_flags_it(env: Env, pg: PG) -> None:
     assert pg.rows("media_items") == before
     verify = env.cli("verify")
     assert verify.returncode != 0 and "CORRUPT" in verify.stdout
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         assert history.artifacts(tier="logical", statuses=("corrupt",))
         assert history.runs(limit=1)[0].job == "verify"
 
@@ -170,7 +170,7 @@ def assert_clean_failure(env: Env, result: subprocess.CompletedProcess[str], old
     now = artifacts(env)
     assert [a.path for a in now] == [a.path for a in older]
     for item in older:
-        assert archive.sha256_of(env.backup_dir / item.path) == item.sha256
+        assert atomic.sha256_of(env.backup_dir / item.path) == item.sha256
     return str(run.error)
 
 

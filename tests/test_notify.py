@@ -21,7 +21,8 @@ import pytest
 from smtp_server import Received, SMTPServer, silent_server, smtp_server
 
 from toybox_backupd import notify, report
-from toybox_backupd.history import History, iso, utcnow
+from toybox_backupd.basics import iso, utcnow
+from toybox_backupd.store import Store
 
 TO = ["maki@example.org", "tech@example.org"]
 SMTP_USER = "mailer"
@@ -46,18 +47,18 @@ def mail_env(plain_env: Any, smtp: SMTPServer) -> Any:
     return plain_env
 
 
-def outbox(history: History) -> list[dict[str, Any]]:
+def outbox(history: Store) -> list[dict[str, Any]]:
     return [dict(row) for row in history.db.execute("SELECT * FROM outbox ORDER BY id")]
 
 
-def make_run(history: History, job: str = "pgdump", target: str = "toybox", status: str = "ok",
+def make_run(history: Store, job: str = "logical", target: str = "toybox", status: str = "ok",
              *, trigger: str = "schedule", error: str | None = None,
              details: dict[str, Any] | None = None, artifact: bool = True,
              started_at: datetime | None = None) -> int:
     run_id = history.open_run(job, target, trigger, started_at=started_at)
     path = None
     if artifact and status == "ok":
-        tier = {"pgdump": "logical", "full": "full", "diff": "diff"}[job]
+        tier = job  # a job makes artifacts of its own tier
         path = f"{tier}/{target}/{target}_{run_id}.dump"
         history.add_artifact(run_id=run_id, tier=tier, target=target, path=path,
                              created_at=utcnow(), size=123_456, sha256="ab" * 32)
@@ -147,7 +148,7 @@ def one_per_recipient(messages: list[Received]) -> None:
 # composing and delivering ---------------------------------------------------------------------
 def test_success_and_failure_runs_are_delivered(mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         ok_id = make_run(history, details={
             "sha256": "ab" * 32, "retention_deleted": ["logical/toybox/old_1.dump"],
             "warnings": ["role passwords left out"]})
@@ -163,14 +164,14 @@ def test_success_and_failure_runs_are_delivered(mail_env: Any, smtp: SMTPServer)
     assert [row["run_id"] for row in rows] == [ok_id, failed_id]
 
     ok, failed = (item.message for item in received)
-    assert ok["Subject"].startswith("[toybox-backupd] OK pgdump toybox ")
-    assert failed["Subject"].startswith("[toybox-backupd] FAILED pgdump toybox ")
+    assert ok["Subject"].startswith("[toybox-backupd] OK logical toybox ")
+    assert failed["Subject"].startswith("[toybox-backupd] FAILED logical toybox ")
     assert ok["To"] == ", ".join(TO) and ok["Message-ID"] == rows[0]["message_id"]
     assert "backups@example.org" in ok["From"]
     text = text_of(ok)
     for needle in ("Started", "Ended", "Duration", "Size", "120.6 KiB", f"logical/toybox/toybox_{ok_id}.dump",
                    "ab" * 32, "logical/toybox/old_1.dump", "role passwords left out",
-                   "Restore points", "Free space", "Next pgdump run", socket.gethostname(),
+                   "Restore points", "Free space", "Next logical run", socket.gethostname(),
                    "Last 7 days"):
         assert needle in text, needle
     assert "logical      1" in text  # one restore point of the logical tier
@@ -185,23 +186,23 @@ def test_success_and_failure_runs_are_delivered(mail_env: Any, smtp: SMTPServer)
 
 def test_interrupted_and_catch_up_runs_say_so(mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings(NOTIFY_ON="failure")
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         notify.after_run(settings, history, make_run(history))  # OK, not wanted on failure
         notify.after_run(settings, history, make_run(history, status="interrupted",
                                                      error="the daemon stopped during the run"))
         notify.after_run(settings, history, make_run(history, trigger="catchup"))
         assert len(outbox(history)) == 2
     first, second = (item.message for item in smtp.wait_for(2))
-    assert first["Subject"].startswith("[toybox-backupd] INTERRUPTED pgdump toybox")
+    assert first["Subject"].startswith("[toybox-backupd] INTERRUPTED logical toybox")
     assert "interrupted" in text_of(first)
-    assert second["Subject"].startswith("[toybox-backupd] OK pgdump toybox")
+    assert second["Subject"].startswith("[toybox-backupd] OK logical toybox")
     assert second["Subject"].endswith("(catch-up)")
     assert "catch-up run" in text_of(second)
 
 
 def test_volume_run_reports_downtime_and_every_artifact(mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings(BACKUP_VOLUMES="media,pgdata")
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run_id = history.open_run("full", "media,pgdata", "schedule")
         for volume in ("media", "pgdata"):
             history.add_artifact(run_id=run_id, tier="full", target=volume,
@@ -221,7 +222,7 @@ def test_volume_run_reports_downtime_and_every_artifact(mail_env: Any, smtp: SMT
 
 def test_nothing_happens_without_recipients(plain_env: Any, smtp: SMTPServer) -> None:
     settings = plain_env.settings(**mail_values(smtp, NOTIFY_EMAIL_TO=""))
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         notify.after_run(settings, history, make_run(history))
         assert outbox(history) == []
         assert notify.flush_outbox(settings, history) == 0
@@ -230,7 +231,7 @@ def test_nothing_happens_without_recipients(plain_env: Any, smtp: SMTPServer) ->
 
 def test_a_run_is_queued_once(mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run_id = make_run(history)
         notify.after_run(settings, history, run_id)
         notify.after_run(settings, history, run_id)
@@ -241,7 +242,7 @@ def test_a_run_is_queued_once(mail_env: Any, smtp: SMTPServer) -> None:
 # secrets and header injection -------------------------------------------------------------------
 def test_no_password_appears_in_any_email(mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run_id = make_run(history, status="failed", error="placeholder")
         # bypass the history's own masking, as a careless tier might
         history.db.execute(
@@ -264,7 +265,7 @@ def test_no_password_appears_in_any_email(mail_env: Any, smtp: SMTPServer) -> No
 def test_header_injection_is_impossible(mail_env: Any, smtp: SMTPServer, where: str) -> None:
     evil = "media\r\nBcc: evil@x.example\r\nX-Evil: 1\r\n\r\n<script>alert(1)</script>"
     settings = mail_env.settings()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         if where == "target":
             run_id = make_run(history, job="full", target=evil, status="failed", error="boom")
         else:
@@ -288,7 +289,7 @@ def test_smtp_down_then_back_delivers_once_with_original_content(
         mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings()
     smtp.stop()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run_id = make_run(history)
         notify.after_run(settings, history, run_id)
         [row] = outbox(history)
@@ -311,7 +312,7 @@ def test_backoff_grows_and_gives_up(mail_env: Any, smtp: SMTPServer) -> None:
     assert [notify.backoff(n).total_seconds() / 60 for n in range(1, 9)] == [1, 2, 5, 10, 30, 60, 60, 60]
     settings = mail_env.settings()
     smtp.stop()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         notify.after_run(settings, history, make_run(history))
         now = utcnow()
         for expected_wait in (2, 5):
@@ -334,7 +335,7 @@ def test_claims_prevent_double_sends_and_stale_claims_are_resent(
         mail_env: Any, smtp: SMTPServer) -> None:
     settings = mail_env.settings()
     smtp.stop()
-    with History(settings.state_dir) as history, History(settings.state_dir) as other:
+    with Store(settings.state_dir) as history, Store(settings.state_dir) as other:
         notify.after_run(settings, history, make_run(history))
         due = datetime.fromisoformat(outbox(history)[0]["next_try_at"])
         claimed = notify._claim(settings, history, due)
@@ -354,7 +355,7 @@ def test_claims_prevent_double_sends_and_stale_claims_are_resent(
 def test_one_refused_recipient_does_not_stop_the_others(mail_env: Any, smtp: SMTPServer) -> None:
     smtp.reject_recipients.add(TO[1])
     settings = mail_env.settings()
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         notify.after_run(settings, history, make_run(history))
         row = outbox(history)[0]
     assert row["status"] == "sent" and TO[1] in row["last_error"]
@@ -367,7 +368,7 @@ def test_wrong_password_is_said_plainly_and_the_mail_waits(mail_env: Any, smtp: 
     assert not ok
     assert "authentication failed" in message and "SMTP_USER 'mailer'" in message
     assert "not-the-password" not in message
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run_id = make_run(history)
         notify.after_run(settings, history, run_id)
         [row] = outbox(history)
@@ -434,12 +435,12 @@ def test_after_run_never_raises(mail_env: Any, smtp: SMTPServer, monkeypatch: An
         raise RuntimeError("report bug")
 
     monkeypatch.setattr(report, "gather", broken)
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         run_id = make_run(history, status="failed", error="disk full")
         notify.after_run(settings, history, run_id)  # falls back to a short report
         notify.after_run(settings, history, 9999)  # no such run
     message = smtp.wait_for(1)[0].message
-    assert message["Subject"].startswith("[toybox-backupd] FAILED pgdump toybox")
+    assert message["Subject"].startswith("[toybox-backupd] FAILED logical toybox")
     assert "disk full" in text_of(message) and "report bug" in text_of(message)
 
 
@@ -449,14 +450,14 @@ def test_real_pgdump_success_and_failure_are_emailed(env: Any, pg: Any, smtp: SM
 
     env.values.update(mail_values(smtp))
     settings = env.settings()
-    ok_id = runner.run_job(settings, "pgdump")
-    with History(settings.state_dir) as history:
+    ok_id = runner.run_job(settings, "logical")
+    with Store(settings.state_dir) as history:
         run = history.run(ok_id)
         assert run is not None and run.status == "ok", run and run.error
         [artifact] = history.db.execute("SELECT * FROM artifacts WHERE run_id=?", (ok_id,)).fetchall()
     pg.stop()
-    failed_id = runner.run_job(settings, "pgdump")
-    with History(settings.state_dir) as history:
+    failed_id = runner.run_job(settings, "logical")
+    with Store(settings.state_dir) as history:
         failed = history.run(failed_id)
         assert failed is not None and failed.status == "failed"
         assert [row["status"] for row in outbox(history)] == ["sent", "sent"]
@@ -464,11 +465,11 @@ def test_real_pgdump_success_and_failure_are_emailed(env: Any, pg: Any, smtp: SM
     assert len(received) == 2
     one_per_recipient(received)
     ok_message, failed_message = (item.message for item in received)
-    assert ok_message["Subject"].startswith("[toybox-backupd] OK pgdump toybox ")
+    assert ok_message["Subject"].startswith("[toybox-backupd] OK logical toybox ")
     text = text_of(ok_message)
     assert artifact["path"] in text and artifact["sha256"] in text
     check_html(html_of(ok_message))
-    assert failed_message["Subject"].startswith("[toybox-backupd] FAILED pgdump toybox ")
+    assert failed_message["Subject"].startswith("[toybox-backupd] FAILED logical toybox ")
     failure = text_of(failed_message)
     assert "What went wrong" in failure and (failed.error or "")[:40] in failure
     assert "logical      1" in failure  # the earlier dump is still a restore point
@@ -483,8 +484,8 @@ def test_real_run_while_smtp_is_down_and_with_a_wrong_password(
     env.values.update(mail_values(smtp))
     settings = env.settings()
     smtp.stop()
-    run_id = runner.run_job(settings, "pgdump")
-    with History(settings.state_dir) as history:
+    run_id = runner.run_job(settings, "logical")
+    with Store(settings.state_dir) as history:
         run = history.run(run_id)
         assert run is not None and run.status == "ok", run and run.error
         [row] = outbox(history)
@@ -499,7 +500,7 @@ def test_real_run_while_smtp_is_down_and_with_a_wrong_password(
     assert f"run #{run_id}" in text_of(received.message)
 
     wrong = env.settings(SMTP_PASSWORD="wrong-" + secrets.token_hex(4))
-    second = runner.run_job(wrong, "pgdump")
+    second = runner.run_job(wrong, "logical")
     result = env.cli("history", SMTP_PASSWORD="whatever")
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith(str(second)))

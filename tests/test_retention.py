@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from toybox_backupd import archive, retention
-from toybox_backupd.catalog import INDEX_SUFFIX
-from toybox_backupd.history import Artifact, History
+from toybox_backupd import atomic, manifests, retention
+from toybox_backupd.manifests import INDEX_SUFFIX
+from toybox_backupd.store import Artifact, Store
 
 NOW = datetime(2026, 1, 26, 8, 45, tzinfo=UTC)  # 17:45 in Tokyo
 
@@ -21,7 +21,7 @@ NOW = datetime(2026, 1, 26, 8, 45, tzinfo=UTC)  # 17:45 in Tokyo
 @dataclass
 class Catalog:
     settings: Any
-    history: History
+    history: Store
     now: datetime = NOW
 
     @property
@@ -40,7 +40,7 @@ class Catalog:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = os.urandom(100 + int(age_days * 10))
         path.write_bytes(data)
-        archive.write_manifest(path, {"tool": "toybox-backupd", "tier": tier, "target": target})
+        manifests.write_manifest(path, {"tool": "toybox-backupd", "tier": tier, "target": target})
         extra: dict[str, Any] = {}
         if tier == "logical" and globals_file:
             gpath = path.with_name(path.name.removesuffix(".dump") + ".globals.sql.gz")
@@ -50,7 +50,7 @@ class Catalog:
             (self.root / (relative + INDEX_SUFFIX)).write_bytes(b"index")
         artifact_id = self.history.add_artifact(
             run_id=None, tier=tier, target=target, path=relative, created_at=created,
-            size=len(data), sha256=archive.sha256_of(path), base_id=base, extra=extra)
+            size=len(data), sha256=atomic.sha256_of(path), base_id=base, extra=extra)
         if status != "ok":
             self.history.set_artifact_status(artifact_id, status)
         item = self.history.artifact(artifact_id)
@@ -77,12 +77,12 @@ def cat(plain_env) -> Any:  # type: ignore[no-untyped-def]
     settings = plain_env.settings(PGDUMP_KEEP_DAYS="7", VOLUME_KEEP_DAYS="14",
                                   BACKUP_VOLUMES="media")
     settings.backup_dir.mkdir(parents=True, exist_ok=True)
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         yield Catalog(settings, history)
 
 
 def companions(item: Artifact) -> set[str]:
-    names = {item.path, item.path + archive.MANIFEST_SUFFIX}
+    names = {item.path, item.path + manifests.MANIFEST_SUFFIX}
     if item.tier == "logical":
         names |= {item.extra["globals"]["path"]}
     else:
@@ -146,8 +146,8 @@ def test_plan_newest_diff_keeps_its_old_full(cat: Catalog) -> None:
 # applying it -------------------------------------------------------------------------------------
 def test_apply_deletes_files_and_marks_rows(cat: Catalog) -> None:
     dumps = [cat.add("logical", "toybox", age) for age in (9, 8, 1)]
-    cat.run("pgdump", "ok")
-    deleted = retention.apply(cat.settings, cat.history, "pgdump", ["toybox"], now=NOW)
+    cat.run("logical", "ok")
+    deleted = retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=NOW)
     assert deleted == [dumps[0].path, dumps[1].path]
     files = cat.files()
     for item in dumps[:2]:
@@ -156,7 +156,7 @@ def test_apply_deletes_files_and_marks_rows(cat: Catalog) -> None:
     assert companions(dumps[2]) <= files
     assert cat.status(dumps[2]) == "ok"
     # nothing left to do on a second pass
-    assert retention.apply(cat.settings, cat.history, "pgdump", ["toybox"], now=NOW) == []
+    assert retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=NOW) == []
 
 
 def test_apply_chain_on_disk(cat: Catalog) -> None:
@@ -203,10 +203,10 @@ def test_foreign_files_are_never_deleted(cat: Catalog, tmp_path: Path) -> None:
     replaced = cat.add("logical", "toybox", 20)
     (root / replaced.path).write_bytes(b"someone else's file now, of another size")
     # a manifest at our companion's path that is not ours
-    (root / (old.path + archive.MANIFEST_SUFFIX)).write_text(json.dumps({"tool": "other"}))
-    cat.run("pgdump", "ok")
+    (root / (old.path + manifests.MANIFEST_SUFFIX)).write_text(json.dumps({"tool": "other"}))
+    cat.run("logical", "ok")
 
-    deleted = retention.apply(cat.settings, cat.history, "pgdump", ["toybox"], now=NOW)
+    deleted = retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=NOW)
 
     assert deleted == [old.path]
     files = cat.files()
@@ -214,7 +214,7 @@ def test_foreign_files_are_never_deleted(cat: Catalog, tmp_path: Path) -> None:
     assert outside.exists()
     assert replaced.path in files  # left alone...
     assert cat.status(replaced) == "deleted"  # ...and no longer offered as a restore point
-    assert old.path + archive.MANIFEST_SUFFIX in files  # not ours: kept
+    assert old.path + manifests.MANIFEST_SUFFIX in files  # not ours: kept
     assert old.path not in files and old.extra["globals"]["path"] not in files
     row = cat.history.artifact(escaped)
     assert row is not None and row.status == "ok"
@@ -228,27 +228,27 @@ def test_symlinked_artifact_is_not_followed(cat: Catalog, tmp_path: Path) -> Non
     path = cat.root / item.path
     path.unlink()
     path.symlink_to(target)
-    cat.run("pgdump", "ok")
-    assert retention.apply(cat.settings, cat.history, "pgdump", ["toybox"], now=NOW) == []
+    cat.run("logical", "ok")
+    assert retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=NOW) == []
     assert target.read_bytes() == b"x" * 50
 
 
 @pytest.mark.parametrize("last", ["failed", "interrupted", "other-process", None])
 def test_no_prune_after_a_failed_run(cat: Catalog, last: str | None) -> None:
     dumps = [cat.add("logical", "toybox", age) for age in (30, 20, 10)]
-    cat.run("pgdump", "ok")
+    cat.run("logical", "ok")
     cat.run("full", "ok")  # another job's success does not count
     if last == "other-process":
-        run_id = cat.run("pgdump", "running")
+        run_id = cat.run("logical", "running")
         with cat.history.tx() as db:
             db.execute("UPDATE runs SET pid=? WHERE id=?", (os.getpid() + 100000, run_id))
     elif last is not None:
-        cat.run("pgdump", last)
+        cat.run("logical", last)
     else:
         with cat.history.tx() as db:
-            db.execute("DELETE FROM runs WHERE job='pgdump'")
+            db.execute("DELETE FROM runs WHERE job='logical'")
     before = cat.files()
-    assert retention.apply(cat.settings, cat.history, "pgdump", ["toybox"], now=NOW) == []
+    assert retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=NOW) == []
     assert cat.files() == before
     assert all(cat.status(item) == "ok" for item in dumps)
 
@@ -256,8 +256,8 @@ def test_no_prune_after_a_failed_run(cat: Catalog, last: str | None) -> None:
 def test_running_row_of_this_process_counts_as_success(cat: Catalog) -> None:
     # the runner prunes before it closes its own (successful) run row
     dumps = [cat.add("logical", "toybox", age) for age in (30, 0)]
-    cat.run("pgdump", "running")
-    assert retention.apply(cat.settings, cat.history, "pgdump", ["toybox"], now=NOW) == [
+    cat.run("logical", "running")
+    assert retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=NOW) == [
         dumps[0].path]
 
 
@@ -275,12 +275,12 @@ def test_runner_prunes_after_a_real_successful_dump(env) -> None:  # type: ignor
 
     settings = env.settings(PGDUMP_KEEP_DAYS="7")
     settings.backup_dir.mkdir(parents=True, exist_ok=True)
-    with History(settings.state_dir) as history:
+    with Store(settings.state_dir) as history:
         cat = Catalog(settings, history, now=datetime.now(UTC))
         old = cat.add("logical", "toybox", 10)
         young = cat.add("logical", "toybox", 2)
-    run_id = run_job(settings, "pgdump", trigger="manual")
-    with History(settings.state_dir) as history:
+    run_id = run_job(settings, "logical", trigger="manual")
+    with Store(settings.state_dir) as history:
         run = history.run(run_id)
         assert run is not None and run.status == "ok", run.error if run else None
         assert run.details["retention_deleted"] == [old.path]

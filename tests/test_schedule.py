@@ -187,8 +187,8 @@ def test_cli_schedule_json(plain_env) -> None:  # type: ignore[no-untyped-def]
     data = json.loads(result.stdout)
     assert data["timezone"] == "Asia/Tokyo"
     jobs = {job["job"]: job for job in data["jobs"]}
-    assert [job["job"] for job in data["jobs"]] == ["pgdump", "full", "diff"]
-    expected = {"pgdump": ("0 17 * * *", (17, 0), 1), "full": ("30 17 * * 0", (17, 30), 7),
+    assert [job["job"] for job in data["jobs"]] == ["logical", "full", "diff"]
+    expected = {"logical": ("0 17 * * *", (17, 0), 1), "full": ("30 17 * * 0", (17, 30), 7),
                 "diff": ("45 17 * * *", (17, 45), 1)}
     for name, (expr, (hour, minute), days) in expected.items():
         job = jobs[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from toybox_backupd import jobs
 from toybox_backupd import settings as settings_mod
-from toybox_backupd.history import SCHEMA_VERSION, History
+from toybox_backupd.store import SCHEMA_VERSION, Store
 
 
 def write_env(tmp_path: Path, text: str) -> Path:
@@ -51,8 +53,8 @@ def test_schedule_json_in_tokyo_matches_crontab(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["timezone"] == "Asia/Tokyo"
     jobs = {job["job"]: job for job in data["jobs"]}
-    assert jobs["pgdump"]["schedule"] == "0 17 * * *"
-    for job, (hour, minute) in {"pgdump": (17, 0), "full": (17, 30), "diff": (17, 45)}.items():
+    assert jobs["logical"]["schedule"] == "0 17 * * *"
+    for job, (hour, minute) in {"logical": (17, 0), "full": (17, 30), "diff": (17, 45)}.items():
         times = [datetime.fromisoformat(t) for t in jobs[job]["next"]]
         assert len(times) == 5
         assert all(t.utcoffset().total_seconds() == 9 * 3600 for t in times)  # type: ignore[union-attr]
@@ -61,7 +63,7 @@ def test_schedule_json_in_tokyo_matches_crontab(tmp_path: Path) -> None:
     fulls = [datetime.fromisoformat(t) for t in jobs["full"]["next"]]
     assert all(t.isoweekday() == 7 for t in fulls)  # crontab 0 = Sunday
     assert all((b - a).days == 7 for a, b in itertools.pairwise(fulls))
-    dailies = [datetime.fromisoformat(t) for t in jobs["pgdump"]["next"]]
+    dailies = [datetime.fromisoformat(t) for t in jobs["logical"]["next"]]
     assert all((b - a).days == 1 for a, b in itertools.pairwise(dailies))
 
 
@@ -126,21 +128,22 @@ def test_empty_schedule_disables_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOLUME_DIFF_SCHEDULE", "")
     loaded = settings_mod.load(None)
     assert loaded.backup_volumes == ["a", "b"]
-    assert loaded.job_enabled("full") and not loaded.job_enabled("diff")
+    assert jobs.get("full").enabled(loaded) and not jobs.get("diff").enabled(loaded)
+    assert jobs.get("diff").disabled_reason(loaded) == "VOLUME_DIFF_SCHEDULE is empty"
 
 
 def test_history_schema_is_versioned_and_shared(tmp_path: Path) -> None:
-    first = History(tmp_path)
-    second = History(tmp_path)  # a CLI process beside the daemon
+    first = Store(tmp_path)
+    second = Store(tmp_path)  # a CLI process beside the daemon
     assert first.version == SCHEMA_VERSION
     assert first.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    run_id = first.open_run("pgdump", "toybox")
+    run_id = first.open_run("logical", "toybox")
     assert second.run(run_id) is not None and second.run(run_id).status == "running"  # type: ignore[union-attr]
     second.close_run(run_id, "ok", bytes_=10, artifact="x")
     assert first.run(run_id).status == "ok"  # type: ignore[union-attr]
     first.db.execute("PRAGMA user_version=99")
     with pytest.raises(RuntimeError, match="newer than this toybox-backupd"):
-        History(tmp_path)
+        Store(tmp_path)
 
 
 def test_history_cli_on_empty_state(tmp_path: Path) -> None:
@@ -161,7 +164,7 @@ def test_console_and_json_logs_carry_run_context(tmp_path: Path) -> None:
     for fmt in ("console", "json"):
         stream = io.StringIO()
         logs.setup(fmt, "INFO", stream=stream)
-        with structlog.contextvars.bound_contextvars(job="pgdump", run_id=42):
+        with structlog.contextvars.bound_contextvars(job="logical", run_id=42):
             logs.get().info("run started", note="uses pa55-word-xyz")
             logging.getLogger("apscheduler.scheduler").warning("stdlib line")
         lines = stream.getvalue().strip().splitlines()
@@ -169,8 +172,50 @@ def test_console_and_json_logs_carry_run_context(tmp_path: Path) -> None:
         assert "pa55-word-xyz" not in stream.getvalue()
         if fmt == "json":
             records = [json.loads(line) for line in lines]
-            assert all(r["job"] == "pgdump" and r["run_id"] == 42 for r in records)
+            assert all(r["job"] == "logical" and r["run_id"] == 42 for r in records)
             assert records[1]["logger"] == "apscheduler.scheduler"
         else:
-            assert all("job=pgdump" in line and "run_id=42" in line for line in lines)
+            assert all("job=logical" in line and "run_id=42" in line for line in lines)
             assert "\x1b[" not in stream.getvalue()  # no colour when not a TTY
+
+
+def test_an_older_local_pg_dump_is_refused_naming_the_version_needed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PG_CONTAINER the host's pg_dump is used; an older one names what to install."""
+    from toybox_backupd.basics import JobError
+    from toybox_backupd.pgtools import PgTools
+
+    fake = tmp_path / "bin" / "pg_dump"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 13.9'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("POSTGRES_DB", "toybox")
+    tools = PgTools(settings_mod.load(None, strict=False))
+    with pytest.raises(JobError) as info:
+        tools.check_version("16.4 (Debian 16.4-1)")
+    assert "local pg_dump is version 13 but the server is 16.4" in str(info.value)
+    assert "install PostgreSQL 16 client tools" in str(info.value)  # was a literal {server}
+    tools.check_version("13.2")  # the same major is fine
+
+
+def test_runs_of_the_old_pgdump_job_read_as_logical(tmp_path: Path) -> None:
+    """Schema 4: one vocabulary; a history written as `pgdump` (schema 3) reads as `logical`."""
+    import sqlite3
+
+    from toybox_backupd.store.schema import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / "history.sqlite3")
+    for script in MIGRATIONS[:3]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version=3")
+    db.execute("INSERT INTO runs(job, target, trigger, status, started_at)"
+               " VALUES ('pgdump', 'toybox', 'schedule', 'ok', '2026-01-26T08:00:00+00:00')")
+    db.commit()
+    db.close()
+    with Store(tmp_path) as store:
+        assert store.version == SCHEMA_VERSION
+        [run] = store.runs()
+        assert run.job == "logical"
+        assert store.last_run("logical", "ok") is not None
+    assert jobs.get("pgdump") is jobs.get("logical")  # the old name still works at the CLI

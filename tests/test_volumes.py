@@ -17,8 +17,8 @@ import pytest
 import zstandard
 from conftest import BASE_IMAGE, PG, Env, fill_volume, remove_pg, start_pg, unique
 
-from toybox_backupd import archive
-from toybox_backupd.history import History
+from toybox_backupd import atomic, manifests
+from toybox_backupd.store import Store
 
 TREE = r"""
 mkdir -p docs/deep/er empty-dir 'with space' uploads/2026-01-25
@@ -59,12 +59,12 @@ def host_state(directory: Path) -> str:
 
 
 def catalog(env: Env, tier: str | None = None, target: str | None = None) -> list[Any]:
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         return history.artifacts(tier=tier, target=target)
 
 
 def last_run(env: Env) -> Any:
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         return history.runs(limit=1)[0]
 
 
@@ -106,7 +106,7 @@ def test_full_diff_and_restore_at_each_point(vol_env: Env, docker_engine: Any,
     [full] = catalog(env, "full")
     [diff] = catalog(env, "diff")
     assert diff.base_id == full.id
-    with History(env.state_dir) as history:
+    with Store(env.state_dir) as history:
         changed = {row["path"] for row in history.files(diff.id)}
         deleted = set(history.deleted_paths(diff.id))
         full_files = {row["path"]: row for row in history.files(full.id)}
@@ -158,7 +158,7 @@ def test_archives_restore_by_hand_with_gnu_tar(vol_env: Env, docker_engine: Any,
     target = tmp_path / "by-hand"
     target.mkdir()
     tool = "zstd -dc" if compression == "zstd" else "gzip -dc"
-    manifest = json.loads(archive.manifest_path(env.backup_dir / diff.path).read_text())
+    manifest = json.loads(manifests.manifest_path(env.backup_dir / diff.path).read_text())
     # the README's manual procedure: full, then remove the deleted paths, then the differential
     subprocess.run(f"{tool} '{env.backup_dir / full.path}' | tar -x --numeric-owner -p -C "
                    f"'{target}'", shell=True, check=True)
@@ -219,7 +219,7 @@ def test_labelled_container_is_stopped_during_archive_and_started_after(
         app.reload()
         assert app.status == "running"
         assert docker_events(docker_engine, app.id, since) == ["die", "start"]
-        with History(env.state_dir) as history:
+        with Store(env.state_dir) as history:
             assert history.stopped_containers() == []
     finally:
         app.remove(force=True)
@@ -341,15 +341,15 @@ def test_hostile_member_names_never_escape(vol_env: Env, tmp_path: Path) -> None
     path.write_bytes(_hostile_archive())
     names = ["good.txt", "../escaped-dotdot.txt", "/tmp/escaped-absolute.txt", "evil-link",
              "evil-link/escaped-through-link.txt", "abs-link", "hard-out"]
-    archive.write_manifest(path, {
+    manifests.write_manifest(path, {
         "tool": "toybox-backupd", "tier": "full", "target": volume,
         "created_at": "2026-01-26T08:30:00+00:00", "size": path.stat().st_size,
-        "sha256": archive.sha256_of(path), "file": path.name, "base": None, "deleted": [],
+        "sha256": atomic.sha256_of(path), "file": path.name, "base": None, "deleted": [],
         "extra": {"compression": "zstd", "files": len(names)},
     })
-    from toybox_backupd import catalog as catalog_mod
 
-    catalog_mod.write_index(path, [(n, "f", 1, 0, 0, 0, 0o644, 0, 0, None, None) for n in names])
+
+    manifests.write_index(path, [(n, "f", 1, 0, 0, 0, 0o644, 0, 0, None, None) for n in names])
     reindexed = run_ok(env, "reindex")
     assert "1 artifact" in reindexed.stdout
     sandbox = tmp_path / "sandbox"
