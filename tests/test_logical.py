@@ -93,7 +93,7 @@ def test_scenario_3_single_tables_back_others_untouched(env: Env, pg: PG) -> Non
     pg.psql("DELETE FROM orders")
     pg.psql("DROP TABLE media_items")
     pg.psql("INSERT INTO users(name, created) VALUES ('newer-user', '2026-11-30')")
-    result = env.cli("restore", "db", "--table", "orders", "--table", "media_items")
+    result = env.cli("restore", "db", "--table", "orders", "--table", "media_items", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.rows("orders") == seed["orders"]
     assert pg.rows("media_items") == seed["media_items"]
@@ -108,7 +108,7 @@ def test_scenario_3_single_tables_back_others_untouched(env: Env, pg: PG) -> Non
     assert pg.snapshot("toybox_copy") == seed
     again = env.cli("restore", "db", "--into", "toybox_copy")
     assert again.returncode != 0 and "already exists" in again.stderr
-    unknown = env.cli("restore", "db", "--table", "no_such_table")
+    unknown = env.cli("restore", "db", "--table", "no_such_table", "--yes")
     assert unknown.returncode != 0 and "no_such_table" in unknown.stderr
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -113,8 +114,13 @@ def test_a_registered_tier_runs_lists_retains_verifies_and_reports(
 
     env = Path(snapshot.state_dir).parent / "none.env"
     out = io.StringIO()
-    with redirect_stdout(out):
-        assert cli.main(["--env-file", str(env), "list", "--tier", "snapshot", "--json"]) == 0
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with redirect_stdout(out):
+            assert cli.main(["--env-file", str(env), "list", "--tier", "snapshot", "--json"]) == 0
+    finally:  # cli.main points logging at this test's stderr, which pytest closes after it
+        root.handlers[:], root.level = handlers, level
     assert [item["path"] for item in json.loads(out.getvalue())] == [made.path]
 
 

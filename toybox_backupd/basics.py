@@ -25,8 +25,17 @@ class JobError(ToyboxError):
     """A backup, restore or verify step failed; the message says what and why."""
 
 
+class TimeLimitReached(JobError):
+    """A restore ran past its time limit and was stopped (what it replaces is kept)."""
+
+
 class CatalogError(ToyboxError):
     """No usable restore point for the request; nothing was changed."""
+
+
+class Unverifiable(ToyboxError):
+    """An artifact could not be checked right now (e.g. the database container is stopped);
+    that says nothing about the artifact itself."""
 
 
 class DiskFullError(ToyboxError, OSError):

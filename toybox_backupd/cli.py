@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from . import __version__, jobs, logs, redact
-from .basics import ToyboxError, describe_unexpected, human, local_time
+from .basics import TimeLimitReached, ToyboxError, describe_unexpected, human, local_time
 from .settings import Settings, SettingsError, load
 from .store import Store
 
@@ -158,45 +160,73 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
-    """`restore db|volume|files`: holds the run lock while it works."""
-    from . import locks
+    """`restore db|volume|files`: asks first, then holds the run lock, within its time limit."""
     from .restore_points import parse_when
     from .tiers import logical, volumes
 
     at = parse_when(args.at, settings.zone) if args.at else None
     ask = None if getattr(args, "yes", False) else confirm
-    # a restore waits for a running backup, and no backup (nor start-up recovery) runs beside it
-    with locks.run_lock(settings.state_dir, f"restore {args.what}",
-                        wait_log=lambda holder: print(f"waiting for {holder} to finish…",
-                                                      file=sys.stderr)):
-        if args.what == "db":
-            logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
-                               confirm=ask, say=say)
-        elif args.what == "volume":
+    what = f"restore {args.what}"
+    if args.what == "db":
+        # asks before it takes the lock: an unanswered prompt never holds up a backup
+        logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
+                           confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
+    elif args.what == "volume":
+        with _restore_lock(settings, what):
             volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
                                    stop_containers=args.stop_containers, say=say)
-        else:
+    else:
+        with _restore_lock(settings, what):
             volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest,
                                   say=say)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _restore_lock(settings: Settings, what: str, limit: bool = True) -> Iterator[None]:
+    """The run lock (no backup beside a restore), and RESTORE_TIME_LIMIT_MIN on what it holds."""
+    from . import locks
+
+    with locks.run_lock(settings.state_dir, what,
+                        wait_log=lambda holder: print(f"waiting for {holder} to finish…",
+                                                      file=sys.stderr)):
+        if not limit:
+            yield
+            return
+        minutes = settings.restore_time_limit_min
+
+        def expire(_signum: int, _frame: object) -> None:
+            raise TimeLimitReached(f"{what} reached its time limit of {minutes} min "
+                                   "(RESTORE_TIME_LIMIT_MIN) and was stopped")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(minutes * 60)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """`verify`: every kept artifact re-read; exit 1 if any is bad."""
     from . import verify
 
-    results = verify.verify_all(settings)
-    bad = [result for result in results if not result.ok]
+    with _restore_lock(settings, "verify", limit=False):
+        results = verify.verify_all(settings)
+    corrupt = [r for r in results if not r.ok and r.checked]
+    unchecked = [r for r in results if not r.checked]
     if args.json:
         print(json.dumps([result.as_dict() for result in results], indent=2))
-        return 1 if bad else 0
+        return 1 if corrupt or unchecked else 0
     for result in results:
-        state = "ok     " if result.ok else "CORRUPT"
+        state = "ok       " if result.ok else ("CORRUPT  " if result.checked else "UNCHECKED")
         print(f"{state} {result.tier:<8} {result.path}"
-              + (f"\n        {result.problem}" if result.problem else ""))
-    print(f"{len(results) - len(bad)} of {len(results)} artifacts verified"
-          + (f", {len(bad)} bad" if bad else ""))
-    return 1 if bad else 0
+              + (f"\n          {result.problem}" if result.problem else ""))
+    print(f"{len(results) - len(corrupt) - len(unchecked)} of {len(results)} artifacts verified"
+          + (f", {len(corrupt)} bad" if corrupt else "")
+          + (f", {len(unchecked)} could not be checked now (try again)" if unchecked else ""))
+    return 1 if corrupt or unchecked else 0
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +19,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from . import redact
 from .basics import ToyboxError, human
 from .settings import Settings
+
+APPLICATION_NAME = "toybox-backupd"  # our sessions, and our tools' (PGAPPNAME), are named so
 
 
 class DatabaseError(ToyboxError):
@@ -68,7 +72,7 @@ def connect(settings: Settings, dbname: str | None = None, timeout: int = 5,
             host=settings.postgres_host, port=settings.postgres_port,
             dbname=dbname or settings.postgres_db, user=settings.postgres_user,
             password=settings.postgres_password_value, connect_timeout=timeout,
-            autocommit=autocommit, application_name="toybox-backupd",
+            autocommit=autocommit, application_name=APPLICATION_NAME,
         )
     except psycopg.Error as exc:
         raise explain(exc, settings, dbname) from None
@@ -143,9 +147,73 @@ def drop_quietly(settings: Settings, name: str) -> None:
 
 
 def replace(settings: Settings, scratch: str, target: str, exists: bool) -> None:
-    """Replace database `target` by the fully restored `scratch`."""
+    """Put the fully restored database `scratch` in the place of `target`, atomically enough.
+
+    The live database is renamed aside (its sessions ended, new ones refused), the scratch one
+    renamed in, and only then the old one dropped. Any failure before the scratch database took
+    the name puts the old one back: one of the two always holds the original name.
+    Raises DatabaseError (the old database back in place) when the swap cannot be made.
+    """
     with admin(settings) as conn:
-        if exists:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
-        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-            sql.Identifier(scratch), sql.Identifier(target)))
+        if not exists:
+            _rename(conn, scratch, target)
+            return
+        aside = f"{target}__old_{secrets.token_hex(3)}"
+        _close(conn, target)
+        _rename(conn, target, aside)
+        try:
+            _rename(conn, scratch, target)
+        except BaseException:
+            _rename(conn, aside, target)
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+                sql.Identifier(target)))
+            raise
+        try:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(aside)))
+        except psycopg.Error as exc:  # the restore stands; the old copy is only in the way
+            raise DatabaseError(
+                f"database {target!r} was restored, but its previous contents could not be "
+                f"dropped and are still there as {aside!r} ({_first_line(exc)}); drop it by "
+                "hand once you no longer need it") from None
+
+
+def _close(conn: psycopg.Connection, name: str) -> None:
+    """Refuse new sessions to `name` and end the current ones (a rename needs it alone)."""
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+        sql.Identifier(name)))
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                 " WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+
+def _rename(conn: psycopg.Connection, old: str, new: str) -> None:
+    for attempt in range(5):  # a session that was ending may still be counted for a moment
+        try:
+            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(old), sql.Identifier(new)))
+            return
+        except psycopg.errors.ObjectInUse as exc:
+            if attempt == 4:
+                raise DatabaseError(f"cannot rename database {old!r} to {new!r}: "
+                                    f"{_first_line(exc)}") from None
+            time.sleep(0.5)
+
+
+def _first_line(exc: BaseException) -> str:
+    return redact.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+
+
+def end_sessions(settings: Settings, databases: list[str]) -> int:
+    """End this tool's own sessions (application_name toybox-backupd) in `databases`.
+
+    Used when a restore is cut off: a pg_restore that goes on alone must not finish later.
+    Returns how many were ended; never raises.
+    """
+    try:
+        with admin(settings) as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name"
+                " = %s AND datname = ANY(%s) AND pid <> pg_backend_pid()",
+                (APPLICATION_NAME, databases)).fetchall()
+        return len(rows)
+    except (psycopg.Error, DatabaseError):
+        return 0

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -108,7 +110,7 @@ class PgTools:
     def start(self, tool: str, args: list[str], stdin: bool = False) -> Proc:
         s = self.settings
         env = {"PGPASSWORD": s.postgres_password_value or "", "PGCONNECT_TIMEOUT": "10",
-               "PGAPPNAME": "toybox-backupd"}
+               "PGAPPNAME": database.APPLICATION_NAME}
         if self.container is not None:
             cmd = [tool, "-U", s.postgres_user, *args]
             return docker_api.Exec(self.container, cmd, environment=env, stdin=stdin)
@@ -119,6 +121,35 @@ class PgTools:
         cmd = [binary, "-h", s.postgres_host, "-p", str(s.postgres_port), "-U", s.postgres_user,
                *args]
         return LocalProc(cmd, env, stdin=stdin)
+
+    @contextlib.contextmanager
+    def temp_file(self, data: bytes) -> Iterator[str]:
+        """A small non-secret file where the tools run (e.g. a pg_restore -L list); its path."""
+        name = f"/tmp/toybox-backupd-{secrets.token_hex(6)}"
+        if self.container is None:
+            with tempfile.NamedTemporaryFile(prefix="toybox-backupd-") as handle:
+                handle.write(data)
+                handle.flush()
+                yield handle.name
+            return
+        docker_api.put_file(self.container, name, data, mode=0o644)
+        try:
+            yield name
+        finally:
+            with contextlib.suppress(Exception):
+                docker_api.run(self.container, ["rm", "-f", name])
+
+    def output(self, tool: str, args: list[str], stdin: Iterable[bytes]) -> str:
+        """Run a tool on `stdin` and return its (text) output; JobError if it fails."""
+        proc = self.start(tool, args, stdin=True)
+        proc.feed(stdin)
+        out = bytearray()
+        for chunk in proc.stdout():
+            out += chunk
+        result = proc.wait()
+        if result.exit_code != 0:
+            raise JobError(tool_error(tool, result, self.where))
+        return out.decode("utf-8", "replace")
 
     def check_version(self, server_version: str) -> None:
         """Refuse a local pg_dump older than the server (in-container tools always match)."""

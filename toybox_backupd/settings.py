@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     pgdump_time_limit_min: int = Field(60, ge=1, alias="PGDUMP_TIME_LIMIT_MIN")
     volume_full_time_limit_min: int = Field(240, ge=1, alias="VOLUME_FULL_TIME_LIMIT_MIN")
     volume_diff_time_limit_min: int = Field(120, ge=1, alias="VOLUME_DIFF_TIME_LIMIT_MIN")
+    restore_time_limit_min: int = Field(240, ge=1, alias="RESTORE_TIME_LIMIT_MIN")
     disk_margin_percent: int = Field(20, ge=0, alias="DISK_MARGIN_PERCENT")
 
     # where things live
@@ -296,6 +297,8 @@ DESCRIPTIONS: dict[str, str] = {
     "PGDUMP_TIME_LIMIT_MIN": "time limit of a logical run, minutes",
     "VOLUME_FULL_TIME_LIMIT_MIN": "time limit of a full run, minutes",
     "VOLUME_DIFF_TIME_LIMIT_MIN": "time limit of a differential run, minutes",
+    "RESTORE_TIME_LIMIT_MIN": "time limit of a restore, minutes (what it replaces is kept when "
+                              "it is stopped)",
     "DISK_MARGIN_PERCENT": "a run is refused early unless BACKUP_DIR has the last artifact's size "
                            "plus this margin free",
     "BACKUP_DIR": "where backups are written (plain files: copy them off the host)",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import gzip
+import re
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,8 @@ from ..basics import (
     RunContext,
     Say,
     TierResult,
+    ToyboxError,
+    Unverifiable,
     human,
     iso,
     local_time,
@@ -156,66 +162,137 @@ def _dump_to(ctx: RunContext, tools: PgTools, tool: str, args: list[str], path: 
 
 
 # restore -------------------------------------------------------------------------------------
+DB_ENTRY = re.compile(r"^\d+; \d+ \d+ (DATABASE -|DATABASE PROPERTIES -|COMMENT - DATABASE |"
+                      r"ACL - DATABASE )")
+TABLE_ENTRY = re.compile(r"^\d+; \d+ \d+ TABLE (\S+) (.+) \S+$")
+Hold = Callable[[], AbstractContextManager[object]]
+
+
+@dataclass
+class _Restore:
+    """A restore request, resolved and checked before anything is asked or changed."""
+
+    settings: Settings
+    item: Artifact
+    path: Path
+    tools: PgTools
+    target: str
+    when: str
+
+    @property
+    def fmt(self) -> str:
+        return str(self.item.extra.get("format", "custom"))
+
+    @property
+    def dumped(self) -> str:
+        """The database's name when it was dumped."""
+        return str(self.item.extra.get("database") or self.item.target)
+
+    def chunks(self) -> Iterator[bytes]:
+        return decompressed(self.path, "gzip" if self.fmt == "plain" else "none")
+
+
 def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterable[str] = (),
-               into: str | None = None, confirm: Confirm = None, say: Say = silent) -> None:
+               into: str | None = None, confirm: Confirm = None, say: Say = silent,
+               hold: Hold = nullcontext) -> None:
     """Restore the dump nearest before `at`: the whole database, `tables` only, or `into` a new one.
 
-    The live database is replaced only once the dump was restored completely beside it.
-    Raises CatalogError (no such dump), JobError (a step failed; the target kept as it was).
+    Everything is checked and asked (`confirm`) before `hold()` (the run lock) is taken; the
+    live database is replaced only once the dump was restored completely beside it.
+    Raises CatalogError (no such dump) or JobError (nothing changed, or the old state back).
     """
-    tables = list(tables)
     with Store(settings.state_dir) as store:
         item = restore_point(store, (TIER,), settings.postgres_db, at)
     path = check_file(settings.backup_dir, item)
-    fmt = item.extra.get("format", "custom")
     try:
         database.check_reachable(settings, "postgres", attempts=2)
     except database.DatabaseError as exc:
         raise JobError(str(exc)) from None
-    tools = PgTools(settings)
-    target = into or settings.postgres_db
-    when = local_time(item.created_at, settings.zone)
-    say(f"using {item.path} ({when}, {human(item.size)}, sha256 ok)")
+    request = _Restore(settings, item, path, PgTools(settings), into or settings.postgres_db,
+                       local_time(item.created_at, settings.zone))
+    say(f"using {item.path} ({request.when}, {human(item.size)}, sha256 ok)")
     if tables:
-        _restore_tables(settings, tools, path, fmt, tables, target)
-        say(f"restored {', '.join(tables)} into {target}")
+        names = _resolve_tables(request, list(tables))
+        _ask(request, confirm, f"This replaces table(s) {', '.join(n for n, _ in names)} in")
+        with hold():
+            _restore_tables(request, [pattern for _, pattern in names])
+        say(f"restored {', '.join(n for n, _ in names)} into {request.target}")
     elif into:
-        _restore_into_new(settings, tools, path, fmt, into)
+        if database.database_exists(settings, into):
+            raise JobError(f"database {into!r} already exists; --into needs a new name")
+        with hold():
+            _restore_beside(request, into)
         say(f"restored the dump of {item.target} into the new database {into}")
     else:
-        _restore_replacing(settings, tools, path, fmt, target, when, confirm)
-        say(f"restored database {target} from the dump of {when}")
+        exists = database.database_exists(settings, request.target)
+        if exists:
+            _ask(request, confirm, "This replaces database")
+        with hold():
+            _restore_replacing(request, exists)
+        say(f"restored database {request.target} from the dump of {request.when}")
 
 
-def _restore_into_new(settings: Settings, tools: PgTools, path: Path, fmt: str,
-                      into: str) -> None:
-    if database.database_exists(settings, into):
-        raise JobError(f"database {into!r} already exists; --into needs a new name")
-    database.create(settings, into, like=None)
+def _ask(request: _Restore, confirm: Confirm, what: str) -> None:
+    if confirm is None:
+        return
+    s = request.settings
+    question = (f"{what} {request.target!r} on {s.postgres_host}:{s.postgres_port} "
+                f"({database.describe(s, request.target)}) with the dump from {request.when}. "
+                "Everything written since then is lost. Continue?")
+    if not confirm(question):
+        raise JobError("cancelled; nothing was changed")
+
+
+def _restore_beside(request: _Restore, name: str) -> None:
+    """Create database `name` as the dump describes it and restore the dump into it."""
     try:
-        _restore_whole(tools, path, fmt, into)
+        _create_as_dumped(request, name)
+        _load(request, name)
     except BaseException:
-        database.drop_quietly(settings, into)
+        database.drop_quietly(request.settings, name)
         raise
 
 
-def _restore_replacing(settings: Settings, tools: PgTools, path: Path, fmt: str, target: str,
-                       when: str, confirm: Confirm) -> None:
-    exists = database.database_exists(settings, target)
-    if exists and confirm is not None:
-        question = (f"This replaces database {target!r} on {settings.postgres_host}:"
-                    f"{settings.postgres_port} ({database.describe(settings, target)}) with the "
-                    f"dump from {when}. Everything written since then is lost. Continue?")
-        if not confirm(question):
-            raise JobError("cancelled; nothing was changed")
-    scratch = f"{target}__restore_{secrets.token_hex(3)}"
-    database.create(settings, scratch, like=target if exists else None)
+def _restore_replacing(request: _Restore, exists: bool) -> None:
+    scratch = f"{request.target}__restore_{secrets.token_hex(3)}"
+    _restore_beside(request, scratch)
     try:
-        _restore_whole(tools, path, fmt, scratch)
-        database.replace(settings, scratch, target, exists)
+        database.replace(request.settings, scratch, request.target, exists)
     except BaseException:
-        database.drop_quietly(settings, scratch)
+        database.drop_quietly(request.settings, scratch)
         raise
+
+
+def _create_as_dumped(request: _Restore, name: str) -> None:
+    """CREATE DATABASE `name` with the dump's own encoding, locale, owner, settings, grants and
+    comment (what `pg_restore --create` would make), else like the live target."""
+    statements = _database_sql(request, name) if request.fmt == "custom" else None
+    if statements is None:  # plain dumps carry no database-level entries
+        exists = database.database_exists(request.settings, request.target)
+        database.create(request.settings, name, like=request.target if exists else None)
+        return
+    proc = request.tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"],
+                               stdin=True)
+    _run_into(proc, [statements.encode()], "psql", request.tools.where)
+
+
+def _database_sql(request: _Restore, name: str) -> str | None:
+    """The dump's database-level SQL, for a database called `name` (None if it has none)."""
+    listing = request.tools.output("pg_restore", ["-C", "-l"], request.chunks())
+    entries = [line for line in listing.splitlines() if DB_ENTRY.match(line)]
+    if not any(" DATABASE - " in line for line in entries):
+        return None
+    with request.tools.temp_file(("\n".join(entries) + "\n").encode()) as list_file:
+        text = request.tools.output("pg_restore", ["-C", "-L", list_file, "-f", "-"],
+                                    request.chunks())
+    old = "|".join(re.escape(n) for n in {request.dumped, quote_ident(request.dumped)})
+    return re.sub(rf"(DATABASE |\\connect )({old})(?=[\s;]|$)",
+                  lambda m: m.group(1) + quote_ident(name), text, flags=re.M)
+
+
+def quote_ident(name: str) -> str:
+    """`name` as a double-quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str) -> None:
@@ -225,43 +302,75 @@ def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str) -> Non
         raise JobError(tool_error(tool, result, where))
 
 
-def _restore_whole(tools: PgTools, path: Path, fmt: str, dbname: str) -> None:
-    if fmt == "plain":
+def _load(request: _Restore, dbname: str) -> None:
+    tools = request.tools
+    if request.fmt == "plain":
         proc = tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dbname],
                            stdin=True)
-        _run_into(proc, decompressed(path, "gzip"), "psql", tools.where)
+        _run_into(proc, request.chunks(), "psql", tools.where)
     else:
         proc = tools.start("pg_restore", ["--exit-on-error", "-d", dbname], stdin=True)
-        _run_into(proc, decompressed(path, "none"), "pg_restore", tools.where)
+        _run_into(proc, request.chunks(), "pg_restore", tools.where)
 
 
-def _restore_tables(settings: Settings, tools: PgTools, path: Path, fmt: str,
-                    tables: list[str], target: str) -> None:
+def _resolve_tables(request: _Restore, wanted: list[str]) -> list[tuple[str, str]]:
+    """[(schema.table, exact pg_dump -t pattern)] for the names asked for.
+
+    A name is a table of the dump, exactly: `orders` (in whichever schema has it, if only one
+    does) or `schema.orders`. Raises JobError naming the close names for one that is not.
+    """
+    if request.fmt != "custom":
+        raise JobError("restoring single tables needs a custom-format dump "
+                       "(PGDUMP_FORMAT=custom); this one is plain SQL")
+    if not database.database_exists(request.settings, request.target):
+        raise JobError(f"database {request.target!r} does not exist; --table restores into an "
+                       "existing database (restore the whole database first)")
+    listing = request.tools.output("pg_restore", ["-l"], request.chunks())
+    known = [m.groups() for m in map(TABLE_ENTRY.match, listing.splitlines()) if m]
+    return [_match_table(name, known) for name in wanted]
+
+
+def _match_table(name: str, known: list[tuple[str, str]]) -> tuple[str, str]:
+    schema, _, table = name.rpartition(".")
+    found = [(s, t) for s, t in known if t == table and (not schema or s == schema)]
+    if len(found) == 1:
+        s, t = found[0]
+        return f"{s}.{t}", f"{quote_ident(s)}.{quote_ident(t)}"
+    if found:
+        raise JobError(f"--table {name}: more than one table has that name; name one of "
+                       f"{', '.join(f'{s}.{t}' for s, t in found)}")
+    everything = [f"{s}.{t}" for s, t in known] + sorted({t for _, t in known})
+    close = difflib.get_close_matches(name, everything, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else (
+        f"; it holds {', '.join(everything[:10])}" if known else "; it holds no tables")
+    raise JobError(f"--table {name}: no such table in the dump (names are exact, not "
+                   f"patterns){hint}")
+
+
+def _restore_tables(request: _Restore, patterns: list[str]) -> None:
     """Restore the whole dump into a scratch database, then move just these tables over.
 
     pg_dump -t brings each table's indexes, constraints, triggers and sequences with it, which
     pg_restore -t alone would leave out. The move is one transaction per restore: on any error
     the target keeps its tables as they were.
     """
-    if fmt != "custom":
-        raise JobError("restoring single tables needs a custom-format dump "
-                       "(PGDUMP_FORMAT=custom); this one is plain SQL")
-    if not database.database_exists(settings, target):
-        raise JobError(f"database {target!r} does not exist; --table restores into an "
-                       "existing database (restore the whole database first)")
-    scratch = f"{target}__tables_{secrets.token_hex(3)}"
-    database.create(settings, scratch, like=target)
+    scratch = f"{request.target}__tables_{secrets.token_hex(3)}"
     try:
-        _restore_whole(tools, path, "custom", scratch)
-        _move_tables(tools, scratch, tables, target)
+        database.create(request.settings, scratch, like=request.target)
+        _load(request, scratch)
+        _move_tables(request.tools, scratch, patterns, request.target)
+    except BaseException:
+        # a pg_restore cut off here (time limit, Ctrl-C) must not commit later on its own
+        database.end_sessions(request.settings, [request.target])
+        raise
     finally:
-        database.drop_quietly(settings, scratch)
+        database.drop_quietly(request.settings, scratch)
 
 
-def _move_tables(tools: PgTools, scratch: str, tables: list[str], target: str) -> None:
+def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str) -> None:
     args = ["-Fc", "--strict-names", "-d", scratch]
-    for table in tables:
-        args += ["-t", table]
+    for pattern in patterns:
+        args += ["-t", pattern]
     dump = tools.start("pg_dump", args)
     load = tools.start("pg_restore", ["--clean", "--if-exists", "--single-transaction",
                                       "--exit-on-error", "-d", target], stdin=True)
@@ -269,8 +378,7 @@ def _move_tables(tools: PgTools, scratch: str, tables: list[str], target: str) -
     loaded = load.wait(timeout=600)
     dumped = dump.wait()
     if dumped.exit_code != 0:
-        raise JobError(tool_error("pg_dump", dumped, tools.where).replace(
-            scratch, "the dump") + " (is the table name right? try schema.table)")
+        raise JobError(tool_error("pg_dump", dumped, tools.where).replace(scratch, "the dump"))
     if loaded.exit_code != 0:
         raise JobError(tool_error("pg_restore", loaded, tools.where)
                        + "; the target database was left as it was")
@@ -278,7 +386,11 @@ def _move_tables(tools: PgTools, scratch: str, tables: list[str], target: str) -
 
 # verify --------------------------------------------------------------------------------------
 def verify(settings: Settings, item: Artifact) -> str | None:
-    """Re-read one dump: None if it is sound, else what is wrong."""
+    """Re-read one dump to its end: None if it is sound, else what is wrong.
+
+    Raises Unverifiable when the tools to read it cannot run now (database container stopped,
+    Docker unreachable): that is no verdict on the dump.
+    """
     try:
         path = check_file(settings.backup_dir, item)
     except CatalogError as exc:
@@ -293,14 +405,13 @@ def verify(settings: Settings, item: Artifact) -> str | None:
         return None if PLAIN_TRAILER in tail else f"{path.name}: truncated SQL dump"
     try:
         tools = PgTools(settings)
-    except Exception as exc:
-        return f"cannot run pg_restore to read {path.name}: {exc}"
-    proc = tools.start("pg_restore", ["--list"], stdin=True)
+        # -f /dev/null makes pg_restore read every entry and all data (--list reads only the
+        # table of contents at the start)
+        proc = tools.start("pg_restore", ["-f", "/dev/null"], stdin=True)
+    except ToyboxError as exc:
+        raise Unverifiable(f"cannot run pg_restore to read {path.name} now: {exc}") from None
     proc.feed(decompressed(path, "none"))
-    entries = sum(chunk.count(b"\n") for chunk in proc.stdout())
-    result = proc.wait()
+    result = proc.wait(timeout=3600)
     if result.exit_code != 0:
-        return tool_error("pg_restore --list", result, tools.where)
-    if entries == 0:
-        return f"{path.name}: pg_restore --list found no entries"
+        return tool_error("pg_restore", result, tools.where)
     return None
