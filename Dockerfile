@@ -72,7 +72,7 @@ RUN set -eu; \
             --home-dir /var/lib/toybox-backupd --shell /usr/sbin/nologin backupd; \
     mkdir -p /backups /var/lib/toybox-backupd /etc/toybox-backupd; \
     chown backupd:backupd /backups /var/lib/toybox-backupd; \
-    chmod 0750 /var/lib/toybox-backupd
+    chmod 0700 /var/lib/toybox-backupd
 
 COPY --from=build /opt/venv /opt/venv
 

@@ -259,14 +259,22 @@ def test_recover_restarts_containers_and_removes_helpers(plain_env: Env, docker_
         keep = settings.backup_dir / "logical" / "toybox" / "x.dump"
         keep.parent.mkdir(parents=True)
         keep.write_bytes(b"done")
-        (keep.parent / "y.dump.partial").write_bytes(b"half")
+        (keep.parent / "toybox_20260126-170000.dump.partial").write_bytes(b"half")
+        # a user's files restored into BACKUP_DIR are not ours, whatever their names
+        theirs = [settings.backup_dir / "restore" / "uploads" / "photo.jpg.partial",
+                  settings.backup_dir / "logical" / "toybox" / "notes.partial",
+                  settings.backup_dir / "upload.partial"]
+        for path in theirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"a user's file")
         with Store(settings.state_dir) as history:
             run_id = history.open_run("full", "media", "schedule", pid=999999)
             history.record_stopped(app.id, app.name, run_id)
             history.record_stopped("0" * 64, "gone-container", run_id)
         result = recovery.recover(settings)
         assert result["interrupted"] == [run_id]
-        assert result["partials_removed"] == ["logical/toybox/y.dump.partial"]
+        assert result["partials_removed"] == ["logical/toybox/toybox_20260126-170000.dump.partial"]
+        assert all(path.read_bytes() == b"a user's file" for path in theirs)
         assert result["containers_started"] == [app.name]
         assert result["helpers_removed"] >= 1
         app.reload()

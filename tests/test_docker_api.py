@@ -39,3 +39,25 @@ def test_streams_outlive_the_api_timeout(short_api_timeout: None) -> None:
         slow.feed(iter([b"y" * 1_000_000] * 16))
         out = b"".join(slow.stdout())
         assert slow.wait().exit_code == 0 and out.strip() == b"16000000"
+
+
+def test_a_helper_ends_by_itself_after_its_lifetime(images: Any) -> None:
+    """A killed run cannot leave a helper holding a volume for ever (it used `sleep infinity`)."""
+    import time
+
+    with docker_api.helper(BASE_IMAGE, {}, "test", "test-owner", lifetime=2) as box:
+        name = box.name
+        assert docker_api.container_state(box.id) == "running"
+        deadline = time.monotonic() + 30
+        while docker_api.container_state(box.id) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert docker_api.container_state(box.id) is None, f"{name} still there"
+
+
+def test_a_missing_helper_image_is_named_and_never_pulled(images: Any) -> None:
+    with pytest.raises(docker_api.DockerError) as info, docker_api.helper(
+            "toybox-test/no-such-image:1", {}, "test", "test-owner"):
+        pass
+    text = str(info.value)
+    assert "'toybox-test/no-such-image:1' is not on this Docker engine" in text
+    assert "HELPER_IMAGE" in text and "500" not in text and "registry" not in text

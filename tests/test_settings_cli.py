@@ -219,3 +219,16 @@ def test_runs_of_the_old_pgdump_job_read_as_logical(tmp_path: Path) -> None:
         assert run.job == "logical"
         assert store.last_run("logical", "ok") is not None
     assert jobs.get("pgdump") is jobs.get("logical")  # the old name still works at the CLI
+
+
+def test_local_pg_tools_get_no_other_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PG_CONTAINER, pg_dump & co. run here: they see PGPASSWORD, not SMTP_PASSWORD."""
+    from toybox_backupd.pgtools import LocalProc
+
+    monkeypatch.setenv("SMTP_PASSWORD", "smtp-secret-value-123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value-456")
+    proc = LocalProc(["env"], {"PGPASSWORD": "db-pw"})
+    seen = b"".join(proc.stdout()).decode()
+    assert proc.wait().exit_code == 0
+    assert "PGPASSWORD=db-pw" in seen and "PATH=" in seen
+    assert "smtp-secret-value-123" not in seen and "aws-secret-value-456" not in seen

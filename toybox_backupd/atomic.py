@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -113,13 +114,53 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+UMASKS = {"0600": 0o077, "0640": 0o027}  # BACKUP_FILE_MODE → umask: files 0600/0640, dirs 0700/0750
+
+
+def use_file_mode(file_mode: str) -> None:
+    """Make everything this process creates from now on private (BACKUP_FILE_MODE).
+
+    Backups hold role password hashes, PGDATA and private uploads: files 0600 and directories
+    0700 by default, or 0640/0750 for a backup-reading group. Set once at start (a umask).
+    """
+    os.umask(UMASKS[file_mode])
+
+
+def looser_than(roots: list[Path], file_mode: str, limit: int = 5) -> tuple[int, list[str]]:
+    """(count, examples) of files and directories under `roots` more open than the policy."""
+    extra = UMASKS[file_mode]
+    count, examples = 0, []
+    for root in roots:
+        if not root.exists():
+            continue
+        for path in [root, *root.rglob("*")]:
+            try:
+                mode = path.lstat().st_mode
+            except OSError:
+                continue
+            if stat.S_ISLNK(mode) or not mode & extra:
+                continue
+            count += 1
+            if len(examples) < limit:
+                examples.append(f"{path} {stat.S_IMODE(mode):04o}")
+    return count, examples
+
+
+TOOL_DIRS = ("logical", "volumes")  # BACKUP_DIR/<tier dir>/<target>/<target>_<stamp>...
+
+
 def remove_partials(root: Path) -> list[Path]:
-    """Delete `*.partial` files under `root` (left by a crash); return what was removed."""
-    removed = []
-    if not root.exists():
-        return removed
-    for path in root.rglob("*" + PARTIAL):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
+    """Delete the partial files a crash left in the tool's own layout; return what was removed.
+
+    Only `BACKUP_DIR/{logical,volumes}/<target>/<target>_*.partial` are ours: a `.partial`
+    anywhere else (a user's files restored into BACKUP_DIR/restore, say) is left alone.
+    """
+    removed: list[Path] = []
+    for top in TOOL_DIRS:
+        for path in sorted((root / top).glob("*/*" + PARTIAL)):
+            if not path.name.startswith(path.parent.name + "_") or path.is_symlink():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
     return removed

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import database, docker_api, notify, redact
+from .atomic import TOOL_DIRS, looser_than
 from .basics import human
 from .settings import Settings
 
@@ -18,6 +19,11 @@ class Outcome:
     name: str
     ok: bool
     text: str
+    warning: bool = False  # ok, but the operator should act
+
+
+class Caveat(Exception):
+    """Raised by a check that passes with a caveat."""
 
 
 def _dir(path: os.PathLike[str] | str) -> str:
@@ -51,12 +57,33 @@ def _volumes(settings: Settings) -> str:
     return ", ".join(settings.backup_volumes)
 
 
+def _permissions(settings: Settings) -> str:
+    roots = [settings.backup_dir / top for top in TOOL_DIRS] + [settings.state_dir]
+    count, examples = looser_than(roots, settings.backup_file_mode)
+    if count:
+        group = "g-w,o-rwx" if settings.backup_file_mode == "0640" else "go-rwx"
+        raise Caveat(f"{count} backup file(s) or directories are more open than "
+                       f"BACKUP_FILE_MODE={settings.backup_file_mode} allows, e.g. "
+                       f"{'; '.join(examples)}: run `chmod -R {group}` on them (written before "
+                       "0.2, or by hand)")
+    return f"files {settings.backup_file_mode}, directories private"
+
+
+def _secrets(settings: Settings) -> str:
+    weak = settings.weak_secrets()
+    if weak:
+        raise Caveat("; ".join(weak))
+    return "no weak password"
+
+
 def run_checks(settings: Settings) -> list[Outcome]:
     """Try each part in turn (settings, dirs, Docker, database, volumes, SMTP); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("settings", lambda: "ok"),
         ("backup dir", lambda: _dir(settings.backup_dir)),
         ("state dir", lambda: _dir(settings.state_dir)),
+        ("permissions", lambda: _permissions(settings)),
+        ("secrets", lambda: _secrets(settings)),
         ("docker", _docker),
         ("database", lambda: _database(settings)),
     ]
@@ -70,6 +97,8 @@ def run_checks(settings: Settings) -> list[Outcome]:
     for name, check in checks:
         try:
             outcomes.append(Outcome(name, True, check()))
+        except Caveat as exc:
+            outcomes.append(Outcome(name, True, redact.redact(str(exc)), warning=True))
         except Exception as exc:
             outcomes.append(Outcome(name, False, redact.redact(str(exc))))
     return outcomes

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from . import __version__, jobs, logs, redact
+from .atomic import use_file_mode
 from .basics import TimeLimitReached, ToyboxError, describe_unexpected, human, local_time
 from .settings import Settings, SettingsError, load
 from .store import Store
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(settings.log_format, settings.log_level)
+    use_file_mode(settings.backup_file_mode)
     try:
         return int(COMMANDS[args.command](settings, args) or 0)
     except KeyboardInterrupt:
@@ -235,7 +237,8 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
     outcomes = checks.run_checks(settings)
     for outcome in outcomes:
-        print(f"{'ok  ' if outcome.ok else 'FAIL'}  {outcome.name:<12} {outcome.text}")
+        state = "FAIL" if not outcome.ok else ("WARN" if outcome.warning else "ok  ")
+        print(f"{state}  {outcome.name:<12} {outcome.text}")
     return EXIT_OK if all(outcome.ok for outcome in outcomes) else EXIT_FAIL
 
 

@@ -172,6 +172,19 @@ def helper_image(configured: str | None) -> str:
     return "toybox-backupd:latest"
 
 
+def _require_image(image: str) -> None:
+    """DockerError saying what to do when `image` is not on this engine (no pull is tried)."""
+    try:
+        client().images.get(image)
+    except ImageNotFound:
+        raise DockerError(
+            f"the helper image {image!r} is not on this Docker engine, and toybox-backupd never "
+            "pulls one: build the sidecar's image (`docker build -t toybox-backupd .` in its "
+            "source) or set HELPER_IMAGE to a local image that has GNU tar") from None
+    except APIError as exc:
+        raise DockerError(f"cannot look up the helper image {image!r}: {_short(exc)}") from None
+
+
 # volumes ----------------------------------------------------------------------------------
 def volume_exists(name: str) -> bool:
     """Whether a Docker volume of this name exists."""
@@ -188,30 +201,32 @@ def create_volume(name: str) -> None:
 
 
 # helper containers ------------------------------------------------------------------------
+DEFAULT_HELPER_LIFETIME = 4 * 3600
+
+
 @contextlib.contextmanager
 def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
-           owner: str = "") -> Iterator[Container]:
+           owner: str = "", lifetime: int = DEFAULT_HELPER_LIFETIME) -> Iterator[Container]:
     """A short-lived container that mounts `volumes` ({volume: (path, 'ro'|'rw')}).
 
-    It runs `sleep` so commands can be exec'd into it; it has no network, no logs, and is
-    removed on exit whatever happens. `owner` (the history's instance id) lets start-up
-    recovery remove only its own leftovers.
+    It sleeps for `lifetime` seconds (the run's time limit) so commands can be exec'd into it,
+    then ends and removes itself: a helper outlives a killed run by that much at most. It has
+    no network and no logs, and is removed on exit whatever happens. `owner` (the history's
+    instance id) lets start-up recovery remove only its own leftovers. Raises DockerError
+    (in plain words when the image is missing: it is never pulled from a registry).
     """
     api = client()
+    _require_image(image)
     binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
     try:
         container = api.containers.run(
-            image, ["sleep", "infinity"], detach=True, remove=False, network_mode="none",
-            volumes=binds, labels={HELPER_LABEL: purpose, OWNER_LABEL: owner}, entrypoint=[],
-            user="0:0",
-            name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}",
+            image, ["sleep", str(max(1, int(lifetime)))], detach=True, auto_remove=True,
+            network_mode="none", volumes=binds, labels={HELPER_LABEL: purpose, OWNER_LABEL: owner},
+            entrypoint=[], user="0:0", name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}",
             log_config={"type": "none"},
         )
-    except ImageNotFound:
-        raise DockerError(
-            f"helper image {image!r} not found; set HELPER_IMAGE to an image with GNU tar") from None
     except APIError as exc:
-        raise DockerError(f"cannot start a helper container: {_short(exc)}") from None
+        raise DockerError(f"cannot start a helper container from {image!r}: {_short(exc)}") from None
     try:
         yield container
     finally:

@@ -33,6 +33,15 @@ class Proc(Protocol):
     def close(self) -> None: ...
 
 
+PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "TMPDIR",
+                  "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSERVICEFILE")
+
+
+def minimal_environment() -> dict[str, str]:
+    """What a local pg tool needs of our environment, and nothing else (no other secrets)."""
+    return {key: os.environ[key] for key in PASSED_THROUGH if key in os.environ}
+
+
 class LocalProc:
     """A local process with the same surface as docker_api.Exec."""
 
@@ -40,7 +49,7 @@ class LocalProc:
         self.cmd = cmd
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env={**os.environ, **env})
+            stderr=subprocess.PIPE, env={**minimal_environment(), **env})
         self._stderr = bytearray()
         self._err_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._err_thread.start()

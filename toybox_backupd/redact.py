@@ -1,4 +1,11 @@
-"""One place that knows the secrets, so logs, history, emails and errors can hide them."""
+"""One place that knows the secrets, so logs, history, emails and errors can hide them.
+
+Secrets are kept out of messages at their source (they go to tools through the environment,
+never on a command line or into a text that is logged); this is the last net. It masks only a
+secret that cannot be mistaken for ordinary text: one shorter than MIN_LENGTH or a common word
+would mangle text (`backend_postgres_data`) and, by the gap it leaves, reveal itself. Such a
+secret is reported as weak instead (`weak`, shown by `check` and at start-up).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,24 @@ import threading
 _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"
+MIN_LENGTH = 8
+COMMON = frozenset({
+    "postgres", "password", "passw0rd", "p@ssw0rd", "secret", "changeme", "changeit",
+    "admin", "administrator", "toybox", "backup", "backups", "example", "default", "qwerty",
+    "letmein", "welcome", "12345678", "123456789", "1234567890", "database", "postgresql",
+})
+
+
+def weak(value: str | None) -> bool:
+    """Whether a secret is too short or too common to be masked safely (or to be a secret)."""
+    return bool(value) and (len(value or "") < MIN_LENGTH or (value or "").lower() in COMMON)
 
 
 def register(*values: str | None) -> None:
-    """Remember secret values; every later `redact` call masks them."""
+    """Remember secret values; every later `redact` call masks them (weak ones excepted)."""
     with _lock:
         for value in values:
-            if value and len(value) >= 3:
+            if value and not weak(value):
                 _secrets.add(value)
 
 

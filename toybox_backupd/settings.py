@@ -85,6 +85,7 @@ class Settings(BaseSettings):
 
     # where things live
     backup_dir: Path = Field(Path("/backups"), alias="BACKUP_DIR")
+    backup_file_mode: Literal["0600", "0640"] = Field("0600", alias="BACKUP_FILE_MODE")
     state_dir: Path = Field(Path("/var/lib/toybox-backupd"), alias="STATE_DIR")
 
     # email
@@ -197,6 +198,17 @@ class Settings(BaseSettings):
     def smtp_password_value(self) -> str | None:
         return self.smtp_password.get_secret_value() if self.smtp_password else None
 
+    def weak_secrets(self) -> list[str]:
+        """Lines naming each secret that is too short or too common to be one (or masked)."""
+        lines = []
+        for var, value in (("POSTGRES_PASSWORD", self.postgres_password_value),
+                           ("SMTP_PASSWORD", self.smtp_password_value)):
+            if redact.weak(value):
+                lines.append(f"{var} is weak (shorter than {redact.MIN_LENGTH} characters or a "
+                             "common word): it cannot be masked in logs without mangling other "
+                             "text, so it is not; choose a long random one")
+        return lines
+
     def value(self, var: str) -> Any:
         """The value of the setting whose variable is `var` (e.g. "PGDUMP_SCHEDULE")."""
         for name, field in type(self).model_fields.items():
@@ -302,6 +314,8 @@ DESCRIPTIONS: dict[str, str] = {
     "DISK_MARGIN_PERCENT": "a run is refused early unless BACKUP_DIR has the last artifact's size "
                            "plus this margin free",
     "BACKUP_DIR": "where backups are written (plain files: copy them off the host)",
+    "BACKUP_FILE_MODE": "`0600` (files only the sidecar's user reads, directories 0700) or "
+                        "`0640` (also its group: directories 0750; see Backup files)",
     "STATE_DIR": "SQLite history and catalog, lock file",
     "NOTIFY_EMAIL_TO": "comma-separated recipients of the run reports; empty: no email",
     "NOTIFY_ON": "`all` (every run) or `failure`",

@@ -260,6 +260,8 @@ class Daemon:
             log.info("toybox-backupd starting", version=__version__, pid=os.getpid(),
                      tz=settings.tz, backup_dir=str(settings.backup_dir),
                      state_dir=str(settings.state_dir), catch_up=settings.catch_up)
+            for line in settings.weak_secrets():
+                log.warning(line)
             with Store(settings.state_dir) as store:
                 started = utcnow()
                 first = parse_iso(store.get_state(STATE_FIRST_STARTED))

@@ -113,7 +113,8 @@ def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
     store.scan_reset()
     with ExitStack() as stack:
         helper = stack.enter_context(docker_api.helper(
-            image, {volume: (MOUNT, "ro")}, "backup", store.instance_id()))
+            image, {volume: (MOUNT, "ro")}, "backup", store.instance_id(),
+            lifetime=ctx.job.time_limit_seconds(settings) + 60))
         stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
         with AtomicFile(path) as out, stopped_for(ctx, volume) as downtime:
             _list_volume(ctx, helper, volume)
