@@ -470,6 +470,24 @@ def test_time_limit_ends_a_hung_run(env: Env, pg: PG, table_lock: TableLock,
     assert run is not None and run.status == "failed"
     assert run.error and "time limit" in run.error
     assert not partials(env)
+    # the dump itself is ended, not just our end of its stream: no pg_dump process is left in
+    # the database container and no session of ours holds its snapshot and locks
+    assert wait_for("pg_dump and its session to end",
+                    lambda: not pg_dumps(pg) and not our_sessions(pg), 15,
+                    lambda: f"{pg_dumps(pg)} {our_sessions(pg)}")
+
+
+def pg_dumps(pg: PG) -> list[str]:
+    """Command lines of pg_dump processes in the database container."""
+    script = ('for f in /proc/[0-9]*/cmdline; do tr "\\0" " " < "$f" 2>/dev/null; echo; done'
+              " | grep '^pg_dump' || true")
+    out = pg.container.exec_run(["sh", "-c", script]).output.decode()
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def our_sessions(pg: PG) -> str:
+    return pg.psql("SELECT string_agg(pid::text, ',') FROM pg_stat_activity"
+                   " WHERE application_name='toybox-backupd'", db="postgres")
 
 
 def test_one_daemon_per_state_dir(plain_env: Env, daemons: Callable[..., Daemon]) -> None:

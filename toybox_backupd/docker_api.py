@@ -37,6 +37,10 @@ COMPOSE_SERVICE = "com.docker.compose.service"
 STDERR_KEEP = 64 * 1024
 READ_SIZE = 1024 * 1024
 _FRAME = struct.Struct(">BxxxL")
+# every exec'd command first tells its pid (on stderr, removed before anyone reads it), so
+# that it can be signalled later: `sh -c 'echo ...$$ >&2; exec "$@"' sh CMD...`
+PID_MARK = b"toybox-backupd-pid "
+PID_PREFIX = ["sh", "-c", f'echo "{PID_MARK.decode()}$$" >&2; exec "$@"', "sh"]
 
 
 class DockerError(ToyboxError):
@@ -317,6 +321,8 @@ class Exec:
     _exec_id: str = ""
     _sock: Any = None
     _stderr: bytearray = field(default_factory=bytearray)
+    _first_line: bytearray | None = field(default_factory=bytearray)
+    _pid: int | None = None
     _writer: threading.Thread | None = None
     _writer_error: BaseException | None = None
     _closed: bool = False
@@ -325,8 +331,8 @@ class Exec:
         api = client().api
         try:
             self._exec_id = api.exec_create(
-                self.container.id, self.cmd, stdout=True, stderr=True, stdin=self.stdin,
-                environment=self.environment, user=self.user or "",
+                self.container.id, [*PID_PREFIX, *self.cmd], stdout=True, stderr=True,
+                stdin=self.stdin, environment=self.environment, user=self.user or "",
             )["Id"]
             self._sock = api.exec_start(self._exec_id, socket=True)
             # A stream may rightly be silent (pg_dump waiting for a lock) or not read (tar busy
@@ -339,6 +345,30 @@ class Exec:
 
     def _raw(self) -> socket.socket:
         return getattr(self._sock, "_sock", self._sock)
+
+    @property
+    def pid(self) -> int | None:
+        """The command's process id inside its container, once it has said so."""
+        return self._pid
+
+    def _stderr_text(self) -> str:
+        pending = bytes(self._first_line or b"")  # a first line that never ended
+        return (pending + bytes(self._stderr)).decode("utf-8", "replace").strip()
+
+    def kill(self, signal_name: str = "TERM") -> bool:
+        """Signal the command itself (closing our stream does not end it: Docker runs exec'd
+        processes detached from the request). True if a signal was sent."""
+        pid = self.pid
+        if pid is None:
+            return False
+        try:
+            api = client().api
+            kill = api.exec_create(self.container.id, ["kill", f"-{signal_name}", str(pid)],
+                                   user=self.user or "")["Id"]
+            api.exec_start(kill, detach=True)
+        except (DockerException, OSError):
+            return False
+        return True
 
     def stdout(self) -> Iterator[bytes]:
         """Chunks of the command's stdout; stderr is kept (its tail) for `wait()`."""
@@ -356,6 +386,17 @@ class Exec:
                 raise
 
     def _keep_stderr(self, data: bytes | memoryview) -> None:
+        if self._first_line is not None:  # the pid line first (PID_PREFIX), kept apart
+            self._first_line += data
+            if b"\n" not in self._first_line and len(self._first_line) < 64:
+                return
+            first, _, rest = bytes(self._first_line).partition(b"\n")
+            self._first_line = None
+            if first.startswith(PID_MARK) and first[len(PID_MARK):].isdigit():
+                self._pid = int(first[len(PID_MARK):])
+                data = rest
+            else:
+                data = first + b"\n" + rest
         self._stderr += data
         if len(self._stderr) > 2 * STDERR_KEEP:
             del self._stderr[:-STDERR_KEEP]
@@ -424,7 +465,7 @@ class Exec:
         if self._writer_error is not None and not isinstance(self._writer_error, OSError):
             raise self._writer_error
         return ExecResult(exit_code=-1 if code is None else int(code),
-                          stderr=self._stderr.decode("utf-8", "replace").strip())
+                          stderr=self._stderr_text())
 
     def close(self) -> None:
         if self._closed:

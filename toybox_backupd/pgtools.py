@@ -30,6 +30,7 @@ class Proc(Protocol):
     def stdout(self) -> Iterator[bytes]: ...
     def feed(self, chunks: Iterable[bytes]) -> None: ...
     def wait(self, timeout: float = 60) -> ExecResult: ...
+    def kill(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -91,6 +92,13 @@ class LocalProc:
         code = self._proc.wait(timeout)
         self._err_thread.join(timeout)
         return ExecResult(code, self._stderr.decode("utf-8", "replace").strip())
+
+    def kill(self) -> bool:
+        """End the process (SIGTERM)."""
+        with contextlib.suppress(OSError):
+            self._proc.terminate()
+            return True
+        return False
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -115,6 +115,14 @@ def _rel(settings: Settings, path: Path) -> str:
     return str(path.relative_to(settings.backup_dir))
 
 
+def _end(ctx: RunContext, proc: Proc) -> None:
+    """On a time limit or abort: end the tool where it runs and its server session (closing our
+    stream alone would leave pg_dump holding its snapshot and locks), then our stream."""
+    proc.kill()
+    database.end_sessions(ctx.settings, [ctx.targets[0], "postgres", "template1"])
+    proc.close()
+
+
 def _check_custom(head: bytes, tail: bytes, size: int) -> str | None:
     if not head.startswith(CUSTOM_MAGIC):
         return "the dump does not start with the custom-format header"
@@ -137,7 +145,7 @@ def _dump_to(ctx: RunContext, tools: PgTools, tool: str, args: list[str], path: 
     proc = tools.start(tool, args)
     raw, head, tail = 0, b"", b""
     try:
-        with ctx.on_cancel(proc.close), AtomicFile(path) as out:
+        with ctx.on_cancel(lambda: _end(ctx, proc)), AtomicFile(path) as out:
             with compressor(out, "gzip" if gzip_it else "none", 6) as sink:
                 for chunk in proc.stdout():
                     ctx.check()
