@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,3 +62,30 @@ def test_a_missing_helper_image_is_named_and_never_pulled(images: Any) -> None:
     text = str(info.value)
     assert "'toybox-test/no-such-image:1' is not on this Docker engine" in text
     assert "HELPER_IMAGE" in text and "500" not in text and "registry" not in text
+
+
+def _capabilities(box: Any) -> set[int]:
+    result, out = docker_api.run(box, ["sh", "-c", "grep CapEff /proc/self/status"])
+    assert result.exit_code == 0, result.stderr
+    mask = int(out.split()[1], 16)
+    return {bit for bit in range(64) if mask >> bit & 1}
+
+
+def test_helpers_keep_only_the_capabilities_tar_needs(images: Any, docker_engine: Any) -> None:
+    """Reading: DAC_READ_SEARCH (2) only. Writing back: CHOWN 0, DAC_OVERRIDE 1,
+    DAC_READ_SEARCH 2, FOWNER 3, FSETID 4, MKNOD 27. No network, a read-only root."""
+    name = f"tbt-caps-{secrets.token_hex(4)}"
+    docker_engine.volumes.create(name)
+    try:
+        with docker_api.helper(BASE_IMAGE, {name: ("/vol", "ro")}, "test", "test-owner") as box:
+            assert _capabilities(box) == {2}
+            wrote, _ = docker_api.run(box, ["sh", "-c", "touch /root-is-read-only"])
+            assert wrote.exit_code != 0 and "Read-only file system" in wrote.stderr
+            net, out = docker_api.run(box, ["sh", "-c", "ls /sys/class/net"])
+            assert net.exit_code == 0 and out.split() == [b"lo"]
+        with docker_api.helper(BASE_IMAGE, {name: ("/vol", "rw")}, "test", "test-owner") as box:
+            assert _capabilities(box) == {0, 1, 2, 3, 4, 27}
+            made, _ = docker_api.run(box, ["sh", "-c", "echo x > /vol/f && chown 999:999 /vol/f"])
+            assert made.exit_code == 0, made.stderr
+    finally:
+        docker_engine.volumes.get(name).remove(force=True)

@@ -206,6 +206,11 @@ def create_volume(name: str) -> None:
 
 # helper containers ------------------------------------------------------------------------
 DEFAULT_HELPER_LIFETIME = 4 * 3600
+# What a helper may do as root, and nothing more (all other capabilities are dropped):
+# reading a volume needs to pass any file's permissions (PGDATA is 0700 postgres); writing one
+# back also sets owners, modes, times and special files as they were.
+READ_CAPS = ["DAC_READ_SEARCH"]
+WRITE_CAPS = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "MKNOD"]
 
 
 @contextlib.contextmanager
@@ -215,17 +220,21 @@ def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
 
     It sleeps for `lifetime` seconds (the run's time limit) so commands can be exec'd into it,
     then ends and removes itself: a helper outlives a killed run by that much at most. It has
-    no network and no logs, and is removed on exit whatever happens. `owner` (the history's
+    no network, no logs, a read-only root and only READ_CAPS (WRITE_CAPS when a volume is
+    mounted rw), and is removed on exit whatever happens. `owner` (the history's
     instance id) lets start-up recovery remove only its own leftovers. Raises DockerError
     (in plain words when the image is missing: it is never pulled from a registry).
     """
     api = client()
     _require_image(image)
     binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
+    writes = any(mode == "rw" for _, mode in volumes.values())
     try:
         container = api.containers.run(
             image, ["sleep", str(max(1, int(lifetime)))], detach=True, auto_remove=True,
             network_mode="none", volumes=binds, labels={HELPER_LABEL: purpose, OWNER_LABEL: owner},
+            cap_drop=["ALL"], cap_add=WRITE_CAPS if writes else READ_CAPS, read_only=True,
+            tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"}, security_opt=["no-new-privileges"],
             entrypoint=[], user="0:0", name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}",
             log_config={"type": "none"},
         )
