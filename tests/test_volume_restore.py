@@ -68,6 +68,26 @@ def helper_processes(docker_engine: Any, instance: str) -> str:
     return "\n".join(lines)
 
 
+def start_restore(env: Env, volume: str) -> subprocess.Popen[str]:
+    """`restore volume VOLUME --yes --stop-containers` in a subprocess, its output kept."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "toybox_backupd.cli", "--env-file", str(env.tmp / "none.env"),
+         "restore", "volume", volume, "--yes", "--stop-containers"],
+        env={**os.environ, **env.values}, cwd=str(env.tmp), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def extraction_under_way(docker_engine: Any, env: Env, volume: str) -> Path:
+    """Wait until tar writes the new tree into the staging dir; return that dir."""
+    with Store(env.state_dir) as history:
+        instance = history.instance_id()
+    root = mountpoint(docker_engine, volume)
+    [staging] = wait_for("the extraction beside the old tree", lambda: [
+        d for d in staging_dirs(root) if (d / "new").is_dir() and any((d / "new").iterdir())
+        and "--extract" in helper_processes(docker_engine, instance)])
+    return staging
+
+
 # killed with SIGKILL in the middle of the extraction --------------------------------------------
 def test_restore_killed_mid_extraction_keeps_the_old_database(
         plain_env: Env, docker_engine: Any, images: dict[str, str]) -> None:
@@ -84,22 +104,16 @@ def test_restore_killed_mid_extraction_keeps_the_old_database(
         with Store(env.state_dir) as history:
             instance = history.instance_id()
         root = mountpoint(docker_engine, pg.volume)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "toybox_backupd.cli", "--env-file", str(env.tmp / "none.env"),
-             "restore", "volume", pg.volume, "--yes", "--stop-containers"],
-            env={**os.environ, **env.values}, cwd=str(env.tmp),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start_restore(env, pg.volume)
         try:
-            [staging] = wait_for("the extraction beside the old tree", lambda: [
-                d for d in staging_dirs(root) if (d / "new").is_dir() and any((d / "new").iterdir())
-                and "tar" in helper_processes(docker_engine, instance)])
+            staging = extraction_under_way(docker_engine, env, pg.volume)
             os.kill(proc.pid, signal.SIGSTOP)
             # still half way: tar waits for the rest of the archive, nothing was swapped yet
             assert "--extract" in helper_processes(docker_engine, instance)
             assert not (staging / "old").exists()
         finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            proc.kill()
+            proc.communicate(timeout=30)
         assert (root / "PG_VERSION").exists() and (root / "ballast").exists()
         stopped, pending = bookkeeping(env)
         assert stopped == [pg.name]  # recorded before it was stopped, like a backup's
@@ -118,6 +132,37 @@ def test_restore_killed_mid_extraction_keeps_the_old_database(
         assert pg.snapshot() == old
     finally:
         remove_pg(pg)
+
+
+def test_restore_interrupted_with_ctrl_c_puts_the_old_tree_back(
+        plain_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    env = plain_env
+    volume = make_volume(TREE + "head -c 200000000 /dev/urandom > ballast\n")
+    env.values["BACKUP_VOLUMES"] = volume
+    run_ok(env, "backup", "full")
+    fill_volume(docker_engine, volume, CHANGES)
+    before = state(docker_engine, volume)
+    app = docker_engine.containers.run(
+        BASE_IMAGE, ["sleep", "infinity"], detach=True, name=unique("tbt-app"), init=True,
+        labels={"toybox-backupd.test": "1"}, volumes={volume: {"bind": "/data", "mode": "rw"}},
+        network_mode="none")
+    try:
+        proc = start_restore(env, volume)
+        try:
+            extraction_under_way(docker_engine, env, volume)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 1
+        assert f"restoring volume {volume} failed: interrupted" in stderr
+        assert "old contents are in place" in stderr and f"docker start {app.name}" in stderr
+        app.reload()
+        assert app.status != "running"
+        assert state(docker_engine, volume) == before
+        assert bookkeeping(env) == ([], [])
+    finally:
+        app.remove(force=True)
 
 
 # a volume without room for both trees --------------------------------------------------------
