@@ -1,25 +1,47 @@
-"""Restores of the physical tiers: a whole volume (some of its files: file_restore)."""
+"""`restore volume`: rebuild a volume as it was at a restore point, never leaving it worse.
+
+The chain (full, the paths deleted since it, the differential) is extracted beside the old tree
+and swapped in only when complete (volume_swap). The restore is recorded in the store before
+anything changes, and so is each container it stops, before it is stopped: after a crash,
+start-up recovery settles the volume and starts them again. A failure that is caught puts the old
+tree back and leaves the stopped containers stopped, for the operator to check and start.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .. import docker_api
-from ..basics import Confirm, JobError, Say, local_time, silent
+from ..basics import Confirm, JobError, Say, ToyboxError, describe_unexpected, local_time, silent
 from ..compression import decompressed, kind_of
-from ..pgtools import tool_error
 from ..restore_points import chain_for, check_file
 from ..settings import Settings
 from ..store import Artifact, Store
+from . import volume_swap
+from .volume_swap import FORWARD, MOUNT, NoRoom, new_dir, run_step
 
-MOUNT = "/vol"
 TAR_EXTRACT = [
     "tar", "--extract", "--file=-", "--numeric-owner", "--same-owner", "--same-permissions",
-    "--xattrs", "--xattrs-include=*", "--directory=" + MOUNT,
+    "--xattrs", "--xattrs-include=*",
 ]
+
+
+@dataclass
+class Plan:
+    """One restore: what goes where, and the containers it stops."""
+
+    name: str
+    target: str
+    when: str
+    chain: list[Artifact]
+    files: list[Path]
+    deleted: list[str]
+    running: list[Any]
+    staging: str = field(default_factory=volume_swap.staging_name)
+    stopped: list[Any] = field(default_factory=list)
 
 
 def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
@@ -27,15 +49,46 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
                    stop_containers: bool = False, say: Say = silent) -> None:
     """Rebuild volume `to` (default `name`) as `name` was at `at`: its full, then its differential.
 
-    Raises CatalogError (no restore point, or a corrupt file: nothing changed) or JobError.
+    Call it holding the run lock. Raises CatalogError (no restore point, or a corrupt file:
+    nothing changed) or JobError (the volume holds its old contents; stopped containers stay
+    stopped, named in the message).
     """
     target = to or name
     with Store(settings.state_dir) as store:
         chain = chain_for(store, name, at)
         deleted = store.deleted_paths(chain[-1].id) if len(chain) > 1 else []
-        owner = store.instance_id()
     files = [check_file(settings.backup_dir, item) for item in chain]
     when = local_time(chain[-1].created_at, settings.zone)
+    _settle_earlier(settings, target, say)
+    running = _check_target(target, name, when, confirm, stop_containers)
+    plan = Plan(name, target, when, chain, files, deleted, running)
+    say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
+    try:
+        _stop_and_restore(settings, plan)
+    except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit
+        raise _failed(settings, plan, exc) from None
+    _succeeded(settings, plan, say)
+
+
+def _settle_earlier(settings: Settings, target: str, say: Say) -> None:
+    """Settle restores a killed process left in progress (as start-up recovery does)."""
+    with Store(settings.state_dir) as store:
+        settled = volume_swap.settle_pending(settings, store)
+    for item in settled:
+        if item.outcome is None and item.volume == target:
+            raise JobError(
+                f"an earlier restore of volume {target} was cut short and cannot be settled "
+                f"({item.error}); its old contents may be in {item.staging}/old inside the "
+                "volume. Nothing was changed; fix the cause and try again")
+        started = f"; started again: {', '.join(item.started)}" if item.started else ""
+        say(f"an earlier restore of {item.volume} had been cut short: "
+            f"{item.outcome or 'could not be settled: ' + item.error}{started}")
+
+
+def _check_target(target: str, name: str, when: str, confirm: Confirm,
+                  stop_containers: bool) -> list[Any]:
+    """The running containers to stop; asks first, creates a missing volume. Changes nothing
+    on a refusal."""
     exists = docker_api.volume_exists(target)
     running = [c for c in (docker_api.containers_using_volume(target) if exists else [])
                if c.status == "running"]
@@ -49,48 +102,102 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
         raise JobError("cancelled; nothing was changed")
     if not exists:
         docker_api.create_volume(target)
-    say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
-    stopped: list[Any] = []
-    try:
-        for container in running:
+    return running
+
+
+def _stop_and_restore(settings: Settings, plan: Plan) -> None:
+    with Store(settings.state_dir) as store:
+        store.begin_restore(plan.target, plan.staging, [(c.id, c.name) for c in plan.running])
+        for container in plan.running:
+            store.record_stopped(container.id, container.name, None)
             docker_api.stop_container(container)
-            stopped.append(container)
-        image = docker_api.helper_image(settings.helper_image)
-        with docker_api.helper(image, {target: (MOUNT, "rw")}, "restore", owner) as helper:
-            _run(helper, ["find", MOUNT, "-mindepth", "1", "-delete"], "emptying the volume")
-            _extract(helper, files[0], chain[0])
-            if len(chain) > 1:
-                _delete_paths(helper, deleted)
-                _extract(helper, files[1], chain[1])
-    finally:
-        for container in stopped:
-            docker_api.start_container(container.id)
-    say(f"restored volume {target}: {name} as of {when}")
+            plan.stopped.append(container)
+        owner = store.instance_id()
+    image = docker_api.helper_image(settings.helper_image)
+    with docker_api.helper(image, {plan.target: (MOUNT, "rw")}, "restore", owner) as helper:
+        volume_swap.prepare(helper, plan.staging)
+        _extract(helper, plan.files[0], plan.chain[0], plan.staging)
+        if len(plan.chain) > 1:
+            _delete_paths(helper, plan.deleted, plan.staging)
+            _extract(helper, plan.files[1], plan.chain[1], plan.staging)
+        volume_swap.swap(helper, plan.staging)
 
 
-def _run(helper: Any, cmd: list[str], what: str, stdin: Iterator[bytes] | None = None) -> None:
-    proc = docker_api.Exec(helper, cmd, stdin=stdin is not None)
-    if stdin is not None:
-        proc.feed(stdin)
-    result = proc.wait(timeout=3600)
-    if result.exit_code != 0:
-        raise JobError(f"{what}: " + tool_error(cmd[0], result, "the helper container"))
-
-
-def _extract(helper: Any, path: Path, item: Artifact) -> None:
+def _extract(helper: Any, path: Path, item: Artifact, staging: str) -> None:
     kind = item.extra.get("compression") or kind_of(path)
-    _run(helper, TAR_EXTRACT, f"extracting {path.name}", decompressed(path, kind))
+    run_step(helper, [*TAR_EXTRACT, "--directory=" + new_dir(staging)], f"extracting {path.name}",
+             decompressed(path, kind))
 
 
-def _delete_paths(helper: Any, paths: list[str]) -> None:
+def _delete_paths(helper: Any, paths: list[str], staging: str) -> None:
     safe = [p for p in paths if _safe_relative(p)]
     if not safe:
         return
     data = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in safe)
-    _run(helper, ["sh", "-c", f"cd {MOUNT} && xargs -0 -r rm -rf --"],
-         "removing paths deleted since the full", iter([data]))
+    run_step(helper, ["sh", "-c", f"cd {new_dir(staging)} && xargs -0 -r rm -rf --"],
+             "removing paths deleted since the full", iter([data]))
 
 
 def _safe_relative(path: str) -> bool:
     parts = path.split("/")
     return bool(path) and not path.startswith("/") and ".." not in parts and path != "."
+
+
+# the outcome ---------------------------------------------------------------------------------
+def _succeeded(settings: Settings, plan: Plan, say: Say) -> None:
+    """Start the stopped containers again; one that fails stays recorded for start-up."""
+    problems = []
+    with Store(settings.state_dir) as store:
+        for container in plan.stopped:
+            try:
+                docker_api.start_container(container.id)
+                store.forget_stopped(container.id)
+            except Exception as exc:
+                problems.append(f"{container.name} ({exc})")
+        store.end_restore(plan.target)
+    say(f"restored volume {plan.target}: {plan.name} as of {plan.when}")
+    if problems:
+        raise JobError(f"volume {plan.target} was restored, but container(s) could not be "
+                       f"started again: {'; '.join(problems)}; start them with docker start "
+                       "(the daemon's start-up recovery also tries)")
+
+
+def _failed(settings: Settings, plan: Plan, exc: BaseException) -> JobError:
+    """Put the old tree back; the error to raise (the stopped containers stay stopped)."""
+    reason = _reason(plan, exc)
+    names = [c.name for c in plan.stopped]
+    try:
+        with Store(settings.state_dir) as store:
+            owner = store.instance_id()
+        outcome = volume_swap.settle(settings, plan.target, plan.staging, owner)
+    except Exception as again:  # recorded still: start-up recovery settles it and starts them
+        return JobError(
+            f"restoring volume {plan.target} failed: {reason}; putting its old contents back "
+            f"failed too: {describe_unexpected(again)}. Whatever of them is not in place is "
+            f"in {plan.staging}/old inside the volume. The daemon's start-up recovery (restart "
+            "the sidecar) or the next `restore volume` puts them back"
+            + (f" and then starts {', '.join(names)} again" if names else ""))
+    with Store(settings.state_dir) as store:
+        for container in plan.running:  # stopped ones stay stopped; the others never stopped
+            store.forget_stopped(container.id)
+        store.end_restore(plan.target)
+    held = ("The restore had finished: the volume holds the restored contents." if outcome ==
+            FORWARD else "The volume's old contents are in place again.")
+    text = f"restoring volume {plan.target} failed: {reason}. {held}"
+    if names:
+        text += (f" Container(s) {', '.join(names)} stay(s) stopped, as after any failed "
+                 f"restore: check them, then start them with `docker start {' '.join(names)}`.")
+    return JobError(text)
+
+
+def _reason(plan: Plan, exc: BaseException) -> str:
+    if isinstance(exc, NoRoom):
+        return (f"volume {plan.target} lacks room to restore beside its current contents: a "
+                "restore writes the restored files next to the old ones and swaps them in only "
+                "when complete, so the volume's disk needs free space for both (make room there, "
+                "or restore with --to OTHER into a volume on a bigger disk and copy from it)")
+    if isinstance(exc, ToyboxError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return describe_unexpected(exc)
