@@ -68,6 +68,15 @@ def helper_processes(docker_engine: Any, instance: str) -> str:
     return "\n".join(lines)
 
 
+def remove_helpers(docker_engine: Any, env: Env) -> None:
+    """Helpers a killed restore of this test left running (after a failure of the test)."""
+    with Store(env.state_dir) as history:
+        instance = history.instance_id()
+    for helper in docker_engine.containers.list(all=True, filters={
+            "label": f"toybox-backupd.owner={instance}"}):
+        helper.remove(force=True)
+
+
 def start_restore(env: Env, volume: str) -> subprocess.Popen[str]:
     """`restore volume VOLUME --yes --stop-containers` in a subprocess, its output kept."""
     return subprocess.Popen(
@@ -131,6 +140,7 @@ def test_restore_killed_mid_extraction_keeps_the_old_database(
         pg.wait_ready()
         assert pg.snapshot() == old
     finally:
+        remove_helpers(docker_engine, env)
         remove_pg(pg)
 
 
@@ -162,6 +172,7 @@ def test_restore_interrupted_with_ctrl_c_puts_the_old_tree_back(
         assert state(docker_engine, volume) == before
         assert bookkeeping(env) == ([], [])
     finally:
+        remove_helpers(docker_engine, env)
         app.remove(force=True)
 
 
