@@ -11,6 +11,7 @@ from ..atomic import remove_partials
 from ..basics import iso, local_time, parse_iso
 from ..settings import Settings
 from ..store import Store
+from ..tiers import volume_swap
 from .keys import STATE_HEARTBEAT
 
 log = logs.get("toybox_backupd.daemon")
@@ -23,11 +24,13 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
     With the lock held no run is in progress (every run holds it), so every `running` row is
     left over from a process that died. `last_alive` (default: the heartbeat in the store)
     estimates when that happened. Returns what was done:
-    {"interrupted": [run ids], "partials_removed": [paths], "containers_started": [names],
-     "containers_failed": [{"name", "error"}], "helpers_removed": n}.
+    {"interrupted": [run ids], "partials_removed": [paths], "restores": [{"volume", "outcome"}],
+     "containers_started": [names], "containers_failed": [{"name", "error"}],
+     "helpers_removed": n}.
     """
-    result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "containers_started": [],
-                              "containers_failed": [], "helpers_removed": 0}
+    result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "restores": [],
+                              "containers_started": [], "containers_failed": [],
+                              "helpers_removed": 0}
     with locks.run_lock(
         settings.state_dir, "start-up recovery",
         wait_log=lambda holder: log.info("recovery waits for the current run", holder=holder),
@@ -38,7 +41,8 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             relative = str(path.relative_to(settings.backup_dir))
             result["partials_removed"].append(relative)
             log.warning("partial file removed", file=relative)
-        stopped = store.stopped_containers()
+        held = _settle_restores(settings, store, result)
+        stopped = [row for row in store.stopped_containers() if row["container_id"] not in held]
         if stopped or settings.backup_volumes:
             _restart_containers(store, stopped, result)
             _remove_helpers(store, result)
@@ -69,6 +73,23 @@ def _close_interrupted(settings: Settings, store: Store, last_alive: datetime | 
         result["interrupted"].append(run.id)
         log.warning("run left running by a crash marked interrupted", run_id=run.id,
                     job=run.job, started=local_time(run.started_at, settings.zone, "weekday"))
+
+
+def _settle_restores(settings: Settings, store: Store, result: dict[str, Any]) -> set[str]:
+    """Settle the volume restores a killed process left in progress, starting the containers
+    they stopped; return the ids of those containers (the rest of recovery leaves them be)."""
+    held = {c["id"] for item in store.pending_restores() for c in item["containers"]}
+    try:
+        settled = volume_swap.settle_pending(settings, store)
+    except Exception as exc:
+        log.error("could not settle the volume restores left in progress", error=str(exc))
+        return held
+    for item in settled:
+        result["restores"].append({"volume": item.volume,
+                                   "outcome": item.outcome or f"failed: {item.error}"})
+        result["containers_started"] += item.started
+        result["containers_failed"] += item.failed
+    return held
 
 
 def _restart_containers(store: Store, stopped: list[Any], result: dict[str, Any]) -> None:
@@ -105,6 +126,7 @@ def _log_summary(result: dict[str, Any]) -> None:
     if any(result[key] for key in result):
         log.info("start-up recovery done", interrupted=len(result["interrupted"]),
                  partials_removed=len(result["partials_removed"]),
+                 restores_settled=len(result["restores"]),
                  containers_started=", ".join(result["containers_started"]) or "-",
                  containers_failed=len(result["containers_failed"]),
                  helpers_removed=result["helpers_removed"])

@@ -1,12 +1,17 @@
-"""Key/value state (heartbeat, instance id) and containers stopped for a consistent archive."""
+"""Key/value state (heartbeat, instance id, restores in progress) and stopped containers."""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 import uuid
+from typing import Any
 
 from ..basics import iso
 from .base import StoreBase
+
+RESTORE_KEY = "restore:"
 
 
 class StateMixin(StoreBase):
@@ -43,3 +48,24 @@ class StateMixin(StoreBase):
 
     def stopped_containers(self) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM stopped_containers ORDER BY stopped_at"))
+
+    # volume restores in progress -------------------------------------------------------
+    def begin_restore(self, volume: str, staging: str, containers: list[tuple[str, str]]) -> None:
+        """Note a restore of `volume` before anything in it changes or any container stops.
+
+        `staging` is its staging directory in the volume, `containers` the (id, name) of the
+        containers it stops; start-up recovery settles a restore that never ended.
+        """
+        self.set_state(RESTORE_KEY + volume, json.dumps({
+            "volume": volume, "staging": staging, "started_at": iso(), "pid": os.getpid(),
+            "containers": [{"id": cid, "name": name} for cid, name in containers]}))
+
+    def end_restore(self, volume: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM state WHERE key=?", (RESTORE_KEY + volume,))
+
+    def pending_restores(self) -> list[dict[str, Any]]:
+        """Restores begun and not ended (their process died or is still at work), by volume."""
+        rows = self.db.execute("SELECT value FROM state WHERE substr(key, 1, ?)=? ORDER BY key",
+                               (len(RESTORE_KEY), RESTORE_KEY))
+        return [json.loads(row["value"]) for row in rows]

@@ -1,31 +1,47 @@
-"""Restores of the physical tiers: a whole volume, or some of its files into a directory."""
+"""`restore volume`: rebuild a volume as it was at a restore point, never leaving it worse.
+
+The chain (full, the paths deleted since it, the differential) is extracted beside the old tree
+and swapped in only when complete (volume_swap). The restore is recorded in the store before
+anything changes, and so is each container it stops, before it is stopped: after a crash,
+start-up recovery settles the volume and starts them again. A failure that is caught puts the old
+tree back and leaves the stopped containers stopped, for the operator to check and start.
+"""
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import tarfile
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import docker_api, tarstream
-from ..atomic import CHUNK
-from ..basics import Confirm, JobError, Say, local_time, silent
+from .. import docker_api
+from ..basics import Confirm, JobError, Say, ToyboxError, describe_unexpected, local_time, silent
 from ..compression import decompressed, kind_of
-from ..logs import get
-from ..pgtools import tool_error
 from ..restore_points import chain_for, check_file
 from ..settings import Settings
 from ..store import Artifact, Store
+from . import volume_swap
+from .volume_swap import FORWARD, MOUNT, NoRoom, new_dir, run_step
 
-log = get("toybox_backupd.volumes")
-MOUNT = "/vol"
 TAR_EXTRACT = [
     "tar", "--extract", "--file=-", "--numeric-owner", "--same-owner", "--same-permissions",
-    "--xattrs", "--xattrs-include=*", "--directory=" + MOUNT,
+    "--xattrs", "--xattrs-include=*",
 ]
+
+
+@dataclass
+class Plan:
+    """One restore: what goes where, and the containers it stops."""
+
+    name: str
+    target: str
+    when: str
+    chain: list[Artifact]
+    files: list[Path]
+    deleted: list[str]
+    running: list[Any]
+    staging: str = field(default_factory=volume_swap.staging_name)
+    stopped: list[Any] = field(default_factory=list)
 
 
 def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
@@ -33,15 +49,46 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
                    stop_containers: bool = False, say: Say = silent) -> None:
     """Rebuild volume `to` (default `name`) as `name` was at `at`: its full, then its differential.
 
-    Raises CatalogError (no restore point, or a corrupt file: nothing changed) or JobError.
+    Call it holding the run lock. Raises CatalogError (no restore point, or a corrupt file:
+    nothing changed) or JobError (the volume holds its old contents; stopped containers stay
+    stopped, named in the message).
     """
     target = to or name
     with Store(settings.state_dir) as store:
         chain = chain_for(store, name, at)
         deleted = store.deleted_paths(chain[-1].id) if len(chain) > 1 else []
-        owner = store.instance_id()
     files = [check_file(settings.backup_dir, item) for item in chain]
     when = local_time(chain[-1].created_at, settings.zone)
+    _settle_earlier(settings, target, say)
+    running = _check_target(target, name, when, confirm, stop_containers)
+    plan = Plan(name, target, when, chain, files, deleted, running)
+    say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
+    try:
+        _stop_and_restore(settings, plan)
+    except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit
+        raise _failed(settings, plan, exc) from None
+    _succeeded(settings, plan, say)
+
+
+def _settle_earlier(settings: Settings, target: str, say: Say) -> None:
+    """Settle restores a killed process left in progress (as start-up recovery does)."""
+    with Store(settings.state_dir) as store:
+        settled = volume_swap.settle_pending(settings, store)
+    for item in settled:
+        if item.outcome is None and item.volume == target:
+            raise JobError(
+                f"an earlier restore of volume {target} was cut short and cannot be settled "
+                f"({item.error}); its old contents may be in {item.staging}/old inside the "
+                "volume. Nothing was changed; fix the cause and try again")
+        started = f"; started again: {', '.join(item.started)}" if item.started else ""
+        say(f"an earlier restore of {item.volume} had been cut short: "
+            f"{item.outcome or 'could not be settled: ' + item.error}{started}")
+
+
+def _check_target(target: str, name: str, when: str, confirm: Confirm,
+                  stop_containers: bool) -> list[Any]:
+    """The running containers to stop; asks first, creates a missing volume. Changes nothing
+    on a refusal."""
     exists = docker_api.volume_exists(target)
     running = [c for c in (docker_api.containers_using_volume(target) if exists else [])
                if c.status == "running"]
@@ -55,46 +102,40 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
         raise JobError("cancelled; nothing was changed")
     if not exists:
         docker_api.create_volume(target)
-    say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
-    stopped: list[Any] = []
-    try:
-        for container in running:
+    return running
+
+
+def _stop_and_restore(settings: Settings, plan: Plan) -> None:
+    with Store(settings.state_dir) as store:
+        store.begin_restore(plan.target, plan.staging, [(c.id, c.name) for c in plan.running])
+        for container in plan.running:
+            store.record_stopped(container.id, container.name, None)
             docker_api.stop_container(container)
-            stopped.append(container)
-        image = docker_api.helper_image(settings.helper_image)
-        with docker_api.helper(image, {target: (MOUNT, "rw")}, "restore", owner) as helper:
-            _run(helper, ["find", MOUNT, "-mindepth", "1", "-delete"], "emptying the volume")
-            _extract(helper, files[0], chain[0])
-            if len(chain) > 1:
-                _delete_paths(helper, deleted)
-                _extract(helper, files[1], chain[1])
-    finally:
-        for container in stopped:
-            docker_api.start_container(container.id)
-    say(f"restored volume {target}: {name} as of {when}")
+            plan.stopped.append(container)
+        owner = store.instance_id()
+    image = docker_api.helper_image(settings.helper_image)
+    with docker_api.helper(image, {plan.target: (MOUNT, "rw")}, "restore", owner) as helper:
+        volume_swap.prepare(helper, plan.staging)
+        _extract(helper, plan.files[0], plan.chain[0], plan.staging)
+        if len(plan.chain) > 1:
+            _delete_paths(helper, plan.deleted, plan.staging)
+            _extract(helper, plan.files[1], plan.chain[1], plan.staging)
+        volume_swap.swap(helper, plan.staging)
 
 
-def _run(helper: Any, cmd: list[str], what: str, stdin: Iterator[bytes] | None = None) -> None:
-    proc = docker_api.Exec(helper, cmd, stdin=stdin is not None)
-    if stdin is not None:
-        proc.feed(stdin)
-    result = proc.wait(timeout=3600)
-    if result.exit_code != 0:
-        raise JobError(f"{what}: " + tool_error(cmd[0], result, "the helper container"))
-
-
-def _extract(helper: Any, path: Path, item: Artifact) -> None:
+def _extract(helper: Any, path: Path, item: Artifact, staging: str) -> None:
     kind = item.extra.get("compression") or kind_of(path)
-    _run(helper, TAR_EXTRACT, f"extracting {path.name}", decompressed(path, kind))
+    run_step(helper, [*TAR_EXTRACT, "--directory=" + new_dir(staging)], f"extracting {path.name}",
+             decompressed(path, kind))
 
 
-def _delete_paths(helper: Any, paths: list[str]) -> None:
+def _delete_paths(helper: Any, paths: list[str], staging: str) -> None:
     safe = [p for p in paths if _safe_relative(p)]
     if not safe:
         return
     data = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in safe)
-    _run(helper, ["sh", "-c", f"cd {MOUNT} && xargs -0 -r rm -rf --"],
-         "removing paths deleted since the full", iter([data]))
+    run_step(helper, ["sh", "-c", f"cd {new_dir(staging)} && xargs -0 -r rm -rf --"],
+             "removing paths deleted since the full", iter([data]))
 
 
 def _safe_relative(path: str) -> bool:
@@ -102,97 +143,61 @@ def _safe_relative(path: str) -> bool:
     return bool(path) and not path.startswith("/") and ".." not in parts and path != "."
 
 
-# some files ----------------------------------------------------------------------------------
-def restore_files(settings: Settings, name: str, patterns: list[str], *,
-                  at: datetime | None = None, dest: str, say: Say = silent) -> None:
-    """Extract the paths of volume `name` matching `patterns` as they were at `at` into `dest`.
-
-    Members that would land outside `dest` (or are special files) are refused and counted.
-    Raises CatalogError or JobError (nothing matches; every match refused).
-    """
-    destination = Path(dest).resolve()
-    destination.mkdir(parents=True, exist_ok=True)
+# the outcome ---------------------------------------------------------------------------------
+def _succeeded(settings: Settings, plan: Plan, say: Say) -> None:
+    """Start the stopped containers again; one that fails stays recorded for start-up."""
+    problems = []
     with Store(settings.state_dir) as store:
-        chain = chain_for(store, name, at)
-        wanted = _wanted(store, chain, patterns)
-    if not any(wanted):
-        raise JobError(f"nothing in {name} at that time matches {' '.join(patterns)}")
-    files = [check_file(settings.backup_dir, item) for item in chain]
-    written = refused = 0
-    for item, path, names in zip(chain, files, wanted, strict=True):
-        if names:
-            done, bad = _extract_some(item, path, names, destination)
-            written, refused = written + done, refused + bad
-    say(f"restored {written} path(s) of {name} into {destination}"
-        + (f"; refused {refused} unsafe or unreadable member(s)" if refused else ""))
-    if refused and not written:
-        raise JobError("every matching member was refused (unsafe names or links)")
-
-
-def _wanted(store: Store, chain: list[Artifact], patterns: list[str]) -> list[set[str]]:
-    """Per archive of the chain, the matching paths to take from it (the newest copy wins)."""
-    wanted: list[set[str]] = [set() for _ in chain]
-    newer = {row["path"] for row in store.files(chain[-1].id)} if len(chain) > 1 else set()
-    gone = set(store.deleted_paths(chain[-1].id)) if len(chain) > 1 else set()
-    for position, item in enumerate(chain):
-        for row in store.files(item.id):
-            row_path = row["path"]
-            if position == 0 and len(chain) > 1 and (row_path in newer or row_path in gone):
-                continue
-            if _matches(row_path, patterns):
-                wanted[position].add(row_path)
-    return wanted
-
-
-def _extract_some(item: Artifact, path: Path, names: set[str],
-                  destination: Path) -> tuple[int, int]:
-    """Extract `names` from one archive; return (written, refused)."""
-    written = refused = 0
-    kind = item.extra.get("compression") or kind_of(path)
-    reader = tarstream.TeeReader(decompressed(path, kind), None)
-    with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tar:
-        for member in tar:
-            if tarstream.normalize(member.name) not in names:
-                continue
+        for container in plan.stopped:
             try:
-                _extract_member(tar, member, destination)
-                written += 1
-            except (_FILTER_ERROR, ValueError, OSError, KeyError) as exc:
-                refused += 1
-                log.warning("member refused", member=member.name, error=str(exc))
-    return written, refused
+                docker_api.start_container(container.id)
+                store.forget_stopped(container.id)
+            except Exception as exc:
+                problems.append(f"{container.name} ({exc})")
+        store.end_restore(plan.target)
+    say(f"restored volume {plan.target}: {plan.name} as of {plan.when}")
+    if problems:
+        raise JobError(f"volume {plan.target} was restored, but container(s) could not be "
+                       f"started again: {'; '.join(problems)}; start them with docker start "
+                       "(the daemon's start-up recovery also tries)")
 
 
-# Python 3.11.0-3.11.3 (Debian 12 ships 3.11.2) has no tarfile extraction filters.
-_HAS_FILTERS = hasattr(tarfile, "data_filter")
-_FILTER_ERROR: type[Exception] = getattr(tarfile, "FilterError", ValueError)
+def _failed(settings: Settings, plan: Plan, exc: BaseException) -> JobError:
+    """Put the old tree back; the error to raise (the stopped containers stay stopped)."""
+    reason = _reason(plan, exc)
+    names = [c.name for c in plan.stopped]
+    try:
+        with Store(settings.state_dir) as store:
+            owner = store.instance_id()
+        outcome = volume_swap.settle(settings, plan.target, plan.staging, owner)
+    except Exception as again:  # recorded still: start-up recovery settles it and starts them
+        return JobError(
+            f"restoring volume {plan.target} failed: {reason}; putting its old contents back "
+            f"failed too: {describe_unexpected(again)}. Whatever of them is not in place is "
+            f"in {plan.staging}/old inside the volume. The daemon's start-up recovery (restart "
+            "the sidecar) or the next `restore volume` puts them back"
+            + (f" and then starts {', '.join(names)} again" if names else ""))
+    with Store(settings.state_dir) as store:
+        for container in plan.running:  # stopped ones stay stopped; the others never stopped
+            store.forget_stopped(container.id)
+        store.end_restore(plan.target)
+    held = ("The restore had finished: the volume holds the restored contents." if outcome ==
+            FORWARD else "The volume's old contents are in place again.")
+    text = f"restoring volume {plan.target} failed: {reason}. {held}"
+    if names:
+        text += (f" Container(s) {', '.join(names)} stay(s) stopped, as after any failed "
+                 f"restore: check them, then start them with `docker start {' '.join(names)}`.")
+    return JobError(text)
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
-    """Extract one member under `destination` with the rules of tarfile's "data" filter."""
-    if _HAS_FILTERS:
-        tar.extract(member, destination, filter="data")
-        return
-    target = Path(os.path.realpath(destination / member.name))
-    if os.path.isabs(member.name) or not target.is_relative_to(destination):
-        raise ValueError(f"{member.name!r} would be written outside {destination}")
-    if member.issym() or member.islnk():
-        base = target.parent if member.issym() else destination
-        link = Path(os.path.realpath(base / member.linkname))
-        if os.path.isabs(member.linkname) or not link.is_relative_to(destination):
-            raise ValueError(f"{member.name!r} links outside {destination}")
-    elif not (member.isreg() or member.isdir()):
-        raise ValueError(f"{member.name!r} is a special file")
-    # no setuid/setgid/sticky or group/other write; the owner can read and write; owned by us
-    member.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
-    member.uid, member.gid = os.getuid(), os.getgid()
-    member.uname = member.gname = ""
-    tar.extract(member, destination, numeric_owner=True)
-
-
-def _matches(path: str, patterns: list[str]) -> bool:
-    for pattern in patterns:
-        pattern = pattern.strip("/") or "."
-        if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern + "/"):
-            return True
-    return False
+def _reason(plan: Plan, exc: BaseException) -> str:
+    if isinstance(exc, NoRoom):
+        return (f"volume {plan.target} lacks room to restore beside its current contents: a "
+                "restore writes the restored files next to the old ones and swaps them in only "
+                "when complete, so the volume's disk needs free space for both (make room there, "
+                "or restore with --to OTHER into a volume on a bigger disk and copy from it)")
+    if isinstance(exc, ToyboxError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return describe_unexpected(exc)

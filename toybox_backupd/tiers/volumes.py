@@ -5,7 +5,7 @@ the Docker API), `find` lists every path with its metadata, and GNU tar archives
 to stdout. The stream comes back over `docker exec`, is indexed and hashed as it passes
 (tarstream), compressed (zstd by default) and written atomically. The same code serves the full
 (every path) and the differential (paths whose metadata differ from the last full's index).
-Restores live in volume_restore.
+Restores live in volume_restore (with volume_swap) and file_restore.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from ..pgtools import tool_error
 from ..restore_points import check_file
 from ..settings import Settings
 from ..store import Artifact
-from .volume_restore import MOUNT, restore_files, restore_volume
+from .file_restore import restore_files
+from .volume_restore import restore_volume
+from .volume_swap import MOUNT
 
 __all__ = ["backup", "restore_files", "restore_volume", "verify"]
 
