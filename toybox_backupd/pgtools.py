@@ -26,7 +26,7 @@ STDERR_KEEP = 64 * 1024
 
 class Proc(Protocol):
     def stdout(self) -> Iterator[bytes]: ...
-    def feed(self, chunks: Iterable[bytes]) -> None: ...
+    def feed(self, chunks: Iterable[bytes], partial_ok: bool = False) -> None: ...
     def wait(self, timeout: float = 60) -> ExecResult: ...
     def close(self) -> None: ...
 
@@ -43,6 +43,7 @@ class LocalProc:
         self._err_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._err_thread.start()
         self._writer: threading.Thread | None = None
+        self._lost_input: BaseException | None = None
 
     def _read_stderr(self) -> None:
         assert self._proc.stderr is not None
@@ -57,14 +58,16 @@ class LocalProc:
             while chunk := self._proc.stdout.read1(1024 * 1024):  # type: ignore[attr-defined]
                 yield chunk
 
-    def feed(self, chunks: Iterable[bytes]) -> None:
+    def feed(self, chunks: Iterable[bytes], partial_ok: bool = False) -> None:
+        """Write `chunks` to stdin from a thread; as docker_api.Exec.feed."""
         def write() -> None:
             assert self._proc.stdin is not None
             try:
                 for chunk in chunks:
                     self._proc.stdin.write(chunk)
-            except (BrokenPipeError, OSError, ValueError):
-                pass
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                if not partial_ok:
+                    self._lost_input = exc
             finally:
                 with contextlib.suppress(OSError):
                     self._proc.stdin.close()
@@ -73,13 +76,19 @@ class LocalProc:
         self._writer.start()
 
     def wait(self, timeout: float = 60) -> ExecResult:
+        """Drain stdout, then the exit status; JobError if stdin could not all be written."""
         for _ in self.stdout():
             pass
         if self._writer:
             self._writer.join(timeout)
         code = self._proc.wait(timeout)
         self._err_thread.join(timeout)
-        return ExecResult(code, self._stderr.decode("utf-8", "replace").strip())
+        result = ExecResult(code, self._stderr.decode("utf-8", "replace").strip())
+        if self._lost_input is not None:
+            raise JobError(f"{os.path.basename(self.cmd[0])} on this host did not take all of "
+                           f"its input ({self._lost_input}); it exited with status {code}: "
+                           + (result.stderr.splitlines() or ["no message"])[-1])
+        return result
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -263,7 +263,8 @@ def _tar(ctx: RunContext, helper: Any, out: AtomicFile) -> list[str]:
                     _index_stream(ctx, tarstream.TeeReader(proc.stdout(), sink, ctx.check))
             except tarfile.TarError as exc:
                 ctx.check()
-                raise JobError(f"the tar stream from the helper was damaged: {exc}") from None
+                raise JobError(f"the tar stream from the helper is cut short or damaged: {exc}; "
+                               "nothing was kept") from None
             ctx.check()
             result = proc.wait()
     # GNU tar: 0 ok, 1 "some files differ" (changed while read), 2 fatal

@@ -1,0 +1,156 @@
+"""Issue 12, integrity: a cut tar stream is a failed run, reindex trusts only the tool's own
+layout, deleted rows can come back, and a run leaves no orphans behind."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from conftest import BASE_IMAGE, Env
+
+from toybox_backupd import atomic, manifests
+from toybox_backupd.store import Store
+
+TREE = r"""
+mkdir -p docs uploads/2026-01-25
+echo 'hello world' > docs/note.txt
+head -c 200000 /dev/urandom > uploads/2026-01-25/photo1.jpg
+printf 'last\n' > zz-last.txt
+"""
+
+# A `tar` that runs the real GNU tar into a temporary file, finds where its last member starts
+# (`tar -tvR` gives each member's header block and size; a pax header sits right before it),
+# writes only the bytes before that member, and exits 0: a stream cut at a header boundary.
+CUT_TAR = r"""#!/bin/sh
+tmp=$(mktemp)
+/usr/bin/tar "$@" > "$tmp" || exit $?
+cut=$(/usr/bin/tar -tvR -f "$tmp" | awk '$1 == "block" && $3 != "**" {
+    prev = block; prevsize = size; block = $2 + 0; size = $5 }
+  END { print (prev + 1 + int((prevsize + 511) / 512)) * 512 }')
+head -c "$cut" "$tmp"
+rm -f "$tmp"
+exit 0
+"""
+CUT_TAR_DOCKERFILE = f"FROM {BASE_IMAGE}\nCOPY tar /usr/local/bin/tar\nRUN chmod 755 /usr/local/bin/tar\n"
+
+
+def build_test_image(client: Any, name: str, files: dict[str, str]) -> str:
+    """Build an image from these files once: its tag carries a hash of them, so it is reused."""
+    digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:12]
+    tag = f"{name}:{digest}"
+    try:
+        client.images.get(tag)
+        return tag
+    except Exception:
+        pass
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for filename, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(filename)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True,
+                        network_mode="none")
+    return tag
+
+
+@pytest.fixture(scope="session")
+def cut_tar_image(docker_engine: Any, images: Any) -> str:
+    return build_test_image(docker_engine, "toybox-test/cut-tar",
+                            {"Dockerfile": CUT_TAR_DOCKERFILE, "tar": CUT_TAR})
+
+
+def catalog(env: Env, tier: str | None = None, statuses: tuple[str, ...] = ("ok",)) -> list[Any]:
+    with Store(env.state_dir) as history:
+        return history.artifacts(tier=tier, statuses=statuses)
+
+
+def last_run(env: Env) -> Any:
+    with Store(env.state_dir) as history:
+        return history.runs(limit=1)[0]
+
+
+def files_under(root: Path) -> list[str]:
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def run_ok(env: Env, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
+    result = env.cli(*args, **overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+# 7. a cut tar stream is a failed run, never an artifact ---------------------------------------
+def test_archive_cut_at_a_header_boundary_fails_the_run(
+        plain_env: Env, make_volume: Callable[..., str], cut_tar_image: str) -> None:
+    env = plain_env
+    volume = make_volume(TREE)
+    env.values["BACKUP_VOLUMES"] = volume
+    result = env.cli("backup", "full", HELPER_IMAGE=cut_tar_image)
+    assert result.returncode != 0, result.stdout + result.stderr
+    run = last_run(env)
+    assert run.status == "failed"
+    assert "end-of-archive marker" in run.error, run.error
+    assert catalog(env, statuses=("ok", "corrupt", "deleted")) == []
+    assert files_under(env.backup_dir) == []
+    # the same volume through the real tar is a good archive
+    run_ok(env, "backup", "full")
+    assert [item.tier for item in catalog(env)] == ["full"]
+
+
+def _archive(names: list[str]) -> tuple[bytes, list[int]]:
+    """A posix tar of small files, and where each member (with its pax header) starts."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            data = f"{name}\n".encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = {"comment": "x"}  # every member has a pax header, as GNU tar's do
+            tar.addfile(info, io.BytesIO(data))
+    data = raw.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        offsets = [member.offset for member in tar.getmembers()]
+    return data, offsets
+
+
+def _plant_archive(env: Env, volume: str, data: bytes, files: int) -> Path:
+    directory = env.backup_dir / "volumes" / volume
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{volume}_20260126-173000_full.tar.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(data))
+    manifests.write_manifest(path, {
+        "tool": "toybox-backupd", "tier": "full", "target": volume,
+        "created_at": "2026-01-26T08:30:00+00:00", "size": path.stat().st_size,
+        "sha256": atomic.sha256_of(path), "file": path.name, "base": None, "deleted": [],
+        "extra": {"compression": "zstd", "files": files},
+    })
+    return path
+
+
+def test_verify_requires_the_end_of_archive_marker(plain_env: Env) -> None:
+    env = plain_env
+    data, offsets = _archive(["a.txt", "b.txt", "c.txt"])
+    # cut where the last member's header starts: the checksum and the member count still match
+    _plant_archive(env, "cutvol", data[:offsets[-1]], files=2)
+    _plant_archive(env, "goodvol", data, files=3)
+    run_ok(env, "reindex")
+    verify = env.cli("verify", "--json")
+    assert verify.returncode != 0, verify.stdout + verify.stderr
+    verdicts = {item["target"]: item for item in json.loads(verify.stdout)}
+    assert verdicts["goodvol"]["ok"], verdicts["goodvol"]
+    assert not verdicts["cutvol"]["ok"]
+    assert "end-of-archive marker" in verdicts["cutvol"]["problem"]
+
