@@ -3,9 +3,11 @@ layout, deleted rows can come back, and a run leaves no orphans behind."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import BASE_IMAGE, Env
+from conftest import BASE_IMAGE, PG, Env
 
 from toybox_backupd import atomic, manifests
 from toybox_backupd.store import Store
@@ -153,4 +155,73 @@ def test_verify_requires_the_end_of_archive_marker(plain_env: Env) -> None:
     assert verdicts["goodvol"]["ok"], verdicts["goodvol"]
     assert not verdicts["cutvol"]["ok"]
     assert "end-of-archive marker" in verdicts["cutvol"]["problem"]
+
+
+# 9. reindex trusts only the tool's own layout; pg tools run as postgres ---------------------------
+def _plant_dump(root: Path, relative: str, sql: str, *, created_at: str, target: str = "toybox",
+                tier: str = "logical", file: str | None = None) -> Path:
+    """A plain-format dump and its manifest, as the tool would write them (or nearly)."""
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress((sql + "\n-- PostgreSQL database dump complete\n").encode()))
+    manifests.write_manifest(path, {
+        "tool": "toybox-backupd", "tier": tier, "target": target, "created_at": created_at,
+        "size": path.stat().st_size, "sha256": atomic.sha256_of(path),
+        "file": file or path.name, "extra": {"format": "plain", "database": target},
+    })
+    return path
+
+
+WHOAMI = "\\! id -un > /tmp/toybox-whoami\nCREATE TABLE probe (x int);"
+
+
+def test_reindex_accepts_only_the_tools_own_layout(env: Env, pg: PG) -> None:
+    run_ok(env, "backup", "logical")
+    [real] = catalog(env)
+    root = env.backup_dir
+    past, future = "2026-01-20T08:00:00+00:00", "2099-12-31T08:00:00+00:00"
+    foreign = {
+        # runbook 4 restored a user's upload into /backups/restore: a dump with its manifest
+        "restore/uploads/toybox_20991231-170000.sql.gz": {"created_at": future},
+        "restore/toybox_20260120-170000.sql.gz": {"created_at": past},
+        # in the layout, but dated in the future: it would become the latest dump
+        "logical/toybox/toybox_20991231-170000.sql.gz": {"created_at": future},
+        # names that do not match: another database's directory, another file name, another tier
+        "logical/other/toybox_20260120-170000.sql.gz": {"created_at": past},
+        "logical/toybox/evil_20260120-170000.sql.gz": {"created_at": past},
+        "logical/toybox/toybox_20260120-170001.sql.gz": {"created_at": past, "file": "x.sql.gz"},
+        "volumes/toybox/toybox_20260120-170000_full.tar.gz": {"created_at": past},
+        "logical/toybox/deeper/toybox_20260120-170000.sql.gz": {"created_at": past},
+    }
+    for relative, fields in foreign.items():
+        _plant_dump(root, relative, WHOAMI, **fields)
+    good = _plant_dump(root, "logical/toybox/toybox_20260120-170000-2.sql.gz", "SELECT 1;",
+                       created_at=past)
+    shutil.rmtree(env.state_dir)
+    result = run_ok(env, "reindex")
+    assert "2 artifact(s) added" in result.stdout, result.stdout
+    for relative in foreign:
+        if not relative.startswith("restore/") and "deeper" not in relative:
+            assert f"skipped {relative}" in result.stdout, result.stdout
+    assert sorted(item.path for item in catalog(env)) == sorted(
+        [real.path, str(good.relative_to(root))])
+    # the newest dump is the real one, and restoring it runs nothing of the planted ones
+    run_ok(env, "restore", "db", "--into", "toybox_check")
+    assert pg.snapshot("toybox_check") == pg.snapshot()
+    assert pg.container.exec_run(["test", "-e", "/tmp/toybox-whoami"]).exit_code != 0
+
+
+def test_pg_tools_run_as_postgres_in_the_database_container(env: Env, pg: PG) -> None:
+    _plant_dump(env.backup_dir, "logical/toybox/toybox_20260120-170000.sql.gz", WHOAMI,
+                created_at="2026-01-20T08:00:00+00:00")
+    run_ok(env, "reindex")
+    run_ok(env, "restore", "db", "--into", "toybox_probe")
+    whoami = pg.container.exec_run(["cat", "/tmp/toybox-whoami"])
+    assert whoami.exit_code == 0 and whoami.output.decode().strip() == "postgres"
+    # and the tools still work as that user: a real dump, verified and restored
+    run_ok(env, "backup", "logical")
+    verified = run_ok(env, "verify").stdout
+    assert ".dump" in verified and "CORRUPT" not in verified, verified
+    run_ok(env, "restore", "db", "--into", "toybox_copy")
+    assert pg.snapshot("toybox_copy") == pg.snapshot()
 

@@ -223,8 +223,11 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
     """`reindex`: the catalog rebuilt from the manifests."""
     from . import reindex
 
-    added = reindex.reindex(settings.backup_dir, settings.state_dir)
-    print(f"reindex: {added} artifact(s) added to the catalog")
+    done = reindex.reindex(settings.backup_dir, settings.state_dir)
+    for path, why in done.skipped:
+        print(f"skipped {path}: {why}")
+    print(f"reindex: {len(done.added)} artifact(s) added to the catalog"
+          + (f", {len(done.skipped)} skipped" if done.skipped else ""))
     return EXIT_OK
 
 

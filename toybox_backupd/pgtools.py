@@ -1,8 +1,9 @@
 """Running PostgreSQL's client tools where their version matches the server.
 
-With PG_CONTAINER the tools run inside the database container (`docker exec`), so pg_dump is
-always the server's own version. Without it they run locally over the network, and pg_dump is
-refused if it is older than the server.
+With PG_CONTAINER the tools run inside the database container (`docker exec`), as the
+`postgres` user (not root: a restored dump is SQL, and psql runs the shell commands in it), so
+pg_dump is always the server's own version. Without it they run locally over the network, and
+pg_dump is refused if it is older than the server.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .docker_api import ExecResult
 from .settings import Settings
 
 STDERR_KEEP = 64 * 1024
+OS_USER = "postgres"  # the tools run as this user in the database container, never as root
 
 
 class Proc(Protocol):
@@ -120,7 +122,8 @@ class PgTools:
                "PGAPPNAME": "toybox-backupd"}
         if self.container is not None:
             cmd = [tool, "-U", s.postgres_user, *args]
-            return docker_api.Exec(self.container, cmd, environment=env, stdin=stdin)
+            return docker_api.Exec(self.container, cmd, environment=env, stdin=stdin,
+                                   user=OS_USER)
         binary = shutil.which(tool)
         if binary is None:
             raise JobError(f"{tool} is not installed here and PG_CONTAINER is not set; set "
