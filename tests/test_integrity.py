@@ -225,3 +225,32 @@ def test_pg_tools_run_as_postgres_in_the_database_container(env: Env, pg: PG) ->
     run_ok(env, "restore", "db", "--into", "toybox_copy")
     assert pg.snapshot("toybox_copy") == pg.snapshot()
 
+
+# 10. a backup deleted by retention and copied back by hand comes back with reindex --------------
+def test_reindex_brings_back_a_deleted_backup_copied_back_by_hand(
+        plain_env: Env, make_volume: Callable[..., str], tmp_path: Path) -> None:
+    from toybox_backupd import retention
+
+    env = plain_env
+    volume = make_volume(TREE)
+    env.values["BACKUP_VOLUMES"] = volume
+    run_ok(env, "backup", "full")
+    [item] = catalog(env)
+    offsite = tmp_path / "offsite"
+    shutil.copytree(env.backup_dir, offsite)
+    settings = env.settings()
+    with Store(env.state_dir) as history:
+        assert retention.delete_artifact(settings, history, item, "older than 14 days")
+    assert catalog(env) == [] and files_under(env.backup_dir) == []
+    # the operator copies it back from where the backups are kept, and reindexes
+    shutil.copytree(offsite, env.backup_dir, dirs_exist_ok=True)
+    result = run_ok(env, "reindex")
+    assert "1 artifact(s) added" in result.stdout, result.stdout
+    [back] = catalog(env)
+    assert (back.id, back.path, back.sha256, back.status) == (item.id, item.path, item.sha256, "ok")
+    with Store(env.state_dir) as history:
+        assert len(list(history.files(back.id))) == item.extra["files"]  # its file index too
+    dest = tmp_path / "out"
+    run_ok(env, "restore", "files", volume, "docs", "--dest", str(dest))
+    assert (dest / "docs/note.txt").read_text() == "hello world\n"
+    assert "0 artifact(s) added" in run_ok(env, "reindex").stdout

@@ -37,16 +37,21 @@ class Reindexed:
 
 
 def reindex(backup_dir: Path, state_dir: Path, now: datetime | None = None) -> Reindexed:
-    """Add every artifact of the tool's layout that the catalog lacks (see the module's doc)."""
+    """Add every artifact of the tool's layout that the catalog lacks (see the module's doc),
+    and bring back those it marked deleted whose files are there again."""
     found, skipped = candidates(backup_dir, now or utcnow())
     # fulls before the differentials that name them
     found.sort(key=lambda pair: (pair[1].get("tier") == "diff", pair[1].get("created_at", "")))
     result = Reindexed(skipped=skipped)
     with Store(state_dir) as store:
         for relative, data in found:
-            if store.artifact_by_path(relative) is None:
+            known = store.artifact_by_path(relative)
+            if known is None:
                 _add(store, backup_dir, relative, data)
                 result.added.append(relative)
+            elif known.status == "deleted" and _revive(store, backup_dir, relative, known.id,
+                                                       data):
+                result.added.append(relative)  # deleted, then copied back by hand
     return result
 
 
@@ -154,18 +159,28 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _add(store: Store, backup_dir: Path, relative: str, data: dict[str, Any]) -> None:
-    base_id = None
-    if data.get("base"):
-        base = store.artifact_by_path(data["base"])
-        base_id = base.id if base else None
-    artifact_id = store.add_artifact(
-        run_id=None, tier=data["tier"], target=data["target"], path=relative,
-        created_at=datetime.fromisoformat(data["created_at"]), size=int(data["size"]),
-        sha256=data["sha256"], base_id=base_id, extra=data.get("extra", {}),
-    )
+def _fields(store: Store, data: dict[str, Any]) -> dict[str, Any]:
+    """The catalog's columns for an artifact, from its manifest."""
+    base = store.artifact_by_path(data["base"]) if data.get("base") else None
+    return {"created_at": datetime.fromisoformat(data["created_at"]), "size": int(data["size"]),
+            "sha256": data["sha256"], "base_id": base.id if base else None,
+            "extra": data.get("extra", {})}
+
+
+def _index(backup_dir: Path, relative: str) -> list[tuple[Any, ...]]:
     index = index_path(backup_dir / relative)
-    if index.exists():
-        store.add_files(artifact_id, read_index(index))
-    if data.get("deleted"):
-        store.add_deleted_paths(artifact_id, data["deleted"])
+    return read_index(index) if _is_regular(index) else []
+
+
+def _add(store: Store, backup_dir: Path, relative: str, data: dict[str, Any]) -> None:
+    artifact_id = store.add_artifact(run_id=None, tier=data["tier"], target=data["target"],
+                                     path=relative, **_fields(store, data))
+    store.add_files(artifact_id, _index(backup_dir, relative))
+    store.add_deleted_paths(artifact_id, data.get("deleted") or [])
+
+
+def _revive(store: Store, backup_dir: Path, relative: str, artifact_id: int,
+            data: dict[str, Any]) -> bool:
+    return store.revive_artifact(artifact_id, **_fields(store, data),
+                                 files=_index(backup_dir, relative),
+                                 deleted=data.get("deleted") or [])
