@@ -254,3 +254,77 @@ def test_reindex_brings_back_a_deleted_backup_copied_back_by_hand(
     run_ok(env, "restore", "files", volume, "docs", "--dest", str(dest))
     assert (dest / "docs/note.txt").read_text() == "hello world\n"
     assert "0 artifact(s) added" in run_ok(env, "reindex").stdout
+
+
+# 11. no orphans: an artifact, its companions, manifest and catalog row come together or not at all
+def test_a_dump_whose_roles_dump_fails_leaves_no_file(env: Env, pg: PG) -> None:
+    run_ok(env, "backup", "logical")
+    before = files_under(env.backup_dir)
+    [older] = catalog(env)
+    # pg_dump of the database works; pg_dumpall (which needs postgres or template1) cannot connect
+    pg.psql("ALTER DATABASE postgres ALLOW_CONNECTIONS false; "
+            "ALTER DATABASE template1 ALLOW_CONNECTIONS false")
+    result = env.cli("backup", "logical")
+    assert result.returncode != 0
+    run = last_run(env)
+    assert run.status == "failed" and "pg_dumpall" in run.error, run.error
+    assert files_under(env.backup_dir) == before  # no dump without its roles, manifest and row
+    assert catalog(env) == [older]
+
+
+@pytest.mark.parametrize("obstacle", ["index", "catalog row"])
+def test_an_archive_that_cannot_be_cataloged_leaves_no_file(
+        plain_env: Env, make_volume: Callable[..., str], obstacle: str) -> None:
+    from datetime import UTC, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    env = plain_env
+    volume = make_volume(TREE)
+    env.values["BACKUP_VOLUMES"] = volume
+    directory = env.backup_dir / "volumes" / volume
+    directory.mkdir(parents=True)
+    # for every name the archive may get in the next half hour, something in the way after the
+    # archive is complete: a directory where its file index's partial goes, or a (deleted)
+    # catalog row with its path, as after a clock that went back
+    now = datetime.now(ZoneInfo("Asia/Tokyo"))
+    with Store(env.state_dir) as history:
+        for second in range(-5, 1800):
+            stamp = (now + timedelta(seconds=second)).strftime("%Y%m%d-%H%M%S")
+            name = f"{volume}_{stamp}_full.tar.zst"
+            if obstacle == "index":
+                (directory / f"{name}.index.jsonl.gz.partial").mkdir()
+                continue
+            row = history.add_artifact(
+                run_id=None, tier="full", target=volume, path=f"volumes/{volume}/{name}",
+                created_at=datetime(2025, 1, 1, tzinfo=UTC), size=1, sha256="0" * 64)
+            history.set_artifact_status(row, "deleted")
+    result = env.cli("backup", "full")
+    assert result.returncode != 0
+    assert last_run(env).status == "failed"
+    assert catalog(env, statuses=("ok", "corrupt")) == []
+    assert [p.name for p in directory.iterdir() if not p.is_dir()] == []
+
+
+def test_unknown_files_lists_what_the_catalog_does_not_know(
+        plain_env: Env, make_volume: Callable[..., str]) -> None:
+    from toybox_backupd import reindex
+
+    env = plain_env
+    volume = make_volume(TREE)
+    env.values["BACKUP_VOLUMES"] = volume
+    run_ok(env, "backup", "full")
+    [item] = catalog(env)
+    root = env.backup_dir
+    stray = {f"volumes/{volume}/{volume}_20260101-000000_full.tar.zst",  # an orphan archive
+             f"volumes/{volume}/notes.txt", "logical/toybox/toybox_20260101-170000.dump"}
+    for relative in stray:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"x")
+    (root / "restore").mkdir()
+    (root / "restore" / "upload.jpg").write_bytes(b"not under logical/ or volumes/")
+    (root / f"volumes/{volume}/in-progress.tar.zst.partial").write_bytes(b"being written")
+    with Store(env.state_dir) as history:
+        assert set(reindex.unknown_files(root, history)) == stray
+        history.set_artifact_status(item.id, "deleted")  # dropped from the catalog
+        assert set(reindex.unknown_files(root, history)) == stray | {
+            item.path, item.path + manifests.MANIFEST_SUFFIX, item.path + manifests.INDEX_SUFFIX}

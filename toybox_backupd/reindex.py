@@ -18,8 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .atomic import PARTIAL
 from .basics import utcnow
-from .manifests import MANIFEST_SUFFIX, TOOL, index_path, read_index
+from .manifests import MANIFEST_SUFFIX, TOOL, companion_paths, index_path, read_index
 from .store import Store
 
 TOP_TIERS = {"logical": ("logical",), "volumes": ("full", "diff")}
@@ -53,6 +54,34 @@ def reindex(backup_dir: Path, state_dir: Path, now: datetime | None = None) -> R
                                                        data):
                 result.added.append(relative)  # deleted, then copied back by hand
     return result
+
+
+def unknown_files(backup_dir: Path, store: Store) -> list[str]:
+    """Files under `logical/` and `volumes/` that the catalog does not know, relative to
+    BACKUP_DIR, sorted: for `verify` to report.
+
+    Known are the kept (ok or corrupt) artifacts and the files the tool writes beside them
+    (manifest, file index, a dump's roles file). Such a file is, for instance, an artifact
+    whose catalog row a crash kept from being written (a run renames its files, then adds the
+    row: `reindex` adds it), one of a backup the catalog marks deleted (copied back by hand,
+    or left alone by retention because it had been replaced), or anything put there by hand.
+    `*.partial` files are left out: a run is writing them, or start-up recovery removes them.
+    Symbolic links are listed, never followed.
+    """
+    known: set[str] = set()
+    for item in store.artifacts(statuses=("ok", "corrupt")):
+        known.add(item.path)
+        known.update(companion_paths(item.tier, item.path, item.extra))
+    found = []
+    for top in TOP_TIERS:
+        if not _is_dir(backup_dir / top):
+            continue
+        for directory, _, names in os.walk(backup_dir / top):
+            for name in names:
+                relative = str((Path(directory) / name).relative_to(backup_dir))
+                if not name.endswith(PARTIAL) and relative not in known:
+                    found.append(relative)
+    return sorted(found)
 
 
 def layout_dirs(backup_dir: Path) -> list[tuple[str, Path]]:

@@ -28,11 +28,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from . import jobs, logs, schedule
+from . import jobs, logs, manifests, schedule
 from .basics import ToyboxError, ago, local_time, utcnow
-from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, TOOL
+from .manifests import MANIFEST_SUFFIX, TOOL
 from .settings import Settings
 from .store import Artifact, Store
 
@@ -249,13 +248,7 @@ def delete_artifact(settings: Settings, store: Store, item: Artifact, reason: st
 
 def companion_paths(item: Artifact) -> list[str]:
     """The files the catalog created beside `item.path` (besides the artifact itself)."""
-    paths = [item.path + MANIFEST_SUFFIX, item.path + INDEX_SUFFIX]
-    globals_info: Any = item.extra.get("globals") if item.tier == "logical" else None
-    if isinstance(globals_info, dict) and isinstance(globals_info.get("path"), str):
-        gpath = globals_info["path"]
-        if gpath and gpath != item.path:
-            paths += [gpath, gpath + MANIFEST_SUFFIX]
-    return paths
+    return manifests.companion_paths(item.tier, item.path, item.extra)
 
 
 def inside(root: Path, relative: str) -> Path | None:

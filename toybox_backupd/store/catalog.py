@@ -16,8 +16,10 @@ from .records import Artifact
 class CatalogMixin(StoreBase):
     def add_artifact(self, *, run_id: int | None, tier: str, target: str, path: str,
                      created_at: datetime, size: int, sha256: str, base_id: int | None = None,
-                     extra: dict[str, Any] | None = None) -> int:
-        """Catalog one artifact (path relative to BACKUP_DIR); return its id."""
+                     extra: dict[str, Any] | None = None,
+                     files: Iterable[tuple[Any, ...]] = (), deleted: Iterable[str] = ()) -> int:
+        """Catalog one artifact (path relative to BACKUP_DIR) with its file index and deleted
+        paths, in one transaction; return its id."""
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO artifacts(run_id, tier, target, path, created_at, size, sha256,"
@@ -25,7 +27,9 @@ class CatalogMixin(StoreBase):
                 (run_id, tier, target, path, iso(created_at), size, sha256, base_id,
                  json.dumps(extra or {}, default=str)),
             )
-            return int(cur.lastrowid or 0)
+            artifact_id = int(cur.lastrowid or 0)
+            _insert_index(db, artifact_id, files, deleted)
+            return artifact_id
 
     def revive_artifact(self, artifact_id: int, *, created_at: datetime, size: int, sha256: str,
                         base_id: int | None, extra: dict[str, Any],
