@@ -89,3 +89,19 @@ def test_helpers_keep_only_the_capabilities_tar_needs(images: Any, docker_engine
             assert made.exit_code == 0, made.stderr
     finally:
         docker_engine.volumes.get(name).remove(force=True)
+
+
+def test_input_that_does_not_all_arrive_is_an_error(images: Any) -> None:
+    """A command that stops reading its stdin and exits 0 did not do what it was given."""
+    with docker_api.helper(BASE_IMAGE, {}, "test", "test-owner") as box:
+        proc = docker_api.Exec(box, ["sh", "-c", "head -c 1000 >/dev/null; echo done"],
+                               stdin=True)
+        proc.feed(iter([b"z" * 1_000_000] * 64))
+        assert b"".join(proc.stdout()) == b"done\n"
+        with pytest.raises(docker_api.DockerError, match="did not take all of its input"):
+            proc.wait()
+        # told that it may stop early (e.g. pg_restore --list reads only the table of contents)
+        lazy = docker_api.Exec(box, ["sh", "-c", "head -c 1000 >/dev/null; echo done"],
+                               stdin=True)
+        lazy.feed(iter([b"z" * 1_000_000] * 64), partial_ok=True)
+        assert b"".join(lazy.stdout()) == b"done\n" and lazy.wait().exit_code == 0

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from datetime import UTC, datetime, timedelta
@@ -92,25 +93,36 @@ def test_a_registered_tier_runs_lists_retains_verifies_and_reports(
         with store.tx() as db:  # the old one belongs to the same target
             db.execute("UPDATE artifacts SET target=? WHERE id=?", (target, old_id))
 
-    run_id = runner.run_job(snapshot, "snapshot")
+    # daily: a schedule's worth of newest snapshots (2 in SNAPSHOT_KEEP_DAYS) is kept
+    daily = snapshot.model_copy(update={"snapshot_schedule": "0 3 * * *"})
+    first = runner.run_job(daily, "snapshot")
+    with Store(snapshot.state_dir) as store:
+        # the newest earlier backup is 10 days old: retention deletes nothing, and says why
+        assert "keep window" in store.run(first).details["retention_refused"]  # type: ignore[union-attr]
+        with store.tx() as db:  # as if it had been made yesterday
+            db.execute("UPDATE artifacts SET created_at=? WHERE run_id=?",
+                       (iso(utcnow() - timedelta(days=1)), first))
+    assert old.exists()
+    time.sleep(1.1)  # a new second: a new file name
+    run_id = runner.run_job(daily, "snapshot")
     with Store(snapshot.state_dir) as store:
         run = store.run(run_id)
         assert run is not None and run.status == "ok", run
-        [made] = store.artifacts(tier="snapshot")
+        [yesterday, made] = store.artifacts(tier="snapshot")
         assert run.details["retention_deleted"] == ["snapshot/site/site_old.tar"]  # retained
         assert not old.exists()
-        message = report.compose_run(snapshot, store, run, message_id="<t@x>")
+        message = report.compose_run(daily, store, run, message_id="<t@x>")
     assert made.path.startswith("snapshot/site/site_") and made.size > 1000
 
     text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert message["Subject"].startswith("[toybox-backupd] OK snapshot ")
     assert "OK: directory snapshot of" in text
-    assert re.search(r"^ +snapshot +1 +20", text, re.M), text  # its row among restore points
-    assert "Next snapshot run" in text and "(*/10 * * * *)" in text
+    assert re.search(r"^ +snapshot +2 +20", text, re.M), text  # its row among restore points
+    assert "Next snapshot run" in text and "(0 3 * * *)" in text
     assert any(line.strip().startswith("snapshot") and "OK" in line for line in text.splitlines())
 
-    [checked] = verify.verify_all(snapshot)
-    assert (checked.tier, checked.ok) == ("snapshot", True)
+    checked = verify.verify_all(snapshot)
+    assert [(item.tier, item.ok) for item in checked] == [("snapshot", True)] * 2
 
     env = Path(snapshot.state_dir).parent / "none.env"
     out = io.StringIO()
@@ -121,7 +133,7 @@ def test_a_registered_tier_runs_lists_retains_verifies_and_reports(
             assert cli.main(["--env-file", str(env), "list", "--tier", "snapshot", "--json"]) == 0
     finally:  # cli.main points logging at this test's stderr, which pytest closes after it
         root.handlers[:], root.level = handlers, level
-    assert [item["path"] for item in json.loads(out.getvalue())] == [made.path]
+    assert [item["path"] for item in json.loads(out.getvalue())] == [yesterday.path, made.path]
 
 
 def test_retention_plans_a_registered_tier_by_its_own_setting(

@@ -242,3 +242,13 @@ def _recatalog(store: Store, artifact_id: int, path: Any) -> None:
     with store.tx() as db:
         db.execute("UPDATE artifacts SET sha256=?, size=? WHERE id=?",
                    (sha256_of(path), path.stat().st_size, artifact_id))
+
+
+def test_verify_names_files_the_catalog_does_not_know(env: Env, pg: PG) -> None:
+    backup(env)
+    stray = env.backup_dir / "logical" / "toybox" / "toybox_20260101-000000.dump"
+    stray.write_bytes(b"PGDMP put here by hand")
+    result = env.cli("verify")
+    assert result.returncode == 0, result.stdout  # the kept dump is fine
+    assert "1 file(s) in BACKUP_DIR that the catalog does not know" in result.stdout
+    assert "logical/toybox/toybox_20260101-000000.dump" in result.stdout

@@ -29,7 +29,8 @@ class Catalog:
         return Path(self.settings.backup_dir)
 
     def add(self, tier: str, target: str, age_days: float, *, base: int | None = None,
-            status: str = "ok", name: str | None = None, globals_file: bool = True) -> Artifact:
+            status: str = "ok", name: str | None = None, globals_file: bool = True,
+            run_id: int | None = None) -> Artifact:
         created = self.now - timedelta(days=age_days)
         stamp = created.strftime("%Y%m%d-%H%M%S")
         if tier == "logical":
@@ -38,7 +39,7 @@ class Catalog:
             relative = f"{tier}/{target}/{name or target}_{stamp}.tar.zst"
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = os.urandom(100 + int(age_days * 10))
+        data = os.urandom(100 + int(abs(age_days) * 10))
         path.write_bytes(data)
         manifests.write_manifest(path, {"tool": "toybox-backupd", "tier": tier, "target": target})
         extra: dict[str, Any] = {}
@@ -49,7 +50,7 @@ class Catalog:
         if tier in ("full", "diff"):
             (self.root / (relative + INDEX_SUFFIX)).write_bytes(b"index")
         artifact_id = self.history.add_artifact(
-            run_id=None, tier=tier, target=target, path=relative, created_at=created,
+            run_id=run_id, tier=tier, target=target, path=relative, created_at=created,
             size=len(data), sha256=atomic.sha256_of(path), base_id=base, extra=extra)
         if status != "ok":
             self.history.set_artifact_status(artifact_id, status)
@@ -74,8 +75,22 @@ class Catalog:
 
 @pytest.fixture
 def cat(plain_env) -> Any:  # type: ignore[no-untyped-def]
+    # No schedules: these tests are about which files go and which stay by age, chain and
+    # ownership; a schedule's worth of newest backups kept has its own tests (`scheduled`).
     settings = plain_env.settings(PGDUMP_KEEP_DAYS="7", VOLUME_KEEP_DAYS="14",
-                                  BACKUP_VOLUMES="media")
+                                  BACKUP_VOLUMES="media", PGDUMP_SCHEDULE="")
+    settings.backup_dir.mkdir(parents=True, exist_ok=True)
+    with Store(settings.state_dir) as history:
+        yield Catalog(settings, history)
+
+
+@pytest.fixture
+def scheduled(plain_env) -> Any:  # type: ignore[no-untyped-def]
+    """The seed's schedules: daily dumps kept 7 days, weekly fulls and daily diffs 14 days."""
+    settings = plain_env.settings(PGDUMP_KEEP_DAYS="7", VOLUME_KEEP_DAYS="14",
+                                  BACKUP_VOLUMES="media", PGDUMP_SCHEDULE="0 17 * * *",
+                                  VOLUME_FULL_SCHEDULE="30 17 * * 0",
+                                  VOLUME_DIFF_SCHEDULE="45 17 * * *")
     settings.backup_dir.mkdir(parents=True, exist_ok=True)
     with Store(settings.state_dir) as history:
         yield Catalog(settings, history)
@@ -273,22 +288,116 @@ def test_runner_prunes_after_a_real_successful_dump(env) -> None:  # type: ignor
     """End to end: a real pg_dump run through the runner prunes older dumps, keeps the new one."""
     from toybox_backupd.runner import run_job
 
-    settings = env.settings(PGDUMP_KEEP_DAYS="7")
+    settings = env.settings(PGDUMP_KEEP_DAYS="7")  # and the default daily PGDUMP_SCHEDULE
     settings.backup_dir.mkdir(parents=True, exist_ok=True)
     with Store(settings.state_dir) as history:
         cat = Catalog(settings, history, now=datetime.now(UTC))
         old = cat.add("logical", "toybox", 10)
-        young = cat.add("logical", "toybox", 2)
+        young = [cat.add("logical", "toybox", age) for age in range(6, 0, -1)]
     run_id = run_job(settings, "logical", trigger="manual")
     with Store(settings.state_dir) as history:
         run = history.run(run_id)
         assert run is not None and run.status == "ok", run.error if run else None
         assert run.details["retention_deleted"] == [old.path]
         assert history.artifact(old.id).status == "deleted"  # type: ignore[union-attr]
-        assert history.artifact(young.id).status == "ok"  # type: ignore[union-attr]
+        assert all(history.artifact(item.id).status == "ok"  # type: ignore[union-attr]
+                   for item in young)
         newest = history.artifacts(tier="logical", target="toybox")[-1]
         assert newest.run_id == run_id
     files = cat.files()
     assert not companions(old) & files
-    assert young.path in files and newest.path in files
+    assert {item.path for item in young} <= files and newest.path in files
     assert newest.extra["globals"]["path"] in files
+
+
+# a schedule's worth of newest backups, and a clock that jumped ----------------------------------
+def test_plan_keeps_a_schedules_worth_of_newest(cat: Catalog) -> None:
+    dumps = [cat.add("logical", "toybox", age) for age in (10, 9, 8, 7.5)]
+    keep = {"logical": 7, "full": 14, "diff": 14}
+    decided = retention.plan(dumps, now=NOW, keep_days=keep, keep_counts={"logical": 3})
+    assert decided.delete_ids == [dumps[0].id]
+    assert "3 newest good" in decided.kept[dumps[1].id]
+    # without counts, only the newest good one outlives its age (as before)
+    assert retention.plan(dumps, now=NOW, keep_days=keep).delete_ids == [d.id for d in dumps[:3]]
+
+
+def test_keep_counts_follow_the_schedules(scheduled: Catalog, plain_env) -> None:  # type: ignore[no-untyped-def]
+    assert retention.keep_counts(scheduled.settings, NOW) == {"logical": 7, "full": 2, "diff": 14}
+    manual = plain_env.settings(PGDUMP_SCHEDULE="", PGDUMP_KEEP_DAYS="7")
+    assert retention.keep_counts(manual, NOW)["logical"] == 1
+
+
+def _run_of(cat: Catalog, job: str) -> int:
+    return cat.run(job, "running")
+
+
+def _finish(cat: Catalog, run_id: int) -> None:
+    cat.history.close_run(run_id, "ok")
+
+
+def test_a_clock_a_year_ahead_costs_no_dumps(scheduled: Catalog) -> None:
+    cat = scheduled
+    real = [cat.add("logical", "toybox", age) for age in range(6, -1, -1)]  # 7 daily dumps
+    jumped = NOW + timedelta(days=365)
+    # the first run with the wrong clock: its own dump is stamped a year ahead too
+    run_id = _run_of(cat, "logical")
+    cat.add("logical", "toybox", -365, run_id=run_id)
+    with pytest.raises(retention.Refused, match="clock"):
+        retention.apply(cat.settings, cat.history, "logical", ["toybox"], now=jumped)
+    _finish(cat, run_id)
+    assert all(cat.status(item) == "ok" for item in real)
+    # the next days see a one-day gap; each day costs one real dump, as with a right clock,
+    # so there are always as many dumps as the schedule makes in the keep window
+    gone: list[str] = []
+    for day in range(1, 7):  # by then the seven days of the wrong clock made seven dumps
+        run_id = _run_of(cat, "logical")
+        cat.add("logical", "toybox", -365 - day, run_id=run_id)
+        gone += retention.apply(cat.settings, cat.history, "logical", ["toybox"],
+                                now=jumped + timedelta(days=day))
+        _finish(cat, run_id)
+        assert len(cat.history.artifacts(tier="logical", target="toybox")) == 7
+        assert [item.path for item in real if cat.status(item) == "deleted"] == [
+            item.path for item in real[:day + 1]]
+    assert gone == [item.path for item in real]
+
+
+def test_a_clock_a_year_ahead_costs_no_volume_archives(scheduled: Catalog) -> None:
+    cat = scheduled
+    fulls = {age: cat.add("full", "media", age) for age in (14.01, 7.01, 0.01)}
+    diffs = [cat.add("diff", "media", age, base=fulls[min(a for a in fulls if a > age)].id)
+             for age in range(13, -1, -1)]
+    jumped = NOW + timedelta(days=365)
+    run_id = _run_of(cat, "full")
+    future_full = cat.add("full", "media", -365, run_id=run_id)
+    with pytest.raises(retention.Refused, match="keep window"):
+        retention.apply(cat.settings, cat.history, "full", ["media"], now=jumped)
+    _finish(cat, run_id)
+    assert len(cat.history.artifacts(target="media")) == 3 + 14 + 1
+    # the next day's differential: only the oldest differential goes, as on any normal day
+    run_id = _run_of(cat, "diff")
+    cat.add("diff", "media", -366, base=future_full.id, run_id=run_id)
+    deleted = retention.apply(cat.settings, cat.history, "diff", ["media"],
+                              now=jumped + timedelta(days=1))
+    _finish(cat, run_id)
+    assert deleted == [diffs[0].path]
+    assert len(cat.history.artifacts(tier="diff", target="media")) == 14
+    assert all(cat.status(item) == "ok" for item in fulls.values())
+
+
+def test_runner_says_why_it_deleted_nothing_after_a_long_gap(env) -> None:  # type: ignore[no-untyped-def]
+    """A real dump after 30 days without one: retention deletes nothing and says why."""
+    from toybox_backupd.runner import run_job
+
+    settings = env.settings(PGDUMP_KEEP_DAYS="7")
+    settings.backup_dir.mkdir(parents=True, exist_ok=True)
+    with Store(settings.state_dir) as history:
+        cat = Catalog(settings, history, now=datetime.now(UTC))
+        old = [cat.add("logical", "toybox", age) for age in (32, 31, 30)]
+    run_id = run_job(settings, "logical", trigger="manual")
+    with Store(settings.state_dir) as history:
+        run = history.run(run_id)
+        assert run is not None and run.status == "ok", run.error if run else None
+        assert run.details["retention_deleted"] == []
+        assert "clock jumped ahead or nothing was backed up" in run.details["retention_refused"]
+        assert all(history.artifact(item.id).status == "ok"  # type: ignore[union-attr]
+                   for item in old)

@@ -1,7 +1,8 @@
 """Writing files so that nothing half-written looks valid.
 
 `AtomicFile` writes `<name>.partial`, counts and sha256-hashes what goes to disk, fsyncs, renames
-and fsyncs the directory; on any error the partial is removed.
+and fsyncs the directory; on any error the partial is removed. `Batch` does that for an
+artifact and its companions together: all of them appear, or none.
 """
 
 from __future__ import annotations
@@ -94,6 +95,53 @@ class AtomicFile:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None or not self.committed:
             self.discard()
+
+
+class Batch:
+    """Files that appear together or not at all (an artifact, its companions, its manifest).
+
+    `open(path)` gives an AtomicFile written as `<path>.partial`; `commit()` renames them all,
+    in the order they were opened (open the manifest last). If the `with` block raises, or
+    ends before `commit()`, every file goes: partials and files already renamed alike. Do
+    what must succeed with them (the catalog row) inside the block, after `commit()`.
+    """
+
+    def __init__(self) -> None:
+        self.files: list[AtomicFile] = []
+        self.committed = False
+
+    def open(self, path: Path) -> AtomicFile:
+        """A new file of the batch."""
+        handle = AtomicFile(path)
+        self.files.append(handle)
+        return handle
+
+    def drop(self, handle: AtomicFile) -> None:
+        """Remove one file that failed (to write it again, say) from the batch."""
+        handle.discard()
+        self.files.remove(handle)
+
+    def commit(self) -> None:
+        """fsync and rename every file of the batch into place."""
+        for handle in self.files:
+            if not handle.committed:
+                handle.commit()
+        self.committed = True
+
+    def undo(self) -> None:
+        """Remove every file of the batch, renamed or not."""
+        for handle in self.files:
+            handle.discard()
+            if handle.committed:
+                with contextlib.suppress(FileNotFoundError):
+                    handle.path.unlink()
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None or not self.committed:
+            self.undo()
 
 
 def fsync_dir(directory: Path) -> None:

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import database, docker_api, notify, redact
+from . import database, docker_api, notify, pgtools, redact
 from .atomic import TOOL_DIRS, looser_than
 from .basics import human
 from .settings import Settings
@@ -47,7 +47,11 @@ def _pg_container(settings: Settings) -> str:
     container = docker_api.find_container(settings.pg_container or "")
     if not docker_api.is_running(container):
         raise RuntimeError(f"container {container.name} is {container.status}, not running")
-    return f"container {container.name} is running"
+    result, out = docker_api.run(container, ["pg_dump", "--version"], user=pgtools.OS_USER)
+    if result.exit_code != 0:
+        raise RuntimeError(f"pg_dump does not run as user {pgtools.OS_USER!r} in container "
+                           f"{container.name}: {result.stderr or out.decode(errors='replace')}")
+    return f"container {container.name} is running; {out.decode().strip()} as {pgtools.OS_USER}"
 
 
 def _volumes(settings: Settings) -> str:

@@ -216,6 +216,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 
     with _restore_lock(settings, "verify", limit=False):
         results = verify.verify_all(settings)
+        unknown = verify.unknown_files(settings)
     corrupt = [r for r in results if not r.ok and r.checked]
     unchecked = [r for r in results if not r.checked]
     if args.json:
@@ -228,6 +229,11 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{len(results) - len(corrupt) - len(unchecked)} of {len(results)} artifacts verified"
           + (f", {len(corrupt)} bad" if corrupt else "")
           + (f", {len(unchecked)} could not be checked now (try again)" if unchecked else ""))
+    if unknown:
+        print(f"{len(unknown)} file(s) in BACKUP_DIR that the catalog does not know (`reindex` adds "
+              "the tool's own; anything else is not a backup):")
+        for path in unknown[:50]:
+            print(f"          {path}")
     return 1 if corrupt or unchecked else 0
 
 
@@ -256,8 +262,11 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
     """`reindex`: the catalog rebuilt from the manifests."""
     from . import reindex
 
-    added = reindex.reindex(settings.backup_dir, settings.state_dir)
-    print(f"reindex: {added} artifact(s) added to the catalog")
+    done = reindex.reindex(settings.backup_dir, settings.state_dir)
+    for path, why in done.skipped:
+        print(f"skipped {path}: {why}")
+    print(f"reindex: {len(done.added)} artifact(s) added to the catalog"
+          + (f", {len(done.skipped)} skipped" if done.skipped else ""))
     return EXIT_OK
 
 

@@ -309,6 +309,13 @@ class _Demux:
         return parts
 
 
+class _LostInput(Exception):
+    """The command stopped reading its stdin before it had all of it."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+
+
 @dataclass
 class ExecResult:
     exit_code: int
@@ -334,6 +341,7 @@ class Exec:
     _pid: int | None = None
     _writer: threading.Thread | None = None
     _writer_error: BaseException | None = None
+    _partial_ok: bool = False
     _closed: bool = False
 
     def __post_init__(self) -> None:
@@ -437,26 +445,46 @@ class Exec:
             if parts:
                 yield b"".join(parts)
 
-    def feed(self, chunks: Iterable[bytes]) -> None:
-        """Write `chunks` to the command's stdin from a thread, then close stdin."""
+    def feed(self, chunks: Iterable[bytes], partial_ok: bool = False) -> None:
+        """Write `chunks` to the command's stdin from a thread, then close stdin.
+
+        If the command stops reading before it has them all, `wait()` raises DockerError
+        whatever its exit status: its output cannot be trusted. `partial_ok` is for commands
+        that rightly read only the start of their input (`pg_restore --list`).
+        """
+        self._partial_ok = partial_ok
 
         def write() -> None:
-            raw = self._raw()
             try:
-                for chunk in chunks:
-                    if self._closed:
-                        return
-                    raw.sendall(chunk)
-                raw.shutdown(socket.SHUT_WR)
-            except BaseException as exc:  # handed to wait()
+                self._send(chunks)
+            except BaseException as exc:  # the input itself failed: end the command
                 self._writer_error = exc
                 self.close()
 
         self._writer = threading.Thread(target=write, name="exec-stdin", daemon=True)
         self._writer.start()
 
+    def _send(self, chunks: Iterable[bytes]) -> None:
+        raw = self._raw()
+        for chunk in chunks:
+            if self._closed:
+                return
+            try:
+                raw.sendall(chunk)
+            except OSError as exc:  # the command stopped reading (its output still comes)
+                if not self._closed:  # a close() from our side is no lost input
+                    self._writer_error = _LostInput(exc)
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_WR)
+                return
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_WR)
+
     def wait(self, timeout: float = 60) -> ExecResult:
-        """Drain what is left, then the command's exit status (-1 if it cannot be had)."""
+        """Drain what is left, then the command's exit status (-1 if it cannot be had).
+
+        Raises what failed the stdin writer (see `feed`).
+        """
         for _ in self.stdout():
             pass
         if self._writer is not None:
@@ -471,10 +499,21 @@ class Exec:
                 break
             time.sleep(0.05)
         self.close()
-        if self._writer_error is not None and not isinstance(self._writer_error, OSError):
-            raise self._writer_error
-        return ExecResult(exit_code=-1 if code is None else int(code),
-                          stderr=self._stderr_text())
+        result = ExecResult(exit_code=-1 if code is None else int(code),
+                            stderr=self._stderr_text())
+        error = self._writer_error
+        if isinstance(error, _LostInput):
+            if not self._partial_ok:
+                raise DockerError(self._input_lost(error, result))
+        elif error is not None:
+            raise error
+        return result
+
+    def _input_lost(self, error: _LostInput, result: ExecResult) -> str:
+        tail = "; ".join(line.strip() for line in result.stderr.splitlines()[-6:] if line.strip())
+        return (f"{self.cmd[0]} in container {self.container.name} did not take all of its "
+                f"input ({error}); it exited with status {result.exit_code}"
+                + (f": {tail}" if tail else ""))
 
     def close(self) -> None:
         if self._closed:

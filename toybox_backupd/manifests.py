@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .atomic import AtomicFile
+from .atomic import AtomicFile, Batch
 
 MANIFEST_SUFFIX = ".manifest.json"
 INDEX_SUFFIX = ".index.jsonl.gz"
@@ -24,12 +25,22 @@ def manifest_path(artifact: Path) -> Path:
     return artifact.with_name(artifact.name + MANIFEST_SUFFIX)
 
 
-def write_manifest(artifact: Path, manifest: dict[str, Any]) -> Path:
-    """Write `<artifact>.manifest.json` atomically."""
-    path = manifest_path(artifact)
+@contextmanager
+def _writing(path: Path, batch: Batch | None) -> Iterator[AtomicFile]:
+    """A file of `batch` (committed with it), or one committed on its own at the end."""
+    if batch is not None:
+        yield batch.open(path)
+        return
     with AtomicFile(path) as out:
-        out.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode() + b"\n")
+        yield out
         out.commit()
+
+
+def write_manifest(artifact: Path, manifest: dict[str, Any], batch: Batch | None = None) -> Path:
+    """Write `<artifact>.manifest.json` atomically (with `batch`, when it commits)."""
+    path = manifest_path(artifact)
+    with _writing(path, batch) as out:
+        out.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode() + b"\n")
     return path
 
 
@@ -38,15 +49,27 @@ def index_path(artifact_path: Path) -> Path:
     return artifact_path.with_name(artifact_path.name + INDEX_SUFFIX)
 
 
-def write_index(artifact_path: Path, rows: Iterable[tuple[Any, ...]]) -> Path:
+def write_index(artifact_path: Path, rows: Iterable[tuple[Any, ...]],
+                batch: Batch | None = None) -> Path:
     """The file index beside a volume archive, one JSON array per line, gzip'd."""
     path = index_path(artifact_path)
-    with AtomicFile(path) as out:
-        with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as writer:
-            for row in rows:
-                writer.write(json.dumps(list(row), ensure_ascii=False).encode() + b"\n")
-        out.commit()
+    with _writing(path, batch) as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as writer:
+        for row in rows:
+            writer.write(json.dumps(list(row), ensure_ascii=False).encode() + b"\n")
     return path
+
+
+def companion_paths(tier: str, path: str, extra: dict[str, Any]) -> list[str]:
+    """The files the tool writes beside the artifact at `path` (relative to BACKUP_DIR):
+    its manifest, its file index and, for a dump, its roles file (and that file's manifest,
+    which older versions may have written)."""
+    paths = [path + MANIFEST_SUFFIX, path + INDEX_SUFFIX]
+    globals_info: Any = extra.get("globals") if tier == "logical" else None
+    if isinstance(globals_info, dict) and isinstance(globals_info.get("path"), str):
+        gpath = globals_info["path"]
+        if gpath and gpath != path:
+            paths += [gpath, gpath + MANIFEST_SUFFIX]
+    return paths
 
 
 def read_index(path: Path) -> list[tuple[Any, ...]]:

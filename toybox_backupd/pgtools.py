@@ -1,8 +1,9 @@
 """Running PostgreSQL's client tools where their version matches the server.
 
-With PG_CONTAINER the tools run inside the database container (`docker exec`), so pg_dump is
-always the server's own version. Without it they run locally over the network, and pg_dump is
-refused if it is older than the server.
+With PG_CONTAINER the tools run inside the database container (`docker exec`), as the
+`postgres` user (not root: a restored dump is SQL, and psql runs the shell commands in it), so
+pg_dump is always the server's own version. Without it they run locally over the network, and
+pg_dump is refused if it is older than the server.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from .docker_api import ExecResult
 from .settings import Settings
 
 STDERR_KEEP = 64 * 1024
+OS_USER = "postgres"  # the tools run as this user in the database container, never as root
 
 
 class Proc(Protocol):
     def stdout(self) -> Iterator[bytes]: ...
-    def feed(self, chunks: Iterable[bytes]) -> None: ...
+    def feed(self, chunks: Iterable[bytes], partial_ok: bool = False) -> None: ...
     def wait(self, timeout: float = 60) -> ExecResult: ...
     def kill(self) -> bool: ...
     def close(self) -> None: ...
@@ -55,6 +57,7 @@ class LocalProc:
         self._err_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._err_thread.start()
         self._writer: threading.Thread | None = None
+        self._lost_input: BaseException | None = None
 
     def _read_stderr(self) -> None:
         assert self._proc.stderr is not None
@@ -69,14 +72,16 @@ class LocalProc:
             while chunk := self._proc.stdout.read1(1024 * 1024):  # type: ignore[attr-defined]
                 yield chunk
 
-    def feed(self, chunks: Iterable[bytes]) -> None:
+    def feed(self, chunks: Iterable[bytes], partial_ok: bool = False) -> None:
+        """Write `chunks` to stdin from a thread; as docker_api.Exec.feed."""
         def write() -> None:
             assert self._proc.stdin is not None
             try:
                 for chunk in chunks:
                     self._proc.stdin.write(chunk)
-            except (BrokenPipeError, OSError, ValueError):
-                pass
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                if not partial_ok:
+                    self._lost_input = exc
             finally:
                 with contextlib.suppress(OSError):
                     self._proc.stdin.close()
@@ -85,13 +90,19 @@ class LocalProc:
         self._writer.start()
 
     def wait(self, timeout: float = 60) -> ExecResult:
+        """Drain stdout, then the exit status; JobError if stdin could not all be written."""
         for _ in self.stdout():
             pass
         if self._writer:
             self._writer.join(timeout)
         code = self._proc.wait(timeout)
         self._err_thread.join(timeout)
-        return ExecResult(code, self._stderr.decode("utf-8", "replace").strip())
+        result = ExecResult(code, self._stderr.decode("utf-8", "replace").strip())
+        if self._lost_input is not None:
+            raise JobError(f"{os.path.basename(self.cmd[0])} on this host did not take all of "
+                           f"its input ({self._lost_input}); it exited with status {code}: "
+                           + (result.stderr.splitlines() or ["no message"])[-1])
+        return result
 
     def kill(self) -> bool:
         """End the process (SIGTERM)."""
@@ -130,7 +141,8 @@ class PgTools:
                "PGAPPNAME": database.APPLICATION_NAME}
         if self.container is not None:
             cmd = [tool, "-U", s.postgres_user, *args]
-            return docker_api.Exec(self.container, cmd, environment=env, stdin=stdin)
+            return docker_api.Exec(self.container, cmd, environment=env, stdin=stdin,
+                                   user=OS_USER)
         binary = shutil.which(tool)
         if binary is None:
             raise JobError(f"{tool} is not installed here and PG_CONTAINER is not set; set "

@@ -1,59 +1,215 @@
-"""`toybox-backupd reindex`: rebuild the catalog from the manifests in BACKUP_DIR alone."""
+"""`toybox-backupd reindex`: rebuild the catalog from the manifests in BACKUP_DIR alone.
+
+Only the tool's own layout counts, because a restore from the catalog pipes a dump into psql:
+`logical/<db>/<db>_<stamp>.dump|.sql.gz` (tier logical, target <db>) and
+`volumes/<v>/<v>_<stamp>_full|diff.tar[.zst|.gz]` (that tier, target <v>), each a regular file
+beside its regular `.manifest.json` that names it, with the file's size, dated no later than
+now. Anything else, such as files restored into BACKUP_DIR/restore, is never read.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .manifests import MANIFEST_SUFFIX, TOOL, index_path, read_index
+from .atomic import PARTIAL
+from .basics import utcnow
+from .manifests import MANIFEST_SUFFIX, TOOL, companion_paths, index_path, read_index
 from .store import Store
 
+TOP_TIERS = {"logical": ("logical",), "volumes": ("full", "diff")}
+_STEM = r"_\d{8}-\d{6}(?:-\d+)?"
+_NAMES = {"logical": _STEM + r"\.(?:dump|sql\.gz)",
+          "volumes": _STEM + r"_(full|diff)\.tar(?:\.zst|\.gz)?"}
 
-def reindex(backup_dir: Path, state_dir: Path) -> int:
-    """Add every artifact found by its manifest that the catalog lacks; return how many."""
-    loaded = _manifests(backup_dir)
+
+@dataclass
+class Reindexed:
+    """What a reindex did: artifacts added, and manifests it would not trust (path, why)."""
+
+    added: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def reindex(backup_dir: Path, state_dir: Path, now: datetime | None = None) -> Reindexed:
+    """Add every artifact of the tool's layout that the catalog lacks (see the module's doc),
+    and bring back those it marked deleted whose files are there again."""
+    found, skipped = candidates(backup_dir, now or utcnow())
     # fulls before the differentials that name them
-    loaded.sort(key=lambda pair: (pair[1].get("tier") == "diff", pair[1].get("created_at", "")))
-    added = 0
+    found.sort(key=lambda pair: (pair[1].get("tier") == "diff", pair[1].get("created_at", "")))
+    result = Reindexed(skipped=skipped)
     with Store(state_dir) as store:
-        for artifact_path, data in loaded:
-            relative = str(artifact_path.relative_to(backup_dir))
-            if store.artifact_by_path(relative) is None:
-                _add(store, artifact_path, relative, data)
-                added += 1
-    return added
+        for relative, data in found:
+            known = store.artifact_by_path(relative)
+            if known is None:
+                _add(store, backup_dir, relative, data)
+                result.added.append(relative)
+            elif known.status == "deleted" and _revive(store, backup_dir, relative, known.id,
+                                                       data):
+                result.added.append(relative)  # deleted, then copied back by hand
+    return result
 
 
-def _manifests(backup_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(artifact, manifest) for every readable manifest of ours whose artifact exists."""
-    loaded: list[tuple[Path, dict[str, Any]]] = []
-    for manifest in sorted(backup_dir.rglob("*" + MANIFEST_SUFFIX)):
-        artifact_path = manifest.with_name(manifest.name[: -len(MANIFEST_SUFFIX)])
-        if not artifact_path.exists():
+def unknown_files(backup_dir: Path, store: Store) -> list[str]:
+    """Files under `logical/` and `volumes/` that the catalog does not know, relative to
+    BACKUP_DIR, sorted: for `verify` to report.
+
+    Known are the kept (ok or corrupt) artifacts and the files the tool writes beside them
+    (manifest, file index, a dump's roles file). Such a file is, for instance, an artifact
+    whose catalog row a crash kept from being written (a run renames its files, then adds the
+    row: `reindex` adds it), one of a backup the catalog marks deleted (copied back by hand,
+    or left alone by retention because it had been replaced), or anything put there by hand.
+    `*.partial` files are left out: a run is writing them, or start-up recovery removes them.
+    Symbolic links are listed, never followed.
+    """
+    known: set[str] = set()
+    for item in store.artifacts(statuses=("ok", "corrupt")):
+        known.add(item.path)
+        known.update(companion_paths(item.tier, item.path, item.extra))
+    found = []
+    for top in TOP_TIERS:
+        if not _is_dir(backup_dir / top):
             continue
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        for directory, _, names in os.walk(backup_dir / top):
+            for name in names:
+                relative = str((Path(directory) / name).relative_to(backup_dir))
+                if not name.endswith(PARTIAL) and relative not in known:
+                    found.append(relative)
+    return sorted(found)
+
+
+def layout_dirs(backup_dir: Path) -> list[tuple[str, Path]]:
+    """(top, directory) for each `logical/<db>/` and `volumes/<v>/` (real directories only)."""
+    found = []
+    for top in TOP_TIERS:
+        parent = backup_dir / top
+        if not _is_dir(parent):
             continue
-        if data.get("tool") == TOOL:
-            loaded.append((artifact_path, data))
-    return loaded
+        found += [(top, parent / name) for name in sorted(os.listdir(parent))
+                  if _is_dir(parent / name)]
+    return found
 
 
-def _add(store: Store, artifact_path: Path, relative: str, data: dict[str, Any]) -> None:
-    base_id = None
-    if data.get("base"):
-        base = store.artifact_by_path(data["base"])
-        base_id = base.id if base else None
-    artifact_id = store.add_artifact(
-        run_id=None, tier=data["tier"], target=data["target"], path=relative,
-        created_at=datetime.fromisoformat(data["created_at"]), size=int(data["size"]),
-        sha256=data["sha256"], base_id=base_id, extra=data.get("extra", {}),
-    )
-    index = index_path(artifact_path)
-    if index.exists():
-        store.add_files(artifact_id, read_index(index))
-    if data.get("deleted"):
-        store.add_deleted_paths(artifact_id, data["deleted"])
+def candidates(backup_dir: Path, now: datetime) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                         list[tuple[str, str]]]:
+    """([(artifact path, manifest)], [(artifact path, why it is not trusted)]) in the layout."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[tuple[str, str]] = []
+    for top, directory in layout_dirs(backup_dir):
+        for manifest in sorted(directory.glob("*" + MANIFEST_SUFFIX)):
+            name = manifest.name[: -len(MANIFEST_SUFFIX)]
+            relative = f"{top}/{directory.name}/{name}"
+            data, problem = _read(manifest)
+            if data is not None:
+                problem = problem_of(directory / name, top, data, now)
+            if problem:
+                skipped.append((relative, problem))
+            elif data is not None:
+                found.append((relative, data))
+    return found, skipped
+
+
+def _read(manifest: Path) -> tuple[dict[str, Any] | None, str | None]:
+    if not _is_regular(manifest):
+        return None, "its manifest is not a regular file"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, f"its manifest cannot be read ({exc})"
+    if not isinstance(data, dict) or data.get("tool") != TOOL:
+        return None, "its manifest was not written by toybox-backupd"
+    return data, None
+
+
+def problem_of(path: Path, top: str, data: dict[str, Any], now: datetime) -> str | None:
+    """Why the artifact at `path` (in `<top>/<target>/`) with this manifest is not trusted."""
+    target, name = path.parent.name, path.name
+    match = re.fullmatch(re.escape(target) + _NAMES[top], name)
+    if data.get("tier") not in TOP_TIERS[top] or data.get("target") != target:
+        return (f"its manifest says tier {data.get('tier')!r}, target {data.get('target')!r}; "
+                f"{top}/{target}/ holds {'/'.join(TOP_TIERS[top])} backups of {target!r}")
+    if match is None or (top == "volumes" and match.group(1) != data["tier"]):
+        return f"the name {name!r} is not one this tool gives a {data['tier']} of {target!r}"
+    if data.get("file") != name:
+        return f"its manifest names another file ({data.get('file')!r})"
+    if not re.fullmatch(r"[0-9a-f]{64}", str(data.get("sha256"))):
+        return "its manifest has no valid sha256"
+    if data["tier"] == "diff" and not str(data.get("base") or "").startswith(f"volumes/{target}/"):
+        return f"its base full ({data.get('base')!r}) is not one of {target}'s"
+    if not _is_regular(path):
+        return "the artifact is missing or not a regular file"
+    if data.get("size") != path.stat().st_size:
+        return f"it has {path.stat().st_size} bytes, its manifest says {data.get('size')}"
+    return _date_problem(data, now) or _globals_problem(path, data)
+
+
+def _date_problem(data: dict[str, Any], now: datetime) -> str | None:
+    try:
+        created = datetime.fromisoformat(str(data.get("created_at")))
+    except ValueError:
+        return "its manifest has no valid created_at"
+    if created.tzinfo is None:
+        return "its manifest's created_at has no time zone"
+    if created > now:
+        return (f"it is dated {created.isoformat()}, in the future (now is {now.isoformat()}); "
+                "set the clock right and run reindex again")
+    return None
+
+
+def _globals_problem(path: Path, data: dict[str, Any]) -> str | None:
+    """A dump's roles file must be its own, beside it (retention deletes it with the dump)."""
+    info = (data.get("extra") or {}).get("globals") if data.get("tier") == "logical" else None
+    if not info:
+        return None
+    stem = path.name.removesuffix(".dump").removesuffix(".sql.gz")
+    own = f"logical/{path.parent.name}/{stem}.globals.sql.gz"
+    if not isinstance(info, dict) or info.get("path") != own:
+        return f"its manifest names a roles file that is not its own ({info!r})"
+    return None
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _fields(store: Store, data: dict[str, Any]) -> dict[str, Any]:
+    """The catalog's columns for an artifact, from its manifest."""
+    base = store.artifact_by_path(data["base"]) if data.get("base") else None
+    return {"created_at": datetime.fromisoformat(data["created_at"]), "size": int(data["size"]),
+            "sha256": data["sha256"], "base_id": base.id if base else None,
+            "extra": data.get("extra", {})}
+
+
+def _index(backup_dir: Path, relative: str) -> list[tuple[Any, ...]]:
+    index = index_path(backup_dir / relative)
+    return read_index(index) if _is_regular(index) else []
+
+
+def _add(store: Store, backup_dir: Path, relative: str, data: dict[str, Any]) -> None:
+    artifact_id = store.add_artifact(run_id=None, tier=data["tier"], target=data["target"],
+                                     path=relative, **_fields(store, data))
+    store.add_files(artifact_id, _index(backup_dir, relative))
+    store.add_deleted_paths(artifact_id, data.get("deleted") or [])
+
+
+def _revive(store: Store, backup_dir: Path, relative: str, artifact_id: int,
+            data: dict[str, Any]) -> bool:
+    return store.revive_artifact(artifact_id, **_fields(store, data),
+                                 files=_index(backup_dir, relative),
+                                 deleted=data.get("deleted") or [])

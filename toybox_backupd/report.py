@@ -141,6 +141,8 @@ def _facts(settings: Settings, store: Store, run: Run, host: str) -> list[tuple[
         if isinstance(deleted, list) and deleted:
             facts.append(("Retention", f"deleted {len(deleted)} old file(s):\n"
                           + "\n".join(_path_of(item) for item in deleted)))
+        elif details.get("retention_refused"):
+            facts.append(("Retention", str(details["retention_refused"])))
         elif "retention_error" not in details:
             facts.append(("Retention", "nothing to delete"))
     return facts
@@ -218,6 +220,8 @@ def warnings_of(details: dict[str, Any]) -> list[str]:
         found.append(details["warning"])
     if details.get("retention_error"):
         found.append(f"retention failed, nothing old was deleted: {details['retention_error']}")
+    if details.get("retention_refused"):
+        found.append(f"retention: {details['retention_refused']}")
     total = details.get("warnings_total")
     extra = max(len(found) - MAX_WARNINGS, 0)
     if isinstance(total, int) and isinstance(listed, list) and total > len(listed):

@@ -3,8 +3,13 @@
 Rules (each one keeps something; an artifact is deleted only if no rule keeps it):
 
 - young enough: created within PGDUMP_KEEP_DAYS (logical) or VOLUME_KEEP_DAYS (full, diff);
-- newest good: the newest `ok` artifact of each tier and target is never deleted (the newest
-  dump per database, the newest full and the newest differential per volume), however old;
+- newest good: the N newest `ok` artifacts of each tier and target are never deleted, however
+  old, where N is how many runs the job's schedule makes in its keep window (7 daily dumps in 7
+  days, 2 weekly fulls in 14 days; at least 1). Ages come from the clock; this count does not,
+  so a clock that jumped ahead costs no more restore points than a normal day does;
+- a sane clock: `apply` deletes nothing when the clock is further past the newest earlier
+  backup than the keep window (the clock jumped, or nothing was backed up for that long), and
+  says so (`Refused`);
 - chain: a full that a kept differential is based on is kept, so the oldest kept restore
   point is always complete;
 - only after success: `apply` refuses to prune unless the job's last run succeeded (the
@@ -23,11 +28,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from . import jobs, logs
-from .basics import local_time, utcnow
-from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, TOOL
+from . import jobs, logs, manifests, schedule
+from .basics import ToyboxError, ago, local_time, utcnow
+from .manifests import MANIFEST_SUFFIX, TOOL
 from .settings import Settings
 from .store import Artifact, Store
 
@@ -35,6 +39,10 @@ log = logs.get("toybox_backupd.retention")
 
 CONSIDERED = ("ok", "corrupt")  # 'deleted' rows are history already
 _DELETE_ORDER = {"diff": 0, "full": 1, "logical": 2}  # a diff goes before the full it needs
+
+
+class Refused(ToyboxError):
+    """Retention deleted nothing, on purpose; the message says why (for the run and its email)."""
 
 
 @dataclass
@@ -55,15 +63,27 @@ def keep_days(settings: Settings) -> dict[str, int]:
     return {job.name: job.keep_days(settings) for job in jobs.all_jobs()}
 
 
+def keep_counts(settings: Settings, now: datetime | None = None) -> dict[str, int]:
+    """How many of each tier's newest good backups are always kept: as many as its job's
+    schedule makes in its keep window (at least 1; 1 for a job without a schedule)."""
+    end = now or utcnow()
+    return {job.name: max(1, schedule.runs_within(job.schedule(settings), settings.zone,
+                                                  job.keep_days(settings), end))
+            for job in jobs.all_jobs()}
+
+
 def _why_old(tier: str, days: int) -> str:
     return f"older than {days} days ({jobs.get(tier).keep_var})"
 
 
-def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str, int]) -> Plan:
+def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str, int],
+         keep_counts: Mapping[str, int] | None = None) -> Plan:
     """Decide, without touching anything, which of `artifacts` to delete.
 
     `artifacts` are catalog rows of one or more tiers/targets (rows with a status other than
-    ok/corrupt are ignored); `keep_days` maps a tier to its retention in days.
+    ok/corrupt are ignored); `keep_days` maps a tier to its retention in days, `keep_counts`
+    to how many of its newest good artifacts per target are kept whatever their age (1 if
+    not given).
     """
     items = [item for item in artifacts if item.status in CONSIDERED]
     result = Plan()
@@ -73,8 +93,8 @@ def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str
         if item.created_at.astimezone(UTC) >= now - timedelta(days=days):
             result.kept.setdefault(
                 item.id, f"younger than {days} days ({jobs.get(item.tier).keep_var})")
-    for item in _newest_good(items):  # 2. the newest good artifact of each tier and target
-        result.kept.setdefault(item.id, f"the newest good {item.tier} backup of {item.target}")
+    for item, why in _newest_good(items, keep_counts or {}):  # 2. the newest good ones
+        result.kept.setdefault(item.id, why)
     _keep_chains(items, result)  # 3. the base of every kept differential
     # everything else goes, differentials before the fulls they were based on
     doomed = [item for item in items if item.id not in result.kept]
@@ -85,16 +105,22 @@ def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str
     return result
 
 
-def _newest_good(items: list[Artifact]) -> list[Artifact]:
-    newest: dict[tuple[str, str], Artifact] = {}
+def _newest_good(items: list[Artifact],
+                 counts: Mapping[str, int]) -> list[tuple[Artifact, str]]:
+    """The newest good artifacts of each tier and target, as many as `counts` says (>= 1)."""
+    groups: dict[tuple[str, str], list[Artifact]] = {}
     for item in items:
-        if item.status != "ok":
-            continue
-        key = (item.tier, item.target)
-        current = newest.get(key)
-        if current is None or (item.created_at, item.id) > (current.created_at, current.id):
-            newest[key] = item
-    return list(newest.values())
+        if item.status == "ok":
+            groups.setdefault((item.tier, item.target), []).append(item)
+    kept = []
+    for (tier, target), group in groups.items():
+        group.sort(key=lambda item: (item.created_at, item.id), reverse=True)
+        count = max(1, counts.get(tier, 1))
+        kept.append((group[0], f"the newest good {tier} backup of {target}"))
+        kept += [(item, f"one of the {count} newest good {tier} backups of {target} (as many "
+                  f"as {jobs.get(tier).schedule_var} makes in the keep window)")
+                 for item in group[1:count]]
+    return kept
 
 
 def _keep_chains(items: list[Artifact], result: Plan) -> None:
@@ -130,7 +156,8 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     """Prune `job`'s tier family for `targets` after a successful run.
 
     Returns the deleted artifacts' paths, relative to BACKUP_DIR (companion files such as
-    manifests and file indexes are deleted with them and logged, not listed).
+    manifests and file indexes are deleted with them and logged, not listed). Raises Refused,
+    deleting nothing, when the clock looks wrong (see `check_clock`).
     """
     job = jobs.get(job).name
     ok, why = _last_run_ok(store, job)
@@ -138,10 +165,14 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
         log.warning("retention skipped: pruning happens only after a successful run", job=job,
                     reason=why)
         return []
+    now = now or utcnow()
+    last = store.last_run(job)
+    check_clock(settings, store, job, now, last.id if last else None)
     tiers = jobs.get(job).family
     artifacts = [item for tier in tiers for target in targets
                  for item in store.artifacts(tier=tier, target=target, statuses=CONSIDERED)]
-    decided = plan(artifacts, now=now or utcnow(), keep_days=keep_days(settings))
+    decided = plan(artifacts, now=now, keep_days=keep_days(settings),
+                   keep_counts=keep_counts(settings, now))
     deleted: list[str] = []
     for item in decided.delete:
         removed = delete_artifact(settings, store, item, decided.reasons[item.id])
@@ -150,6 +181,29 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     if deleted:
         log.info("retention done", job=job, deleted=len(deleted))
     return deleted
+
+
+def check_clock(settings: Settings, store: Store, job: str, now: datetime,
+                run_id: int | None) -> None:
+    """Raise Refused if `now` is further past the newest backup made before run `run_id`
+    than the job's keep window: the clock jumped ahead, or nothing was backed up for so long,
+    and ages measured with that clock are not a reason to delete anything."""
+    earlier = [item.created_at for item in store.artifacts(statuses=CONSIDERED)
+               if item.run_id is None or item.run_id != run_id]
+    if not earlier:
+        return
+    newest = max(earlier)
+    days = max(jobs.get(tier).keep_days(settings) for tier in jobs.get(job).family)
+    if now - newest <= timedelta(days=days):
+        return
+    raise Refused(
+        f"nothing was deleted: the clock says {local_time(now, settings.zone, 'minutes')}, "
+        f"{ago(now - newest)} after the newest earlier backup "
+        f"({local_time(newest, settings.zone, 'minutes')}), longer than the {days}-day keep "
+        "window. Either the clock jumped ahead or nothing was backed up for that long; old "
+        "backups are not deleted on the strength of such a clock. Check the host's clock "
+        "(`date`); later runs keep at least as many backups as the schedule makes in the "
+        "keep window.")
 
 
 def delete_artifact(settings: Settings, store: Store, item: Artifact, reason: str) -> bool:
@@ -194,13 +248,7 @@ def delete_artifact(settings: Settings, store: Store, item: Artifact, reason: st
 
 def companion_paths(item: Artifact) -> list[str]:
     """The files the catalog created beside `item.path` (besides the artifact itself)."""
-    paths = [item.path + MANIFEST_SUFFIX, item.path + INDEX_SUFFIX]
-    globals_info: Any = item.extra.get("globals") if item.tier == "logical" else None
-    if isinstance(globals_info, dict) and isinstance(globals_info.get("path"), str):
-        gpath = globals_info["path"]
-        if gpath and gpath != item.path:
-            paths += [gpath, gpath + MANIFEST_SUFFIX]
-    return paths
+    return manifests.companion_paths(item.tier, item.path, item.extra)
 
 
 def inside(root: Path, relative: str) -> Path | None:

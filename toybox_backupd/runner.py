@@ -190,6 +190,9 @@ def _retain(run: Run) -> dict[str, Any]:
     try:
         return {"retention_deleted": retention.apply(run.settings, run.store, run.job.name,
                                                      run.targets)}
+    except retention.Refused as exc:
+        log.warning("retention refused", reason=str(exc))
+        return {"retention_deleted": [], "retention_refused": str(exc)}
     except Exception as exc:
         log.error("retention failed", error=str(exc))
         return {"retention_error": redact.redact(str(exc))}

@@ -53,3 +53,16 @@ class CrontabTrigger(BaseTrigger):
 
     def __repr__(self) -> str:
         return f"<CrontabTrigger {self.expr!r} {self.zone}>"
+
+
+def runs_within(expr: str, zone: tzinfo, days: float, end: datetime, limit: int = 100_000) -> int:
+    """How many times `expr` fires in the `days` days up to `end` (0 for an empty schedule)."""
+    if not expr:
+        return 0
+    start = end - timedelta(days=days)
+    count = 0
+    for fire in _iterate(expr, zone, start):
+        if fire > end or count >= limit:
+            break
+        count += 1
+    return count

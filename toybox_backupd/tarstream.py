@@ -124,21 +124,14 @@ def normalize(name: str) -> str:
 
 
 def members(stream: IO[bytes]) -> Iterator[Member]:
-    """Members of a tar stream, each regular file's content hashed (xxh3-128)."""
-    if isinstance(stream, TeeReader):
-        yield from _read_headers(stream)
-        return
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-        for info in tar:
-            digest = None
-            if info.isreg():
-                hasher = xxhash.xxh3_128()
-                handle = tar.extractfile(info)
-                assert handle is not None
-                while chunk := handle.read(CHUNK):
-                    hasher.update(chunk)
-                digest = hasher.hexdigest()
-            yield _member(info, digest)
+    """Members of a tar stream, each regular file's content hashed (xxh3-128).
+
+    The stream must end with tar's end-of-archive marker (two zero blocks): one that stops
+    anywhere else, even right before a member's header, raises tarfile.ReadError.
+    """
+    reader = stream if isinstance(stream, TeeReader) else TeeReader(
+        iter(lambda: stream.read(CHUNK), b""), None)
+    yield from _read_headers(reader)
 
 
 def _member(info: tarfile.TarInfo, digest: str | None) -> Member:
@@ -181,21 +174,35 @@ def _read_headers(reader: TeeReader) -> Iterator[Member]:
         except tarfile.SubsequentHeaderError as exc:
             raise tarfile.ReadError(str(exc)) from None
         except tarfile.EOFHeaderError:
-            return
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
-            if headers.offset == 0:
-                raise tarfile.ReadError(str(exc)) from None
+            _second_zero_block(reader)
             return
         except tarfile.EmptyHeaderError:
             if headers.offset == 0:
                 raise tarfile.ReadError("empty file") from None
-            return
+            raise tarfile.ReadError(_cut(headers.offset, "the stream ends there")) from None
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            if headers.offset == 0:
+                raise tarfile.ReadError(str(exc)) from None
+            raise tarfile.ReadError(_cut(headers.offset, str(exc))) from None
         digest = None
         if info.isreg():
             hasher = xxhash.xxh3_128()
             _hash_content(reader, info, hasher.update)
             digest = hasher.hexdigest()
         yield _member(info, digest)
+
+
+def _cut(offset: int, why: str) -> str:
+    return (f"no end-of-archive marker: the archive is cut short or damaged at byte {offset} "
+            f"({why})")
+
+
+def _second_zero_block(reader: TeeReader) -> None:
+    """After the first zero block, the second one of tar's end-of-archive marker."""
+    offset = reader.tell()
+    block = reader.read(tarfile.BLOCKSIZE)
+    if len(block) != tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(_cut(offset, "only one of the two zero blocks is there"))
 
 
 def _hash_content(reader: TeeReader, info: tarfile.TarInfo,

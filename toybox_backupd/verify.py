@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import jobs, logs
+from . import jobs, logs, reindex
 from .basics import Unverifiable
 from .settings import Settings
 from .store import Artifact, Store
@@ -64,6 +64,12 @@ def verify_all(settings: Settings) -> list[Checked]:
                         details={"checked": len(results) - len(unchecked),
                                  "bad": len(bad) - len(unchecked), "unchecked": len(unchecked)})
     return results
+
+
+def unknown_files(settings: Settings) -> list[str]:
+    """Files in the tool's layout that the catalog does not know (relative to BACKUP_DIR)."""
+    with Store(settings.state_dir) as store:
+        return reindex.unknown_files(settings.backup_dir, store)
 
 
 def _check(settings: Settings, store: Store, item: Artifact) -> Checked:

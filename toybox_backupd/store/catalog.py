@@ -16,8 +16,10 @@ from .records import Artifact
 class CatalogMixin(StoreBase):
     def add_artifact(self, *, run_id: int | None, tier: str, target: str, path: str,
                      created_at: datetime, size: int, sha256: str, base_id: int | None = None,
-                     extra: dict[str, Any] | None = None) -> int:
-        """Catalog one artifact (path relative to BACKUP_DIR); return its id."""
+                     extra: dict[str, Any] | None = None,
+                     files: Iterable[tuple[Any, ...]] = (), deleted: Iterable[str] = ()) -> int:
+        """Catalog one artifact (path relative to BACKUP_DIR) with its file index and deleted
+        paths, in one transaction; return its id."""
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO artifacts(run_id, tier, target, path, created_at, size, sha256,"
@@ -25,7 +27,28 @@ class CatalogMixin(StoreBase):
                 (run_id, tier, target, path, iso(created_at), size, sha256, base_id,
                  json.dumps(extra or {}, default=str)),
             )
-            return int(cur.lastrowid or 0)
+            artifact_id = int(cur.lastrowid or 0)
+            _insert_index(db, artifact_id, files, deleted)
+            return artifact_id
+
+    def revive_artifact(self, artifact_id: int, *, created_at: datetime, size: int, sha256: str,
+                        base_id: int | None, extra: dict[str, Any],
+                        files: Iterable[tuple[Any, ...]] = (),
+                        deleted: Iterable[str] = ()) -> bool:
+        """A `deleted` artifact whose files are back: `ok` again, as its manifest describes it,
+        with its file index and deleted paths. False (nothing changed) unless it was deleted."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE artifacts SET status='ok', deleted_at=NULL, verified_at=NULL,"
+                " created_at=?, size=?, sha256=?, base_id=?, extra=? WHERE id=? AND"
+                " status='deleted'", (iso(created_at), size, sha256, base_id,
+                                      json.dumps(extra, default=str), artifact_id))
+            if cur.rowcount != 1:
+                return False
+            db.execute("DELETE FROM files WHERE artifact_id=?", (artifact_id,))
+            db.execute("DELETE FROM deleted_paths WHERE artifact_id=?", (artifact_id,))
+            _insert_index(db, artifact_id, files, deleted)
+        return True
 
     def artifact(self, artifact_id: int) -> Artifact | None:
         row = self.db.execute("SELECT * FROM artifacts WHERE id=?", (artifact_id,)).fetchone()
@@ -72,16 +95,11 @@ class CatalogMixin(StoreBase):
     def add_files(self, artifact_id: int, rows: Iterable[tuple[Any, ...]]) -> None:
         """rows: (path, type, size, mtime_ns, ctime_ns, inode, mode, uid, gid, link, hash)."""
         with self.tx() as db:
-            db.executemany(
-                "INSERT INTO files(artifact_id, path, type, size, mtime_ns, ctime_ns, inode,"
-                " mode, uid, gid, link, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                ((artifact_id, *row) for row in rows),
-            )
+            _insert_index(db, artifact_id, rows, ())
 
     def add_deleted_paths(self, artifact_id: int, paths: Iterable[str]) -> None:
         with self.tx() as db:
-            db.executemany("INSERT INTO deleted_paths(artifact_id, path) VALUES (?, ?)",
-                           ((artifact_id, path) for path in paths))
+            _insert_index(db, artifact_id, (), paths)
 
     def files(self, artifact_id: int) -> Iterator[sqlite3.Row]:
         return self.db.execute(
@@ -97,3 +115,15 @@ class CatalogMixin(StoreBase):
         with self.tx() as db:
             db.execute("DELETE FROM files WHERE artifact_id=?", (artifact_id,))
             db.execute("DELETE FROM deleted_paths WHERE artifact_id=?", (artifact_id,))
+
+
+def _insert_index(db: sqlite3.Connection, artifact_id: int, files: Iterable[tuple[Any, ...]],
+                  deleted: Iterable[str]) -> None:
+    """An artifact's file index rows and its deleted paths, inside the caller's transaction."""
+    db.executemany(
+        "INSERT INTO files(artifact_id, path, type, size, mtime_ns, ctime_ns, inode,"
+        " mode, uid, gid, link, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ((artifact_id, *row) for row in files),
+    )
+    db.executemany("INSERT INTO deleted_paths(artifact_id, path) VALUES (?, ?)",
+                   ((artifact_id, path) for path in deleted))

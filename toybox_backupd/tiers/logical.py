@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, database
-from ..atomic import AtomicFile
+from ..atomic import Batch
 from ..basics import (
     CatalogError,
     Confirm,
@@ -73,36 +73,39 @@ def backup(ctx: RunContext) -> TierResult:
     path = directory / (stem + (".dump" if custom else ".sql.gz"))
     ctx.log.info("dumping database", database=dbname, server=server_version, where=tools.where,
                  file=str(path))
-    size, digest = _dump_to(ctx, tools, "pg_dump", ["-Fc" if custom else "-Fp", "-d", dbname], path,
-                            gzip_it=not custom, check=_check_custom if custom else _check_plain)
-    globals_info = _dump_globals(ctx, tools, directory / f"{stem}.globals.sql.gz")
-    extra = {"format": settings.pgdump_format, "server_version": server_version,
-             "database": dbname, "globals": globals_info}
-    relative = _rel(settings, path)
-    write_manifest(path, {
-        "tool": TOOL, "version": __version__, "tier": TIER, "target": dbname,
-        "created_at": iso(created), "size": size, "sha256": digest, "file": path.name,
-        "extra": extra,
-    })
-    ctx.store.add_artifact(run_id=ctx.run_id, tier=TIER, target=dbname, path=relative,
-                           created_at=created, size=size, sha256=digest, extra=extra)
+    with Batch() as batch:  # the dump, its roles, its manifest and its row, or none of them
+        size, digest = _dump_to(ctx, tools, "pg_dump", ["-Fc" if custom else "-Fp", "-d", dbname],
+                                batch, path, gzip_it=not custom,
+                                check=_check_custom if custom else _check_plain)
+        globals_info = _dump_globals(ctx, tools, batch, directory / f"{stem}.globals.sql.gz")
+        extra = {"format": settings.pgdump_format, "server_version": server_version,
+                 "database": dbname, "globals": globals_info}
+        relative = _rel(settings, path)
+        write_manifest(path, {
+            "tool": TOOL, "version": __version__, "tier": TIER, "target": dbname,
+            "created_at": iso(created), "size": size, "sha256": digest, "file": path.name,
+            "extra": extra,
+        }, batch)
+        batch.commit()
+        ctx.store.add_artifact(run_id=ctx.run_id, tier=TIER, target=dbname, path=relative,
+                               created_at=created, size=size, sha256=digest, extra=extra)
     ctx.log.info("dump written", file=relative, size=human(size), sha256=digest)
     return TierResult(bytes=size + globals_info.get("size", 0), artifacts=[relative],
                       details={"sha256": digest, "format": settings.pgdump_format})
 
 
-def _dump_globals(ctx: RunContext, tools: PgTools, path: Path) -> dict[str, Any]:
+def _dump_globals(ctx: RunContext, tools: PgTools, batch: Batch, path: Path) -> dict[str, Any]:
     """pg_dumpall --globals-only beside the dump; without role passwords if not a superuser."""
     args = ["--globals-only"]
     note = None
     try:
-        size, digest = _dump_to(ctx, tools, "pg_dumpall", args, path, gzip_it=True,
+        size, digest = _dump_to(ctx, tools, "pg_dumpall", args, batch, path, gzip_it=True,
                                 check=_check_nonempty)
     except JobError as exc:
         if "permission denied" not in str(exc):
             raise
-        size, digest = _dump_to(ctx, tools, "pg_dumpall", [*args, "--no-role-passwords"], path,
-                                gzip_it=True, check=_check_nonempty)
+        size, digest = _dump_to(ctx, tools, "pg_dumpall", [*args, "--no-role-passwords"], batch,
+                                path, gzip_it=True, check=_check_nonempty)
         note = "role passwords left out: POSTGRES_USER is not a superuser"
         ctx.note(warning=note)
     info: dict[str, Any] = {"path": _rel(ctx.settings, path), "sha256": digest, "size": size}
@@ -139,13 +142,16 @@ def _check_nonempty(head: bytes, tail: bytes, size: int) -> str | None:
     return None if size else "no output"
 
 
-def _dump_to(ctx: RunContext, tools: PgTools, tool: str, args: list[str], path: Path,
-             gzip_it: bool, check: Callable[[bytes, bytes, int], str | None]) -> tuple[int, str]:
-    """Stream a tool's stdout into `path` (atomically); return (size on disk, sha256)."""
+def _dump_to(ctx: RunContext, tools: PgTools, tool: str, args: list[str], batch: Batch,
+             path: Path, gzip_it: bool,
+             check: Callable[[bytes, bytes, int], str | None]) -> tuple[int, str]:
+    """Stream a tool's stdout into `path`, a file of `batch` (dropped from it if anything
+    fails); return (size on disk, sha256)."""
     proc = tools.start(tool, args)
+    out = batch.open(path)
     raw, head, tail = 0, b"", b""
     try:
-        with ctx.on_cancel(lambda: _end(ctx, proc)), AtomicFile(path) as out:
+        with ctx.on_cancel(lambda: _end(ctx, proc)):
             with compressor(out, "gzip" if gzip_it else "none", 6) as sink:
                 for chunk in proc.stdout():
                     ctx.check()
@@ -163,8 +169,10 @@ def _dump_to(ctx: RunContext, tools: PgTools, tool: str, args: list[str], path: 
             problem = check(head, tail, raw)
             if problem:
                 raise JobError(f"{tool} in {tools.where}: {problem}")
-            out.commit()
             return out.size, out.sha256
+    except BaseException:
+        batch.drop(out)
+        raise
     finally:
         proc.close()
 
@@ -419,7 +427,10 @@ def verify(settings: Settings, item: Artifact) -> str | None:
     except ToyboxError as exc:
         raise Unverifiable(f"cannot run pg_restore to read {path.name} now: {exc}") from None
     proc.feed(decompressed(path, "none"))
-    result = proc.wait(timeout=3600)
+    try:
+        result = proc.wait(timeout=3600)
+    except ToyboxError as exc:  # it stopped reading before the end: damaged where it stopped
+        return str(exc)
     if result.exit_code != 0:
         return tool_error("pg_restore", result, tools.where)
     return None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, docker_api, tarstream
-from ..atomic import CHUNK, AtomicFile
+from ..atomic import CHUNK, AtomicFile, Batch
 from ..basics import (
     CatalogError,
     JobError,
@@ -113,22 +113,24 @@ def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
     path = _new_path(settings, volume, kind, created)
     image = docker_api.helper_image(settings.helper_image)
     store.scan_reset()
-    with ExitStack() as stack:
-        helper = stack.enter_context(docker_api.helper(
-            image, {volume: (MOUNT, "ro")}, "backup", store.instance_id(),
-            lifetime=ctx.job.time_limit_seconds(settings) + 60))
-        stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
-        with AtomicFile(path) as out, stopped_for(ctx, volume) as downtime:
-            _list_volume(ctx, helper, volume)
-            deleted = store.scan_select_changed(base.id) if base else []
-            if base is None:
-                store.scan_select_all()
-            tar_warnings = _tar(ctx, helper, out)
+    with Batch() as batch:  # the archive, its index, its manifest and its rows, or none of them
+        out = batch.open(path)
+        with ExitStack() as stack:
+            helper = stack.enter_context(docker_api.helper(
+                image, {volume: (MOUNT, "ro")}, "backup", store.instance_id(),
+                lifetime=ctx.job.time_limit_seconds(settings) + 60))
+            stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
+            with stopped_for(ctx, volume) as downtime:
+                _list_volume(ctx, helper, volume)
+                deleted = store.scan_select_changed(base.id) if base else []
+                if base is None:
+                    store.scan_select_all()
+                tar_warnings = _tar(ctx, helper, out)
         archived = Archived(str(path.relative_to(settings.backup_dir)), out.size, downtime,
                             notes + tar_warnings)
         vanished = store.scan_take_vanished()
         archived.warnings += [f"vanished while read: {p}" for p in vanished[:100]]
-        _catalog(ctx, path, out, volume, kind, created, base, deleted, archived)
+        _catalog(ctx, batch, path, out, volume, kind, created, base, deleted, archived)
     return archived
 
 
@@ -155,27 +157,27 @@ def _new_path(settings: Settings, volume: str, kind: str, created: datetime) -> 
     return path
 
 
-def _catalog(ctx: RunContext, path: Path, out: AtomicFile, volume: str, kind: str,
-             created: datetime, base: Artifact | None, deleted: list[str],
+def _catalog(ctx: RunContext, batch: Batch, path: Path, out: AtomicFile, volume: str,
+             kind: str, created: datetime, base: Artifact | None, deleted: list[str],
              archived: Archived) -> None:
-    """The index and manifest beside the archive, then its catalog rows."""
+    """The index and manifest beside the archive, all of them committed, then its rows."""
     store = ctx.store
     count = store.scan_count()
     extra = {"compression": ctx.settings.volume_compression, "files": count,
              "deleted": len(deleted), "warnings": len(archived.warnings),
              "downtime_seconds": round(sum(archived.downtime.values()), 2)}
-    write_index(path, store.scan_index_rows())
+    write_index(path, store.scan_index_rows(), batch)
     write_manifest(path, {
         "tool": TOOL, "version": __version__, "tier": kind, "target": volume,
         "created_at": iso(created), "size": out.size, "sha256": out.sha256,
         "file": path.name, "base": base.path if base else None, "deleted": deleted,
         "extra": extra,
-    })
-    artifact_id = store.add_artifact(
+    }, batch)
+    batch.commit()
+    store.add_artifact(
         run_id=ctx.run_id, tier=kind, target=volume, path=archived.path, created_at=created,
-        size=out.size, sha256=out.sha256, base_id=base.id if base else None, extra=extra)
-    store.add_files(artifact_id, store.scan_index_rows())
-    store.add_deleted_paths(artifact_id, deleted)
+        size=out.size, sha256=out.sha256, base_id=base.id if base else None, extra=extra,
+        files=store.scan_index_rows(), deleted=deleted)
     ctx.log.info("volume archived", volume=volume, kind=kind, file=archived.path, files=count,
                  deleted=len(deleted), size=human(out.size),
                  downtime_s=extra["downtime_seconds"])
@@ -251,7 +253,8 @@ def _scan_row(fields: list[bytes]) -> tuple[Any, ...]:
 
 
 def _tar(ctx: RunContext, helper: Any, out: AtomicFile) -> list[str]:
-    """Archive the selected paths into `out` (and commit it); return tar's warnings."""
+    """Archive the selected paths into `out` (committed later, with its companions); return
+    tar's warnings."""
     settings, store = ctx.settings, ctx.store
     with tempfile.TemporaryFile(dir=settings.state_dir) as names:
         for name in store.scan_selected_names():
@@ -266,13 +269,13 @@ def _tar(ctx: RunContext, helper: Any, out: AtomicFile) -> list[str]:
                     _index_stream(ctx, tarstream.TeeReader(proc.stdout(), sink, ctx.check))
             except tarfile.TarError as exc:
                 ctx.check()
-                raise JobError(f"the tar stream from the helper was damaged: {exc}") from None
+                raise JobError(f"the tar stream from the helper is cut short or damaged: {exc}; "
+                               "nothing was kept") from None
             ctx.check()
             result = proc.wait()
     # GNU tar: 0 ok, 1 "some files differ" (changed while read), 2 fatal
     if result.exit_code not in (0, 1):
         raise JobError(tool_error("tar", result, "the helper container"))
-    out.commit()
     return [line.removeprefix("tar: ") for line in result.stderr.splitlines() if line.strip()]
 
 
