@@ -252,3 +252,20 @@ def test_verify_names_files_the_catalog_does_not_know(env: Env, pg: PG) -> None:
     assert result.returncode == 0, result.stdout  # the kept dump is fine
     assert "1 file(s) in BACKUP_DIR that the catalog does not know" in result.stdout
     assert "logical/toybox/toybox_20260101-000000.dump" in result.stdout
+
+
+def test_a_volume_restore_also_asks_before_it_takes_the_lock(
+        env: Env, pg: PG, make_volume: Any) -> None:
+    volume = make_volume("echo kept > a.txt")
+    assert env.cli("backup", "full", BACKUP_VOLUMES=volume).returncode == 0
+    env.values["BACKUP_VOLUMES"] = volume
+    proc, master = _on_a_terminal(env, "restore", "volume", volume)
+    try:
+        assert b"replaces everything in volume" in _read_until(master, b"Continue? [y/N]", 60)
+        assert locks.holder(env.state_dir) == ""  # nobody holds the run lock meanwhile
+        assert env.cli("backup", "logical", timeout=120).returncode == 0
+        os.write(master, b"n\n")
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+        os.close(master)

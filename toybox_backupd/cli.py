@@ -174,9 +174,9 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
                            confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
     elif args.what == "volume":
-        with _restore_lock(settings, what):
-            volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
-                                   stop_containers=args.stop_containers, say=say)
+        volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
+                               stop_containers=args.stop_containers, say=say,
+                               hold=lambda: _restore_lock(settings, what))
     else:
         with _restore_lock(settings, what):
             volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest,

@@ -55,7 +55,7 @@ def write_index(artifact_path: Path, rows: Iterable[tuple[Any, ...]],
     path = index_path(artifact_path)
     with _writing(path, batch) as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as writer:
         for row in rows:
-            writer.write(json.dumps(list(row), ensure_ascii=False).encode() + b"\n")
+            writer.write(json.dumps(list(row)).encode() + b"\n")
     return path
 
 

@@ -152,7 +152,7 @@ class _Headers:
 
     def __init__(self, reader: TeeReader):
         self.fileobj = reader
-        self.encoding = tarfile.ENCODING
+        self.encoding = "utf-8"  # as the volume listing is decoded (surrogateescape)
         self.errors = "surrogateescape"
         self.pax_headers: dict[str, str] = {}
         self.offset = 0

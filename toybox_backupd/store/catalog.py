@@ -10,6 +10,7 @@ from typing import Any
 
 from ..basics import iso
 from .base import StoreBase
+from .paths import from_db, row_to_db, to_db
 from .records import Artifact
 
 
@@ -101,14 +102,18 @@ class CatalogMixin(StoreBase):
         with self.tx() as db:
             _insert_index(db, artifact_id, (), paths)
 
-    def files(self, artifact_id: int) -> Iterator[sqlite3.Row]:
-        return self.db.execute(
-            "SELECT * FROM files WHERE artifact_id=? ORDER BY path", (artifact_id,))
+    def files(self, artifact_id: int) -> Iterator[dict[str, Any]]:
+        """An artifact's file index, a dict per path (paths as text, byte for byte)."""
+        for row in self.db.execute(
+                "SELECT * FROM files WHERE artifact_id=? ORDER BY path", (artifact_id,)):
+            entry = dict(row)
+            entry["path"], entry["link"] = from_db(entry["path"]), from_db(entry["link"])
+            yield entry
 
     def deleted_paths(self, artifact_id: int) -> list[str]:
         rows = self.db.execute(
             "SELECT path FROM deleted_paths WHERE artifact_id=? ORDER BY path", (artifact_id,))
-        return [row["path"] for row in rows]
+        return [from_db(row["path"]) for row in rows]
 
     def forget_index(self, artifact_id: int) -> None:
         """Drop a deleted artifact's file index (it only takes space in the database)."""
@@ -123,7 +128,7 @@ def _insert_index(db: sqlite3.Connection, artifact_id: int, files: Iterable[tupl
     db.executemany(
         "INSERT INTO files(artifact_id, path, type, size, mtime_ns, ctime_ns, inode,"
         " mode, uid, gid, link, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        ((artifact_id, *row) for row in files),
+        ((artifact_id, *row_to_db(row)) for row in files),
     )
     db.executemany("INSERT INTO deleted_paths(artifact_id, path) VALUES (?, ?)",
-                   ((artifact_id, path) for path in deleted))
+                   ((artifact_id, to_db(path)) for path in deleted))

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .base import StoreBase
+from .paths import from_db, row_from_db, row_to_db, to_db
 
 INDEX_COLUMNS = "path, type, size, mtime_ns, ctime_ns, inode, mode, uid, gid, link, hash"
 COMPARED = ("type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link")
@@ -29,7 +30,7 @@ class ScanMixin(StoreBase):
             db.executemany(
                 "INSERT OR REPLACE INTO scan(path, type, size, mtime_ns, ctime_ns, inode, mode,"
                 " uid, gid, link, hash, selected, seen)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, 0)", rows)
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, 0)", map(row_to_db, rows))
 
     def scan_select_all(self) -> None:
         self.db.execute("UPDATE scan SET selected=1")
@@ -48,24 +49,25 @@ class ScanMixin(StoreBase):
             # Parents of changed paths come along: extracting into a directory changes its
             # mtime, and tar only sets it back for directories that are in the archive.
             db.executemany("UPDATE scan SET selected=1 WHERE path=?",
-                           ((p,) for p in _parents(self.scan_selected_names())))
-        return [row[0] for row in self.db.execute(
+                           ((to_db(p),) for p in _parents(self.scan_selected_names())))
+        return [from_db(row[0]) for row in self.db.execute(
             "SELECT f.path FROM files f WHERE f.artifact_id=? AND NOT EXISTS"
             " (SELECT 1 FROM scan s WHERE s.path=f.path) ORDER BY f.path", (base_id,))]
 
     def scan_selected_names(self) -> list[str]:
-        return [row[0] for row in self.db.execute(
+        return [from_db(row[0]) for row in self.db.execute(
             "SELECT path FROM scan WHERE selected=1 ORDER BY path")]
 
     def scan_mark_seen(self, hashes: list[tuple[str | None, str]]) -> None:
         """Record members that arrived in the archive: [(content hash or None, path)]."""
         with self.tx() as db:
-            db.executemany("UPDATE scan SET seen=1, hash=? WHERE path=?", hashes)
+            db.executemany("UPDATE scan SET seen=1, hash=? WHERE path=?",
+                           ((digest, to_db(path)) for digest, path in hashes))
 
     def scan_take_vanished(self) -> list[str]:
         """Selected paths that never arrived (gone while read): removed from the scan."""
         with self.tx() as db:
-            vanished = [row[0] for row in db.execute(
+            vanished = [from_db(row[0]) for row in db.execute(
                 "SELECT path FROM scan WHERE selected=1 AND seen=0 ORDER BY path")]
             db.execute("DELETE FROM scan WHERE selected=1 AND seen=0")
         return vanished
@@ -75,7 +77,7 @@ class ScanMixin(StoreBase):
 
     def scan_index_rows(self) -> Iterator[tuple[Any, ...]]:
         """The new archive's file index, streamed from the table (not held in a list)."""
-        return (tuple(row) for row in self.db.execute(
+        return (row_from_db(row) for row in self.db.execute(
             f"SELECT {INDEX_COLUMNS} FROM scan WHERE selected=1 ORDER BY path"))
 
 

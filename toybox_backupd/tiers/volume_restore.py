@@ -9,6 +9,8 @@ tree back and leaves the stopped containers stopped, for the operator to check a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,12 +48,13 @@ class Plan:
 
 def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
                    to: str | None = None, confirm: Confirm = None,
-                   stop_containers: bool = False, say: Say = silent) -> None:
+                   stop_containers: bool = False, say: Say = silent,
+                   hold: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
     """Rebuild volume `to` (default `name`) as `name` was at `at`: its full, then its differential.
 
-    Call it holding the run lock. Raises CatalogError (no restore point, or a corrupt file:
-    nothing changed) or JobError (the volume holds its old contents; stopped containers stay
-    stopped, named in the message).
+    Asks (`confirm`) first, then does the work inside `hold()` (the run lock). Raises
+    CatalogError (no restore point, or a corrupt file: nothing changed) or JobError (the volume
+    holds its old contents; stopped containers stay stopped, named in the message).
     """
     target = to or name
     with Store(settings.state_dir) as store:
@@ -59,15 +62,17 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
         deleted = store.deleted_paths(chain[-1].id) if len(chain) > 1 else []
     files = [check_file(settings.backup_dir, item) for item in chain]
     when = local_time(chain[-1].created_at, settings.zone)
-    _settle_earlier(settings, target, say)
+    # asked before the lock is taken: an unanswered prompt never holds up a backup
     running = _check_target(target, name, when, confirm, stop_containers)
     plan = Plan(name, target, when, chain, files, deleted, running)
-    say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
-    try:
-        _stop_and_restore(settings, plan)
-    except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit
-        raise _failed(settings, plan, exc) from None
-    _succeeded(settings, plan, say)
+    with hold():
+        _settle_earlier(settings, target, say)
+        say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
+        try:
+            _stop_and_restore(settings, plan)
+        except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit
+            raise _failed(settings, plan, exc) from None
+        _succeeded(settings, plan, say)
 
 
 def _settle_earlier(settings: Settings, target: str, say: Say) -> None:
@@ -114,7 +119,9 @@ def _stop_and_restore(settings: Settings, plan: Plan) -> None:
             plan.stopped.append(container)
         owner = store.instance_id()
     image = docker_api.helper_image(settings.helper_image)
-    with docker_api.helper(image, {plan.target: (MOUNT, "rw")}, "restore", owner) as helper:
+    lifetime = settings.restore_time_limit_min * 60 + 60
+    with docker_api.helper(image, {plan.target: (MOUNT, "rw")}, "restore", owner,
+                           lifetime=lifetime) as helper:
         volume_swap.prepare(helper, plan.staging)
         _extract(helper, plan.files[0], plan.chain[0], plan.staging)
         if len(plan.chain) > 1:

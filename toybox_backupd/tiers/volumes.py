@@ -23,11 +23,13 @@ from typing import Any
 from .. import __version__, docker_api, tarstream
 from ..atomic import CHUNK, AtomicFile, Batch
 from ..basics import (
+    Cancelled,
     CatalogError,
     JobError,
     RunContext,
     TierResult,
     ToyboxError,
+    describe_unexpected,
     human,
     iso,
     local_time,
@@ -83,9 +85,14 @@ def backup(ctx: RunContext) -> TierResult:
         ctx.check()
         try:
             archived = archive_volume(ctx, volume, ctx.job.name)
-        except ToyboxError as exc:
-            errors.append(f"{volume}: {exc}")
-            ctx.log.error("volume archive failed", volume=volume, error=str(exc))
+        except Cancelled:
+            raise
+        except Exception as exc:  # one volume's failure, foreseen or not, never skips the others
+            ctx.check()  # unless the run itself was ended
+            text = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
+            errors.append(f"{volume}: {text}")
+            ctx.log.error("volume archive failed", volume=volume, error=text,
+                          **({} if isinstance(exc, ToyboxError) else {"exc_info": True}))
             continue
         result.bytes += archived.size
         result.artifacts.append(archived.path)
