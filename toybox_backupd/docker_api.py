@@ -8,6 +8,7 @@ from another thread by closing its socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
@@ -36,6 +37,7 @@ OWNER_LABEL = "toybox-backupd.owner"
 COMPOSE_SERVICE = "com.docker.compose.service"
 STDERR_KEEP = 64 * 1024
 READ_SIZE = 1024 * 1024
+WRITER_GRACE = 5.0  # seconds the stdin writer gets to finish once the command has ended
 _FRAME = struct.Struct(">BxxxL")
 # every exec'd command first tells its pid (on stderr, removed before anyone reads it), so
 # that it can be signalled later: `sh -c 'echo ...$$ >&2; exec "$@"' sh CMD...`
@@ -487,19 +489,16 @@ class Exec:
         """
         for _ in self.stdout():
             pass
+        code = self._exit_code(timeout)
         if self._writer is not None:
-            self._writer.join(timeout)
-        api = client().api
-        deadline = time.monotonic() + timeout
-        code: int | None = None
-        while time.monotonic() < deadline:
-            info = api.exec_inspect(self._exec_id)
-            if not info.get("Running"):
-                code = info.get("ExitCode")
-                break
-            time.sleep(0.05)
+            # the command has ended: its input is sent by now, or it never will be (dockerd
+            # may keep the stdin side open after the process exits, so no error need come)
+            self._writer.join(WRITER_GRACE if code is not None else timeout)
+            if self._writer.is_alive() and self._writer_error is None:
+                self._writer_error = _LostInput(OSError(
+                    errno.EPIPE, "it ended while some of its input was still to be sent"))
         self.close()
-        result = ExecResult(exit_code=-1 if code is None else int(code),
+        result = ExecResult(exit_code=-1 if code is None else code,
                             stderr=self._stderr_text())
         error = self._writer_error
         if isinstance(error, _LostInput):
@@ -508,6 +507,17 @@ class Exec:
         elif error is not None:
             raise error
         return result
+
+    def _exit_code(self, timeout: float) -> int | None:
+        api = client().api
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = api.exec_inspect(self._exec_id)
+            if not info.get("Running"):
+                code = info.get("ExitCode")
+                return None if code is None else int(code)
+            time.sleep(0.05)
+        return None
 
     def _input_lost(self, error: _LostInput, result: ExecResult) -> str:
         tail = "; ".join(line.strip() for line in result.stderr.splitlines()[-6:] if line.strip())

@@ -169,9 +169,12 @@ class PgTools:
                 docker_api.run(self.container, ["rm", "-f", name])
 
     def output(self, tool: str, args: list[str], stdin: Iterable[bytes]) -> str:
-        """Run a tool on `stdin` and return its (text) output; JobError if it fails."""
+        """Run a tool on `stdin` and return its (text) output; JobError if it fails.
+
+        The tool may stop reading early (`pg_restore -l` reads only the table of contents).
+        """
         proc = self.start(tool, args, stdin=True)
-        proc.feed(stdin)
+        proc.feed(stdin, partial_ok=True)
         out = bytearray()
         for chunk in proc.stdout():
             out += chunk
