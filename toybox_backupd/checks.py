@@ -52,13 +52,15 @@ def _volumes(settings: Settings) -> str:
 
 
 def run_checks(settings: Settings) -> list[Outcome]:
-    """Try each part in turn (settings, dirs, Docker, database, volumes, SMTP); never raises."""
+    """Try each part in turn (settings, dirs, Docker, database, what a restore does to
+    databases, the database container, volumes, SMTP); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("settings", lambda: "ok"),
         ("backup dir", lambda: _dir(settings.backup_dir)),
         ("state dir", lambda: _dir(settings.state_dir)),
         ("docker", _docker),
         ("database", lambda: _database(settings)),
+        ("restore", lambda: database.try_restore(settings)),
     ]
     if settings.pg_container:
         checks.append(("db container", lambda: _pg_container(settings)))

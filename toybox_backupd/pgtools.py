@@ -140,7 +140,11 @@ class PgTools:
                 docker_api.run(self.container, ["rm", "-f", name])
 
     def output(self, tool: str, args: list[str], stdin: Iterable[bytes]) -> str:
-        """Run a tool on `stdin` and return its (text) output; JobError if it fails."""
+        """Run a tool on `stdin` and return its (text) output; JobError if it fails.
+
+        Bytes that are not UTF-8 (names in a SQL_ASCII database) come back as surrogates:
+        `.encode("utf-8", "surrogateescape")` gives the very same bytes again.
+        """
         proc = self.start(tool, args, stdin=True)
         proc.feed(stdin)
         out = bytearray()
@@ -149,7 +153,7 @@ class PgTools:
         result = proc.wait()
         if result.exit_code != 0:
             raise JobError(tool_error(tool, result, self.where))
-        return out.decode("utf-8", "replace")
+        return out.decode("utf-8", "surrogateescape")
 
     def check_version(self, server_version: str) -> None:
         """Refuse a local pg_dump older than the server (in-container tools always match)."""

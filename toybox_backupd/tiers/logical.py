@@ -273,7 +273,7 @@ def _create_as_dumped(request: _Restore, name: str) -> None:
         return
     proc = request.tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"],
                                stdin=True)
-    _run_into(proc, [statements.encode()], "psql", request.tools.where)
+    _run_into(proc, [statements.encode("utf-8", "surrogateescape")], "psql", request.tools.where)
 
 
 def _database_sql(request: _Restore, name: str) -> str | None:
@@ -282,7 +282,8 @@ def _database_sql(request: _Restore, name: str) -> str | None:
     entries = [line for line in listing.splitlines() if DB_ENTRY.match(line)]
     if not any(" DATABASE - " in line for line in entries):
         return None
-    with request.tools.temp_file(("\n".join(entries) + "\n").encode()) as list_file:
+    listed = ("\n".join(entries) + "\n").encode("utf-8", "surrogateescape")
+    with request.tools.temp_file(listed) as list_file:
         text = request.tools.output("pg_restore", ["-C", "-L", list_file, "-f", "-"],
                                     request.chunks())
     old = "|".join(re.escape(n) for n in {request.dumped, quote_ident(request.dumped)})
