@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import PG, Env, pg_values, remove_pg, start_pg
+from conftest import PG, Env, pg_values, remove_pg, start_pg, unique
 
 from toybox_backupd.store import Store
 
@@ -29,6 +29,54 @@ def check_lines(result: Any) -> dict[str, str]:
         name, _, text = rest.strip().partition(" ")
         lines[name if name != "db" else "db container"] = f"{status} {text.strip()}"
     return lines
+
+
+# item 5: PG_CONTAINER is the server at POSTGRES_HOST ------------------------------------------
+def test_pg_container_of_another_server_is_refused(env: Env, pg: PG, docker_engine: Any) -> None:
+    """PG_CONTAINER names a compose service that another stack's database also has, and the
+    lookup falls back to that one while psycopg talks to POSTGRES_HOST:POSTGRES_PORT. Backup,
+    restore and check refuse in words naming both; the matching pair works."""
+    service = unique("tbt-db")
+    other = start_pg(docker_engine, labels={"com.docker.compose.service": service,
+                                            "com.docker.compose.project": "otherstack"})
+    try:
+        assert env.cli("backup", "logical").returncode == 0  # PG_CONTAINER = pg's own container
+        seed, other_seed, other_dbs = pg.snapshot(), other.snapshot(), databases(other)
+        pg.psql("DELETE FROM media_items WHERE id > 10")
+        changed = pg.snapshot()
+        mixed = {"PG_CONTAINER": service}
+        for args in (("backup", "logical"), ("restore", "db", "--yes"),
+                     ("restore", "db", "--table", "orders", "--yes"),
+                     ("restore", "db", "--into", "toybox_copy")):
+            result = env.cli(*args, **mixed)
+            assert result.returncode == 1, (args, result.stderr)
+            _names_both(result.stderr, pg, other, service)
+            assert pg.snapshot() == changed and "toybox_copy" not in databases(pg)
+            assert other.snapshot() == other_seed and databases(other) == other_dbs
+        assert len(artifacts(env)) == 1
+        with Store(env.state_dir) as history:
+            failed = history.runs(limit=1)[0]
+        assert failed.status == "failed"
+        _names_both(str(failed.error), pg, other, service)
+        check = env.cli("check", **mixed)
+        assert check.returncode == 1
+        line = check_lines(check)["db container"]
+        assert line.startswith("FAIL"), line
+        _names_both(line, pg, other, service)
+        # the matching pair: check says so, and a restore goes through
+        check = env.cli("check")
+        assert check.returncode == 0, check.stdout
+        assert f"the server at {pg.host}:{pg.port}" in check_lines(check)["db container"]
+        assert env.cli("restore", "db", "--yes").returncode == 0
+        assert pg.snapshot() == seed
+    finally:
+        remove_pg(other)
+
+
+def _names_both(text: str, pg: PG, other: PG, service: str) -> None:
+    assert f"{pg.host}:{pg.port}" in text and other.name in text, text
+    assert f"PG_CONTAINER={service}" in text and "another PostgreSQL server" in text, text
+    assert pg.password not in text
 
 
 # item 6: any server encoding ------------------------------------------------------------------
