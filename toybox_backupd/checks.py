@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from . import database, docker_api, notify, redact
 from .basics import human
+from .pgtools import PgTools
 from .settings import Settings
 
 
@@ -38,10 +39,10 @@ def _database(settings: Settings) -> str:
 
 
 def _pg_container(settings: Settings) -> str:
-    container = docker_api.find_container(settings.pg_container or "")
-    if not docker_api.is_running(container):
-        raise RuntimeError(f"container {container.name} is {container.status}, not running")
-    return f"container {container.name} is running"
+    tools = PgTools(settings)  # refuses a container that is not running
+    identity = tools.check_same_server(settings.postgres_db)
+    return (f"{tools.where} is running the server at {settings.postgres_host}:"
+            f"{settings.postgres_port} ({identity})")
 
 
 def _volumes(settings: Settings) -> str:

@@ -98,6 +98,20 @@ def check_reachable(settings: Settings, dbname: str | None = None, attempts: int
     raise AssertionError("unreachable")
 
 
+# Which server answers: its system identifier (made by initdb, so a clone of the data directory
+# shares it) and the moment its postmaster started (which a clone's does not)
+SERVER_IDENTITY = (
+    "SELECT 'system ' || system_identifier || ', started ' || to_char(pg_postmaster_start_time()"
+    " AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || ' UTC' FROM pg_control_system()")
+
+
+def server_identity(settings: Settings, dbname: str | None = None) -> str:
+    """The identity (SERVER_IDENTITY) of the server at POSTGRES_HOST:POSTGRES_PORT."""
+    with connect(settings, dbname) as conn:
+        row = conn.execute(SERVER_IDENTITY).fetchone()
+    return str(row[0]) if row else ""
+
+
 def server_major(version: str) -> int:
     """The major version in `SHOW server_version` ("15.18 (Debian…)" → 15)."""
     return int(re.match(r"(\d+)", version).group(1))  # type: ignore[union-attr]

@@ -65,6 +65,7 @@ def backup(ctx: RunContext) -> TierResult:
         raise JobError(str(exc)) from None
     tools = PgTools(settings)
     tools.check_version(server_version)
+    tools.check_same_server(dbname)
     ctx.check()
     created = utcnow()
     directory = settings.backup_dir / TIER / dbname
@@ -208,7 +209,9 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
         database.check_reachable(settings, "postgres", attempts=2)
     except database.DatabaseError as exc:
         raise JobError(str(exc)) from None
-    request = _Restore(settings, item, path, PgTools(settings), into or settings.postgres_db,
+    tools = PgTools(settings)
+    tools.check_same_server("postgres")
+    request = _Restore(settings, item, path, tools, into or settings.postgres_db,
                        local_time(item.created_at, settings.zone))
     say(f"using {item.path} ({request.when}, {human(item.size)}, sha256 ok)")
     if tables:
