@@ -2,7 +2,8 @@
 
 - `docker_engine`: the engine, or a skip locally / a failure under CI=true.
 - `images`: the Debian base image and the PostgreSQL 15 image, built once (tests/images).
-- `pg`: a throwaway PostgreSQL container with a named data volume and a loopback port, seeded.
+- `pg`: a throwaway PostgreSQL container with a named data volume and a loopback port, seeded;
+  a test marked `sql_ascii_too` runs twice, against a UTF8 and a SQL_ASCII cluster.
 - `env`: settings for a run against `pg`, with a scratch BACKUP_DIR and STATE_DIR.
 """
 
@@ -41,6 +42,8 @@ INSERT INTO media_items(path, bytes)
   SELECT 'uploads/img' || i || '.jpg', i * 1000 FROM generate_series(1, 20) i;
 """
 SEED_TABLES = ("users", "orders", "media_items")
+# cluster encodings a `sql_ascii_too` test runs against: POSTGRES_INITDB_ARGS for each
+ENCODINGS = {"UTF8": "", "SQL_ASCII": "--encoding=SQL_ASCII --locale=C"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -49,6 +52,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             name in item.fixturenames for name in ("docker_engine", "images", "pg", "env")
         ):
             item.add_marker(pytest.mark.docker)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("sql_ascii_too") and "pg" in metafunc.fixturenames:
+        metafunc.parametrize("pg", list(ENCODINGS), indirect=True)
 
 
 def _engine_problem() -> str | None:
@@ -139,14 +147,16 @@ class PG:
 
 def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
              labels: dict[str, str] | None = None, name: str | None = None,
-             password: str | None = None, network: str | None = None) -> PG:
+             password: str | None = None, network: str | None = None,
+             encoding: str = "UTF8") -> PG:
+    """A new PostgreSQL 15 container (its cluster in `encoding`, see ENCODINGS), ready."""
     name = name or unique("tbt-pg")
     volume = volume or unique("tbt-pgdata")
     password = password or "pw-" + secrets.token_urlsafe(12) + "!$'\""
     container = client.containers.run(
         PG_IMAGE, detach=True, name=name, labels=labels or {},
         environment={"POSTGRES_USER": "toybox", "POSTGRES_PASSWORD": password,
-                     "POSTGRES_DB": "toybox"},
+                     "POSTGRES_DB": "toybox", "POSTGRES_INITDB_ARGS": ENCODINGS[encoding]},
         volumes={volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
         ports={"5432/tcp": ("127.0.0.1", None)}, network=network,
     )
@@ -154,6 +164,8 @@ def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
     port = int(container.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
     pg = PG(container=container, name=name, volume=volume, port=port, password=password)
     pg.wait_ready()
+    actual = pg.psql("SHOW server_encoding")
+    assert actual == encoding, f"{PG_IMAGE} made a {actual} cluster, not {encoding} (stale image?)"
     if seed:
         pg.psql(SEED_SQL)
     return pg
@@ -167,8 +179,8 @@ def remove_pg(pg: PG) -> None:
 
 
 @pytest.fixture
-def pg(images: dict[str, str], docker_engine: Any) -> Iterator[PG]:
-    instance = start_pg(docker_engine)
+def pg(request: pytest.FixtureRequest, images: dict[str, str], docker_engine: Any) -> Iterator[PG]:
+    instance = start_pg(docker_engine, encoding=getattr(request, "param", "UTF8"))
     yield instance
     remove_pg(instance)
 
@@ -232,12 +244,13 @@ def base_values(tmp: Path) -> dict[str, str]:
 @pytest.fixture
 def env(tmp_path: Path, pg: PG) -> Env:
     """Settings pointing at the `pg` container (both over TCP and as PG_CONTAINER)."""
-    values = base_values(tmp_path)
-    values.update({
-        "POSTGRES_HOST": pg.host, "POSTGRES_PORT": str(pg.port), "POSTGRES_USER": pg.user,
-        "POSTGRES_PASSWORD": pg.password, "POSTGRES_DB": pg.db, "PG_CONTAINER": pg.name,
-    })
-    return Env(tmp_path, values)
+    return Env(tmp_path, {**base_values(tmp_path), **pg_values(pg)})
+
+
+def pg_values(pg: PG) -> dict[str, str]:
+    """The settings that point at `pg`, over TCP and as PG_CONTAINER."""
+    return {"POSTGRES_HOST": pg.host, "POSTGRES_PORT": str(pg.port), "POSTGRES_USER": pg.user,
+            "POSTGRES_PASSWORD": pg.password, "POSTGRES_DB": pg.db, "PG_CONTAINER": pg.name}
 
 
 @pytest.fixture

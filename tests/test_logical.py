@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -35,6 +36,7 @@ def backup(env: Env, **overrides: str) -> subprocess.CompletedProcess[str]:
     return env.cli("backup", "pgdump", **overrides)
 
 
+@pytest.mark.sql_ascii_too
 def test_dump_is_readable_by_pg_restore_and_checksummed(env: Env, pg: PG) -> None:
     result = backup(env)
     assert result.returncode == 0, result.stderr
@@ -45,6 +47,7 @@ def test_dump_is_readable_by_pg_restore_and_checksummed(env: Env, pg: PG) -> Non
     manifest = json.loads(manifests.manifest_path(path).read_text())
     assert atomic.sha256_of(path) == item.sha256 == manifest["sha256"]
     assert manifest["tier"] == "logical" and manifest["target"] == "toybox"
+    assert re.fullmatch(r"15\.\d+ .*", manifest["extra"]["server_version"])  # not "b'15.18 …'"
     # pg_restore --list reads it (inside the server's container: same major version)
     from toybox_backupd import docker_api
 
@@ -68,6 +71,7 @@ def test_dump_is_readable_by_pg_restore_and_checksummed(env: Env, pg: PG) -> Non
     assert "1 of 1 artifacts verified" in verify.stdout
 
 
+@pytest.mark.sql_ascii_too
 def test_scenario_1_whole_database_back(env: Env, pg: PG) -> None:
     seed = pg.snapshot()
     assert backup(env).returncode == 0
@@ -87,6 +91,7 @@ def test_scenario_1_whole_database_back(env: Env, pg: PG) -> None:
     assert pg.snapshot() == seed
 
 
+@pytest.mark.sql_ascii_too
 def test_scenario_3_single_tables_back_others_untouched(env: Env, pg: PG) -> None:
     seed = pg.snapshot()
     assert backup(env).returncode == 0
@@ -112,6 +117,7 @@ def test_scenario_3_single_tables_back_others_untouched(env: Env, pg: PG) -> Non
     assert unknown.returncode != 0 and "no_such_table" in unknown.stderr
 
 
+@pytest.mark.sql_ascii_too
 def test_plain_format_and_local_pg_dump(env: Env, pg: PG) -> None:
     seed = pg.snapshot()
     # no PG_CONTAINER: the host's pg_dump (same major) over the network, gzip'd plain SQL

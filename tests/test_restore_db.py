@@ -25,6 +25,7 @@ def backup(env: Env) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.sql_ascii_too
 def test_a_failed_swap_leaves_the_live_database_under_its_name(env: Env, pg: PG) -> None:
     """The old code dropped the target first: a failing rename then lost both databases."""
     settings = env.settings()
@@ -48,6 +49,7 @@ def test_a_failed_swap_leaves_the_live_database_under_its_name(env: Env, pg: PG)
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname='public'") == "0"
 
 
+@pytest.mark.sql_ascii_too
 def test_restore_db_keeps_the_database_properties(env: Env, pg: PG) -> None:
     """ALTER DATABASE … SET, database grants, the comment, encoding and collation come back
     as they were dumped (the old code made a bare database from template0)."""
@@ -87,6 +89,7 @@ def _properties(pg: PG, name: str = "toybox") -> tuple[str, ...]:
     return (acl, *pg.psql(query % name, db="postgres").split("|"))
 
 
+@pytest.mark.sql_ascii_too
 def test_table_restore_takes_exact_names_and_asks(env: Env, pg: PG) -> None:
     seed = pg.snapshot()
     pg.psql("CREATE SCHEMA audit; CREATE TABLE audit.orders (id int)")

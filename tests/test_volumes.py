@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 import time
@@ -19,6 +20,7 @@ from conftest import BASE_IMAGE, PG, Env, fill_volume, remove_pg, start_pg, uniq
 
 from toybox_backupd import atomic, manifests
 from toybox_backupd.store import Store
+from toybox_backupd.tiers import volumes
 
 TREE = r"""
 mkdir -p docs/deep/er empty-dir 'with space' uploads/2026-01-25
@@ -281,6 +283,64 @@ def test_files_changed_while_read_are_reported_not_fatal(
     assert "growing.log: file changed as we read it" in warnings
     verify = run_ok(env, "verify")
     assert "1 of 1 artifacts verified" in verify.stdout
+
+
+STABLE = "for s in 1 2 3 4 5; do mkdir -p tmp/stable$s; touch tmp/stable$s/f{1..1000}; done"
+CHURN = r"""
+churn() { n=0; while true; do n=$((n+1)); d=tmp/job$1-$n; mkdir $d; touch $d/a $d/b
+                               sleep 0.02; rm -rf $d; done; }
+for w in 1 2 3; do churn $w & done
+echo churning; wait
+"""
+
+
+def test_a_busy_volume_is_archived_with_warnings_not_failures(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    """An app keeps creating and deleting temp directories and files while `backup full` and
+    `backup diff` read the volume: paths that vanish between find's readdir and its stat (or
+    before it opens a directory it listed) are warnings, never a failed run (issue 13.4)."""
+    env = vol_env
+    volume = make_volume(STABLE)
+    env.values["BACKUP_VOLUMES"] = volume
+    app = docker_engine.containers.run(
+        BASE_IMAGE, ["bash", "-c", CHURN], detach=True, working_dir="/data",
+        labels={"toybox-backupd.test": "1"}, volumes={volume: {"bind": "/data", "mode": "rw"}},
+        network_mode="none")
+    try:
+        while b"churning" not in app.logs():
+            app.reload()
+            assert app.status in ("created", "running"), app.logs()
+            time.sleep(0.1)
+        full = env.cli("backup", "full")
+        full_run = last_run(env)
+        diff = env.cli("backup", "diff")
+        diff_run = last_run(env)
+    finally:
+        app.remove(force=True)
+    for result, run in ((full, full_run), (diff, diff_run)):
+        assert result.returncode == 0 and run.status == "ok", (run.error, result.stderr[-2000:])
+    assert (full_run.job, diff_run.job) == ("full", "diff")
+    [full_item] = catalog(env, "full")
+    [diff_item] = catalog(env, "diff")
+    assert diff_item.base_id == full_item.id
+    with Store(env.state_dir) as history:
+        listed = {row["path"] for row in history.files(full_item.id)}
+    stable = {f"tmp/stable{s}/f{i}" for s in range(1, 6) for i in range(1, 1001)}
+    assert stable <= listed  # nothing that stayed was lost to the churn
+    churned = re.compile(r": (vanished while (listed|read): )?tmp(/job[\d-]+(/[ab])?)?(:|$)")
+    for warning in full_run.details["warnings"] + diff_run.details["warnings"]:
+        assert churned.search(warning), warning  # only the churned paths are reported
+    assert "2 of 2 artifacts verified" in run_ok(env, "verify").stdout
+
+
+def test_only_vanished_paths_are_forgiven_in_finds_errors() -> None:
+    gone = "find: '/vol/tmp/job1-3': No such file or directory"
+    assert volumes._vanished(gone) == ["tmp/job1-3"]
+    assert volumes._vanished(gone + "\nfind: '/vol/x': Permission denied") is None
+    assert volumes._vanished("find: '/vol/y': Input/output error") is None
+    assert volumes._vanished("") is None  # exit status 1 without a message is an error
+    cut = "ob1-2': No such file or directory\n" + "\n".join([gone] * 2000)  # a kept tail
+    assert volumes._vanished(cut) == ["tmp/job1-3"] * 2000
 
 
 def test_differential_without_full_makes_a_full(vol_env: Env,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from . import database, docker_api, notify, pgtools, redact
 from .atomic import TOOL_DIRS, looser_than
 from .basics import human
+from .pgtools import PgTools
 from .settings import Settings
 
 
@@ -44,14 +45,15 @@ def _database(settings: Settings) -> str:
 
 
 def _pg_container(settings: Settings) -> str:
-    container = docker_api.find_container(settings.pg_container or "")
-    if not docker_api.is_running(container):
-        raise RuntimeError(f"container {container.name} is {container.status}, not running")
+    tools = PgTools(settings)  # refuses a container that is not running
+    identity = tools.check_same_server(settings.postgres_db)
+    container = tools.container
     result, out = docker_api.run(container, ["pg_dump", "--version"], user=pgtools.OS_USER)
     if result.exit_code != 0:
         raise RuntimeError(f"pg_dump does not run as user {pgtools.OS_USER!r} in container "
                            f"{container.name}: {result.stderr or out.decode(errors='replace')}")
-    return f"container {container.name} is running; {out.decode().strip()} as {pgtools.OS_USER}"
+    return (f"{tools.where} is running the server at {settings.postgres_host}:"
+            f"{settings.postgres_port} ({identity}); {out.decode().strip()} as {pgtools.OS_USER}")
 
 
 def _volumes(settings: Settings) -> str:
@@ -81,7 +83,8 @@ def _secrets(settings: Settings) -> str:
 
 
 def run_checks(settings: Settings) -> list[Outcome]:
-    """Try each part in turn (settings, dirs, Docker, database, volumes, SMTP); never raises."""
+    """Try each part in turn (settings, dirs, Docker, database, what a restore does to
+    databases, the database container, volumes, SMTP); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("settings", lambda: "ok"),
         ("backup dir", lambda: _dir(settings.backup_dir)),
@@ -90,6 +93,7 @@ def run_checks(settings: Settings) -> list[Outcome]:
         ("secrets", lambda: _secrets(settings)),
         ("docker", _docker),
         ("database", lambda: _database(settings)),
+        ("restore", lambda: database.try_restore(settings)),
     ]
     if settings.pg_container:
         checks.append(("db container", lambda: _pg_container(settings)))

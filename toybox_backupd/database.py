@@ -66,13 +66,18 @@ def explain(exc: BaseException, settings: Settings, dbname: str | None = None) -
 
 def connect(settings: Settings, dbname: str | None = None, timeout: int = 5,
             autocommit: bool = True) -> psycopg.Connection:
-    """A connection as POSTGRES_USER; DatabaseError in plain words when it cannot be had."""
+    """A connection as POSTGRES_USER; DatabaseError in plain words when it cannot be had.
+
+    The client encoding is always UTF8, whatever the server's: the server converts from its
+    own encoding, and a SQL_ASCII one passes its bytes through (psycopg would otherwise hand
+    back every name and text of a SQL_ASCII database as bytes).
+    """
     try:
         return psycopg.connect(
             host=settings.postgres_host, port=settings.postgres_port,
             dbname=dbname or settings.postgres_db, user=settings.postgres_user,
             password=settings.postgres_password_value, connect_timeout=timeout,
-            autocommit=autocommit, application_name=APPLICATION_NAME,
+            autocommit=autocommit, application_name=APPLICATION_NAME, client_encoding="UTF8",
         )
     except psycopg.Error as exc:
         raise explain(exc, settings, dbname) from None
@@ -91,6 +96,20 @@ def check_reachable(settings: Settings, dbname: str | None = None, attempts: int
         with attempt, connect(settings, dbname, timeout) as conn:
             return str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
     raise AssertionError("unreachable")
+
+
+# Which server answers: its system identifier (made by initdb, so a clone of the data directory
+# shares it) and the moment its postmaster started (which a clone's does not)
+SERVER_IDENTITY = (
+    "SELECT 'system ' || system_identifier || ', started ' || to_char(pg_postmaster_start_time()"
+    " AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || ' UTC' FROM pg_control_system()")
+
+
+def server_identity(settings: Settings, dbname: str | None = None) -> str:
+    """The identity (SERVER_IDENTITY) of the server at POSTGRES_HOST:POSTGRES_PORT."""
+    with connect(settings, dbname) as conn:
+        row = conn.execute(SERVER_IDENTITY).fetchone()
+    return str(row[0]) if row else ""
 
 
 def server_major(version: str) -> int:
@@ -126,17 +145,67 @@ def describe(settings: Settings, name: str) -> str:
     return f"{tables} tables, {human(size[0] if size else 0)}"
 
 
+# The owner is copied on the server: its name never passes through here, so it may be in any
+# bytes (a SQL_ASCII cluster holds whatever its clients wrote).
+_OWN_LIKE = """DO $$DECLARE owner name; BEGIN
+  SELECT pg_get_userbyid(datdba) INTO owner FROM pg_database
+   WHERE datname = current_setting('toybox_backupd.like');
+  IF owner IS NOT NULL THEN
+    EXECUTE format('ALTER DATABASE %I OWNER TO %I', current_setting('toybox_backupd.name'), owner);
+  END IF;
+END$$"""
+
+
 def create(settings: Settings, name: str, like: str | None) -> None:
-    """CREATE DATABASE `name` from template0, owned like `like` (else by POSTGRES_USER)."""
+    """CREATE DATABASE `name` from template0, owned like `like` (else by POSTGRES_USER).
+
+    Raises DatabaseError in plain words (nothing left behind) when it cannot be made.
+    """
     with admin(settings) as conn:
-        owner = settings.postgres_user
-        if like:
-            row = conn.execute(
-                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname=%s", (like,)
-            ).fetchone()
-            owner = row[0] if row else owner
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
-            sql.Identifier(name), sql.Identifier(owner)))
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+                sql.Identifier(name)))
+        except psycopg.Error as exc:
+            raise DatabaseError(
+                f"cannot create a database on {settings.postgres_host}:{settings.postgres_port} "
+                f"as {settings.postgres_user!r} ({_first_line(exc)}); a restore needs a user "
+                "with CREATEDB (or a superuser)") from None
+        if like is None:
+            return
+        try:
+            conn.execute("SELECT set_config('toybox_backupd.name', %s, false),"
+                         " set_config('toybox_backupd.like', %s, false)", (name, like))
+            conn.execute(_OWN_LIKE)
+        except psycopg.Error as exc:
+            drop_quietly(settings, name)
+            raise DatabaseError(
+                f"cannot give database {name!r} the owner of {like!r} as "
+                f"{settings.postgres_user!r} ({_first_line(exc)}); a restore needs a superuser "
+                f"or a member of the owner's role") from None
+
+
+def try_restore(settings: Settings) -> str:
+    """Do what a restore does to databases, on a scratch one: create it like POSTGRES_DB, rename
+    it, drop it. Returns what was tried; raises DatabaseError saying what a restore would hit."""
+    target, where = settings.postgres_db, f"{settings.postgres_host}:{settings.postgres_port}"
+    scratch = f"{target}__check_{secrets.token_hex(3)}"
+    with admin(settings) as conn:
+        encoding = str(conn.execute("SHOW server_encoding").fetchone()[0])  # type: ignore[index]
+    exists = database_exists(settings, target)
+    create(settings, scratch, like=target if exists else None)
+    try:
+        with admin(settings) as conn:
+            _rename(conn, scratch, scratch + "_")
+            scratch += "_"
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(scratch)))
+    except psycopg.Error as exc:
+        raise DatabaseError(f"a restore could not replace database {target!r} on {where} as "
+                            f"{settings.postgres_user!r}: {_first_line(exc)}") from None
+    finally:
+        drop_quietly(settings, scratch)
+    like = f"like {target!r}" if exists else f"({target!r} does not exist yet)"
+    return (f"{settings.postgres_user!r} can create, rename and drop a database {like} on "
+            f"{where} (server encoding {encoding})")
 
 
 def drop_quietly(settings: Settings, name: str) -> None:

@@ -172,6 +172,8 @@ class PgTools:
         """Run a tool on `stdin` and return its (text) output; JobError if it fails.
 
         The tool may stop reading early (`pg_restore -l` reads only the table of contents).
+        Bytes that are not UTF-8 (names in a SQL_ASCII database) come back as surrogates:
+        `.encode("utf-8", "surrogateescape")` gives the very same bytes again.
         """
         proc = self.start(tool, args, stdin=True)
         proc.feed(stdin, partial_ok=True)
@@ -181,7 +183,37 @@ class PgTools:
         result = proc.wait()
         if result.exit_code != 0:
             raise JobError(tool_error(tool, result, self.where))
-        return out.decode("utf-8", "replace")
+        return out.decode("utf-8", "surrogateescape")
+
+    def check_same_server(self, dbname: str) -> str:
+        """Prove that the tools reach the server psycopg reaches; return its identity.
+
+        With PG_CONTAINER the tools talk to the server in that container, psycopg to
+        POSTGRES_HOST:POSTGRES_PORT: both are asked for the system identifier and start time.
+        Raises JobError naming both when they differ (another stack's database, say).
+        """
+        here = database.server_identity(self.settings, dbname)
+        if self.container is None:
+            return here  # the local tools connect to POSTGRES_HOST:POSTGRES_PORT themselves
+        s = self.settings
+        where = f"POSTGRES_HOST:POSTGRES_PORT {s.postgres_host}:{s.postgres_port}"
+        project = (self.container.labels or {}).get("com.docker.compose.project")
+        named = (f"PG_CONTAINER={s.pg_container} (container {self.container.name}"
+                 + (f" of compose project {project})" if project else ")"))
+        try:
+            there = self.output("psql", ["-X", "-A", "-t", "-q", "-d", dbname, "-c",
+                                         database.SERVER_IDENTITY], []).strip()
+        except JobError as exc:
+            raise JobError(f"cannot tell whether {named} is the server at {where}: {exc}") from None
+        if there != here:
+            raise JobError(
+                f"{named} runs another PostgreSQL server than the one at {where} ("
+                f"{self.container.name}: {there}; {s.postgres_host}:{s.postgres_port}: {here}): "
+                "pg_dump and pg_restore would "
+                "work on another database than the one checked. Set PG_CONTAINER to the "
+                f"container of the server at {s.postgres_host}:{s.postgres_port} (its name from "
+                f"`docker ps`), or POSTGRES_HOST to {self.container.name}'s address")
+        return here
 
     def check_version(self, server_version: str) -> None:
         """Refuse a local pg_dump older than the server (in-container tools always match)."""

@@ -335,7 +335,9 @@ DESCRIPTIONS: dict[str, str] = {
     "POSTGRES_PASSWORD": "database password (secret)",
     "POSTGRES_PASSWORD_FILE": "file holding POSTGRES_PASSWORD (Docker secrets)",
     "PG_CONTAINER": "database container name or compose service: pg_dump runs inside it, so its "
-                    "version always matches the server; empty: the local pg_dump over the network",
+                    "version always matches the server; it must run the server at POSTGRES_HOST "
+                    "(checked before every backup and restore); empty: the local pg_dump over "
+                    "the network",
     "LOG_FORMAT": "`console` (readable key=value lines) or `json` (one object a line)",
     "LOG_LEVEL": "`DEBUG`, `INFO`, `WARNING` or `ERROR`",
 }

@@ -2,7 +2,10 @@
 # Build the images the tests run, without any image registry:
 #   toybox-test/debian:bookworm   debootstrap'd Debian 12 (minbase), imported with `docker import`
 #   toybox-test/postgres:15       Debian's postgresql-15 on top of it
-# Each image is built once and reused while it exists (pass --force to rebuild).
+# The base image is built once and reused while it exists. The PostgreSQL image carries the label
+# toybox-test.inputs, a hash of what it is built from (its Dockerfile, its entrypoint, the base
+# image's id): it is rebuilt whenever that differs, so an edited entrypoint is never run from a
+# stale image. --force rebuilds both.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 force=${1:-}
@@ -27,8 +30,12 @@ if [ "$force" = --force ] || ! have "$base"; then
   rm -rf "$root"; trap - EXIT
 fi
 
-if [ "$force" = --force ] || ! have "$pg"; then
-  echo "building $pg"
-  docker build -q --network host -t "$pg" -f "$here/postgres.Dockerfile" "$here" >/dev/null
+inputs=$( { cat "$here/postgres.Dockerfile" "$here/postgres-entrypoint.sh"
+            docker image inspect -f '{{.Id}}' "$base"; } | sha256sum | cut -c1-16)
+label() { docker image inspect -f '{{index .Config.Labels "toybox-test.inputs"}}' "$1" 2>/dev/null; }
+if [ "$force" = --force ] || [ "$(label "$pg")" != "$inputs" ]; then
+  echo "building $pg (inputs $inputs)"
+  docker build -q --network host --label "toybox-test.inputs=$inputs" -t "$pg" \
+    -f "$here/postgres.Dockerfile" "$here" >/dev/null
 fi
 echo "images ready: $base $pg"

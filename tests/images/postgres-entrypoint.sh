@@ -6,8 +6,11 @@ chown postgres:postgres "$PGDATA"; chmod 700 "$PGDATA"
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile=$(mktemp); chown postgres "$pwfile"
   printf '%s' "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}" >"$pwfile"
+  # POSTGRES_INITDB_ARGS as in the official image, e.g. "--encoding=SQL_ASCII --locale=C":
+  # given after the defaults, so they win
+  eval "initdb_args=(${POSTGRES_INITDB_ARGS:-})"
   as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" -A scram-sha-256 \
-    --auth-local=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+    --auth-local=trust -E UTF8 --locale=C.UTF-8 "${initdb_args[@]}" >/dev/null
   rm -f "$pwfile"
   echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
   echo "listen_addresses = '*'" >>"$PGDATA/postgresql.auto.conf"

@@ -65,6 +65,7 @@ def backup(ctx: RunContext) -> TierResult:
         raise JobError(str(exc)) from None
     tools = PgTools(settings)
     tools.check_version(server_version)
+    tools.check_same_server(dbname)
     ctx.check()
     created = utcnow()
     directory = settings.backup_dir / TIER / dbname
@@ -224,7 +225,9 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
         database.check_reachable(settings, "postgres", attempts=2)
     except database.DatabaseError as exc:
         raise JobError(str(exc)) from None
-    request = _Restore(settings, item, path, PgTools(settings), into or settings.postgres_db,
+    tools = PgTools(settings)
+    tools.check_same_server("postgres")
+    request = _Restore(settings, item, path, tools, into or settings.postgres_db,
                        local_time(item.created_at, settings.zone))
     say(f"using {item.path} ({request.when}, {human(item.size)}, sha256 ok)")
     if tables:
@@ -289,7 +292,7 @@ def _create_as_dumped(request: _Restore, name: str) -> None:
         return
     proc = request.tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"],
                                stdin=True)
-    _run_into(proc, [statements.encode()], "psql", request.tools.where)
+    _run_into(proc, [statements.encode("utf-8", "surrogateescape")], "psql", request.tools.where)
 
 
 def _database_sql(request: _Restore, name: str) -> str | None:
@@ -298,7 +301,8 @@ def _database_sql(request: _Restore, name: str) -> str | None:
     entries = [line for line in listing.splitlines() if DB_ENTRY.match(line)]
     if not any(" DATABASE - " in line for line in entries):
         return None
-    with request.tools.temp_file(("\n".join(entries) + "\n").encode()) as list_file:
+    listed = ("\n".join(entries) + "\n").encode("utf-8", "surrogateescape")
+    with request.tools.temp_file(listed) as list_file:
         text = request.tools.output("pg_restore", ["-C", "-L", list_file, "-f", "-"],
                                     request.chunks())
     old = "|".join(re.escape(n) for n in {request.dumped, quote_ident(request.dumped)})

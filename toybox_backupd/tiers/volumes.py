@@ -10,6 +10,7 @@ Restores live in volume_restore (with volume_swap) and file_restore.
 
 from __future__ import annotations
 
+import re
 import tarfile
 import tempfile
 import time
@@ -48,6 +49,10 @@ from .volume_swap import MOUNT
 __all__ = ["backup", "restore_files", "restore_volume", "verify"]
 
 FIND_FORMAT = r"%P\0%y\0%s\0%T@\0%C@\0%i\0%m\0%U\0%G\0%l\0"
+# -ignore_readdir_race: a file deleted between readdir and stat is skipped silently; a directory
+# deleted before find opens it is still reported (findutils 4.9), in these words under LC_ALL=C
+FIND_LIST = ["find", MOUNT, "-ignore_readdir_race", "-printf", FIND_FORMAT]
+FIND_VANISHED = re.compile(r"^find: '(.*)': No such file or directory$")
 FIELDS = 10
 TAR_CREATE = [
     "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--no-recursion",
@@ -128,13 +133,13 @@ def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
                 lifetime=ctx.job.time_limit_seconds(settings) + 60))
             stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
             with stopped_for(ctx, volume) as downtime:
-                _list_volume(ctx, helper, volume)
+                listing_warnings = _list_volume(ctx, helper, volume)
                 deleted = store.scan_select_changed(base.id) if base else []
                 if base is None:
                     store.scan_select_all()
                 tar_warnings = _tar(ctx, helper, out)
         archived = Archived(str(path.relative_to(settings.backup_dir)), out.size, downtime,
-                            notes + tar_warnings)
+                            notes + listing_warnings + tar_warnings)
         vanished = store.scan_take_vanished()
         archived.warnings += [f"vanished while read: {p}" for p in vanished[:100]]
         _catalog(ctx, batch, path, out, volume, kind, created, base, deleted, archived)
@@ -231,9 +236,13 @@ def _ns(text: str) -> int:
     return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
 
 
-def _list_volume(ctx: RunContext, helper: Any, volume: str) -> None:
-    """List every path of the volume with its metadata into the store's scan table."""
-    proc = docker_api.Exec(helper, ["find", MOUNT, "-printf", FIND_FORMAT])
+def _list_volume(ctx: RunContext, helper: Any, volume: str) -> list[str]:
+    """List every path of the volume with its metadata into the store's scan table.
+
+    Returns warnings for paths that vanished while they were listed (a busy volume); any other
+    error of find fails the run.
+    """
+    proc = docker_api.Exec(helper, FIND_LIST, environment={"LC_ALL": "C"})
     batch: list[tuple[Any, ...]] = []
     pending = b""
     with ctx.on_cancel(proc.close):
@@ -248,8 +257,24 @@ def _list_volume(ctx: RunContext, helper: Any, volume: str) -> None:
                 batch = []
         ctx.store.scan_add(batch)
         result = proc.wait()
-    if result.exit_code != 0:
+    vanished = _vanished(result.stderr) if result.exit_code == 1 else None
+    if result.exit_code != 0 and vanished is None:
         raise JobError(tool_error("find", result, f"the helper container for {volume}"))
+    return [f"vanished while listed: {path}" for path in vanished or []]
+
+
+def _vanished(stderr: str) -> list[str] | None:
+    """The paths of find's messages if each says a path is gone, else None (a real error)."""
+    lines = stderr.splitlines()
+    if len(stderr) >= docker_api.STDERR_KEEP and lines and not lines[0].startswith("find: "):
+        lines = lines[1:]  # the kept tail of a long stderr starts in the middle of a line
+    paths = []
+    for line in lines:
+        match = FIND_VANISHED.match(line)
+        if match is None:
+            return None
+        paths.append(match.group(1).removeprefix(MOUNT).lstrip("/"))
+    return paths or None
 
 
 def _scan_row(fields: list[bytes]) -> tuple[Any, ...]:
