@@ -384,3 +384,15 @@ def test_restore_files_hard_link_whose_target_is_not_selected(
     assert (both / "docs/hardlink-to-note").stat().st_ino == (
         both / "docs/deep/er/note.txt").stat().st_ino
     assert not [p for p in both.rglob("*") if p.name.startswith(".toybox")]
+
+
+def test_a_staging_dir_left_by_a_killed_restore_is_not_backed_up(
+        plain_env: Env, make_volume: Any) -> None:
+    volume = make_volume("echo data > a.txt && mkdir -p .toybox-restore-0123456789/new"
+                         " && echo half > .toybox-restore-0123456789/new/a.txt")
+    result = plain_env.cli("backup", "full", BACKUP_VOLUMES=volume)
+    assert result.returncode == 0, result.stderr
+    with Store(plain_env.state_dir) as store:
+        [full] = store.artifacts(tier="full")
+        paths = {row["path"] for row in store.files(full.id)}
+    assert "a.txt" in paths and not [p for p in paths if p.startswith(".toybox-restore-")]

@@ -45,13 +45,16 @@ from ..store import Artifact
 from .file_restore import restore_files
 from .volume_restore import restore_volume
 from .volume_swap import MOUNT
+from .volume_swap import PREFIX as STAGING_PREFIX
 
 __all__ = ["backup", "restore_files", "restore_volume", "verify"]
 
 FIND_FORMAT = r"%P\0%y\0%s\0%T@\0%C@\0%i\0%m\0%U\0%G\0%l\0"
 # -ignore_readdir_race: a file deleted between readdir and stat is skipped silently; a directory
 # deleted before find opens it is still reported (findutils 4.9), in these words under LC_ALL=C
-FIND_LIST = ["find", MOUNT, "-ignore_readdir_race", "-printf", FIND_FORMAT]
+# a restore's staging dir (left by a killed restore until it is settled) is not volume data
+FIND_LIST = ["find", MOUNT, "-ignore_readdir_race", "-path", f"{MOUNT}/{STAGING_PREFIX}*",
+             "-prune", "-o", "-printf", FIND_FORMAT]
 FIND_VANISHED = re.compile(r"^find: '(.*)': No such file or directory$")
 FIELDS = 10
 TAR_CREATE = [
