@@ -33,17 +33,17 @@ def from_db(value: Any) -> Any:
 
 def row_to_db(row: Iterable[Any], positions: tuple[int, ...] = (0, 9)) -> tuple[Any, ...]:
     """An index row (path, type, size, ..., link, ...) with its path columns as stored."""
-    values = list(row)
-    for position in positions:
-        if position < len(values):
-            values[position] = to_db(values[position])
-    return tuple(values)
+    return _map(row, positions, to_db)
 
 
 def row_from_db(row: Iterable[Any], positions: tuple[int, ...] = (0, 9)) -> tuple[Any, ...]:
     """The inverse of `row_to_db`."""
+    return _map(row, positions, from_db)
+
+
+def _map(row: Iterable[Any], positions: tuple[int, ...], convert: Any) -> tuple[Any, ...]:
     values = list(row)
     for position in positions:
         if position < len(values):
-            values[position] = from_db(values[position])
+            values[position] = convert(values[position])
     return tuple(values)
