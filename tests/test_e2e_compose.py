@@ -446,7 +446,7 @@ def _scenarios(st: Stack) -> None:
     st.psql("INSERT INTO users(name, created) VALUES ('newer-user', '2026-01-27')")
     newer_users = st.table("users")
     assert len(newer_users) == len(seeded["users"]) + 1
-    st.tool("restore", "db", "--table", "orders")
+    st.tool("restore", "db", "--table", "orders", "--yes")  # runbook 3: it asks, like a whole restore
     now_rows = st.rows()
     assert now_rows["orders"] == seeded["orders"]
     assert now_rows["users"] == newer_users  # the other table keeps its newer rows
