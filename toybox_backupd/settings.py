@@ -23,7 +23,7 @@ from .basics import ToyboxError
 
 CommaList = Annotated[list[str], NoDecode]
 _EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
-_SECRET_FIELDS = ("postgres_password", "smtp_password")
+_SECRET_FIELDS = ("postgres_password", "smtp_password", "aws_secret_access_key")
 
 
 class SettingsError(ToyboxError):
@@ -110,6 +110,18 @@ class Settings(BaseSettings):
     postgres_password_file: Path | None = Field(None, alias="POSTGRES_PASSWORD_FILE")
     pg_container: str | None = Field(None, alias="PG_CONTAINER")
 
+    # off-site copies
+    offsite_url: str = Field("", alias="OFFSITE_URL")
+    s3_endpoint_url: str | None = Field(None, alias="S3_ENDPOINT_URL")
+    s3_region: str | None = Field(None, alias="S3_REGION")
+    aws_access_key_id: str | None = Field(None, alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: SecretStr | None = Field(None, alias="AWS_SECRET_ACCESS_KEY")
+    aws_secret_access_key_file: Path | None = Field(None, alias="AWS_SECRET_ACCESS_KEY_FILE")
+    offsite_keep_days: int | None = Field(None, ge=1, alias="OFFSITE_KEEP_DAYS")
+    offsite_max_lag_hours: int = Field(36, ge=0, alias="OFFSITE_MAX_LAG_HOURS")
+    offsite_age_recipients: CommaList = Field(default_factory=list, alias="OFFSITE_AGE_RECIPIENTS")
+    age_identity_file: Path | None = Field(None, alias="AGE_IDENTITY_FILE")
+
     # logs
     log_format: Literal["console", "json"] = Field("console", alias="LOG_FORMAT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
@@ -134,7 +146,32 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("backup_volumes", "stop_during_backup", "notify_email_to", mode="before")
+    @field_validator("offsite_url")
+    @classmethod
+    def _offsite_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        if value.startswith("s3://"):
+            bucket = value[5:].split("/", 1)[0]
+            if not bucket:
+                raise ValueError(f"{value!r} names no bucket (s3://bucket/prefix)")
+            return value.rstrip("/")
+        if value.startswith("file:///"):
+            return value.rstrip("/") if value != "file:///" else value
+        raise ValueError(f"{value!r}: use s3://bucket/prefix or file:///absolute/directory")
+
+    @field_validator("offsite_age_recipients")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        bad = [item for item in value if not item.startswith(("age1", "ssh-ed25519 ", "ssh-rsa "))]
+        if bad:
+            raise ValueError(f"not an age recipient (age1…, or an ssh-ed25519/ssh-rsa public "
+                             f"key): {', '.join(bad)}")
+        return value
+
+    @field_validator("backup_volumes", "stop_during_backup", "notify_email_to",
+                     "offsite_age_recipients", mode="before")
     @classmethod
     def _comma(cls, value: Any) -> Any:
         return _split(value)
@@ -157,7 +194,9 @@ class Settings(BaseSettings):
     @field_validator(
         "smtp_host", "smtp_user", "pg_container", "helper_image", "volume_compression_level",
         "smtp_password", "postgres_password", "smtp_password_file", "postgres_password_file",
-        "smtp_ca_file", mode="before",
+        "smtp_ca_file", "s3_endpoint_url", "s3_region", "aws_access_key_id",
+        "aws_secret_access_key", "aws_secret_access_key_file", "offsite_keep_days",
+        "age_identity_file", mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -182,7 +221,8 @@ class Settings(BaseSettings):
             setattr(self, name, SecretStr(secret))
         if problems:
             raise ValueError("\n".join(problems))
-        redact.register(self.postgres_password_value, self.smtp_password_value)
+        redact.register(self.postgres_password_value, self.smtp_password_value,
+                        self.aws_secret_access_key_value)
         return self
 
     # convenience -----------------------------------------------------------------------
@@ -198,11 +238,17 @@ class Settings(BaseSettings):
     def smtp_password_value(self) -> str | None:
         return self.smtp_password.get_secret_value() if self.smtp_password else None
 
+    @property
+    def aws_secret_access_key_value(self) -> str | None:
+        secret = self.aws_secret_access_key
+        return secret.get_secret_value() if secret else None
+
     def weak_secrets(self) -> list[str]:
         """Lines naming each secret that is too short or too common to be one (or masked)."""
         lines = []
         for var, value in (("POSTGRES_PASSWORD", self.postgres_password_value),
-                           ("SMTP_PASSWORD", self.smtp_password_value)):
+                           ("SMTP_PASSWORD", self.smtp_password_value),
+                           ("AWS_SECRET_ACCESS_KEY", self.aws_secret_access_key_value)):
             if redact.weak(value):
                 lines.append(f"{var} is weak (shorter than {redact.MIN_LENGTH} characters or a "
                              "common word): it cannot be masked in logs without mangling other "
@@ -235,6 +281,7 @@ class Settings(BaseSettings):
                 "BACKUP_VOLUMES: empty, so the full and differential jobs have nothing to archive "
                 "(name the volumes, or set VOLUME_FULL_SCHEDULE= and VOLUME_DIFF_SCHEDULE= to turn them off)"
             )
+        problems += self._offsite_problems()
         level = self.volume_compression_level
         if level is not None:
             allowed = {"zstd": (1, 22), "gzip": (1, 9), "none": (0, 0)}[self.volume_compression]
@@ -244,6 +291,23 @@ class Settings(BaseSettings):
                     f"for {self.volume_compression}"
                 )
         return problems
+
+
+    def _offsite_problems(self) -> list[str]:
+        problems = []
+        if not self.offsite_url:
+            return problems
+        if self.offsite_url.startswith("s3://") and (
+                bool(self.aws_access_key_id) != bool(self.aws_secret_access_key)):
+            problems.append("AWS_SECRET_ACCESS_KEY: set both AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or neither, to use the host's role)")
+        if self.offsite_url.startswith("file://") and not self.offsite_url[7:].startswith("/"):
+            problems.append("OFFSITE_URL: a directory target needs an absolute path: file:///mnt/nas")
+        return problems
+
+    def offsite_keep(self, tier_days: int) -> int:
+        """Days an off-site copy is kept: OFFSITE_KEEP_DAYS, else the tier's local keep days."""
+        return self.offsite_keep_days or tier_days
 
 
 def _field_var(loc: tuple[Any, ...]) -> str:
@@ -338,6 +402,25 @@ DESCRIPTIONS: dict[str, str] = {
                     "version always matches the server; it must run the server at POSTGRES_HOST "
                     "(checked before every backup and restore); empty: the local pg_dump over "
                     "the network",
+    "OFFSITE_URL": "where every restore point is also copied: `s3://bucket/prefix` "
+                   "(S3-compatible) or `file:///mnt/nas/toybox` (a NAS or second disk); "
+                   "empty: off (see Off-site copies)",
+    "S3_ENDPOINT_URL": "S3 endpoint for a non-AWS store (MinIO, B2, R2, Wasabi, Garage, "
+                       "SeaweedFS), e.g. `https://s3.eu-central-003.backblazeb2.com`; empty: AWS",
+    "S3_REGION": "S3 region (e.g. `eu-central-1`); empty: the SDK's default",
+    "AWS_ACCESS_KEY_ID": "S3 access key id; empty: the SDK's usual sources (instance role, "
+                         "~/.aws)",
+    "AWS_SECRET_ACCESS_KEY": "S3 secret key (secret)",
+    "AWS_SECRET_ACCESS_KEY_FILE": "file holding AWS_SECRET_ACCESS_KEY (Docker secrets)",
+    "OFFSITE_KEEP_DAYS": "days off-site copies are kept (chain-aware; the newest good one "
+                         "always stays); empty: each tier's local keep days",
+    "OFFSITE_MAX_LAG_HOURS": "`healthcheck` fails when the newest off-site restore point is "
+                             "older than this; 0: not checked",
+    "OFFSITE_AGE_RECIPIENTS": "comma-separated age public keys (`age1…`): every object is "
+                              "encrypted for them before it leaves the host; empty: not "
+                              "encrypted",
+    "AGE_IDENTITY_FILE": "age identity (private key) file, needed only to restore encrypted "
+                         "off-site copies; keep it off this host too",
     "LOG_FORMAT": "`console` (readable key=value lines) or `json` (one object a line)",
     "LOG_LEVEL": "`DEBUG`, `INFO`, `WARNING` or `ERROR`",
 }

@@ -1,0 +1,81 @@
+"""What every off-site target does (S3-compatible storage, a directory), and how to open one.
+
+Keys are relative to the target's root (the prefix of `s3://bucket/prefix`, the directory of
+`file:///mnt/nas/toybox`) and use `/`; a target refuses a key that is absolute or has `..`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, Protocol
+
+from ..basics import ToyboxError
+from ..settings import Settings
+
+
+class OffsiteError(ToyboxError):
+    """The target cannot be used right now; the message says why in plain words (no secret)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One object as written and verified by `Target.put`."""
+
+    key: str
+    size: int  # bytes stored (the ciphertext when encrypted)
+    sha256: str  # of the stored bytes
+    verified_by: str  # how the copy was checked end to end: "etag", "read-back"
+    etag: str | None = None  # the server's ETag (S3), for cheap checks later
+    retain_until: datetime | None = None  # Object Lock retain-until date, if any
+
+
+class Target(Protocol):
+    url: str  # for messages: OFFSITE_URL (holds no secret)
+
+    def put(self, key: str, source: BinaryIO, *, retain_until: datetime | None = None) -> Stored:
+        """Stream `source` (read to its end, never seeked) to `key`, replacing what is there,
+        with bounded memory; verify it end to end before returning. Raises OffsiteError."""
+        ...
+
+    def open(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A stream of the object's bytes. Raises OffsiteError (also when it is missing)."""
+        ...
+
+    def check(self, stored: Stored) -> str | None:
+        """None if the object still is what `stored` describes, else what is wrong. Cheap
+        where the store keeps checksums (size and ETag), else by streaming its sha256."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Delete `key`; False if it was not there. Raises OffsiteError (e.g. retained by an
+        Object Lock until a date)."""
+        ...
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys under `prefix` (relative to the root), in no particular order."""
+        ...
+
+    def probe(self) -> None:
+        """List, put and delete a small probe object; OffsiteError in plain words if any fails
+        (endpoint unreachable, bucket missing, access denied, clock skew, bad key)."""
+        ...
+
+    def lock_until(self, days: int, now: datetime) -> datetime | None:
+        """The retain-until date for a new object kept `days` if the bucket has Object Lock
+        enabled, else None (always None for a directory)."""
+        ...
+
+
+def open_target(settings: Settings) -> Target | None:
+    """The target OFFSITE_URL names, or None when off-site copies are off."""
+    url = settings.offsite_url
+    if not url:
+        return None
+    if url.startswith("s3://"):
+        from .s3 import S3Target
+        return S3Target(settings)
+    from .directory import DirectoryTarget
+    return DirectoryTarget(settings)
