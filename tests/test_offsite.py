@@ -25,7 +25,8 @@ from pydantic import Field
 from s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from test_new_tier import SNAPSHOT
 
-from toybox_backupd import checks, cli, jobs, offsite_retention, report, restore_points, runner
+from toybox_backupd import checks, cli, jobs, offsite_retention, reindex, report, restore_points, runner
+from toybox_backupd import reindex_offsite as reindex_offsite_module
 from toybox_backupd.basics import iso, utcnow
 from toybox_backupd.daemon import health, keys
 from toybox_backupd.offsite import copy as offsite_copy
@@ -224,6 +225,7 @@ def test_a_restore_point_gone_or_corrupt_here_is_fetched_and_a_new_host_reindexe
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, identity: tuple[str, Path]) -> None:
     public, key_file = identity
     nas = tmp_path / "nas"
+    nas.mkdir()
     env = {"OFFSITE_URL": f"file://{nas}", "OFFSITE_AGE_RECIPIENTS": public,
            "AGE_IDENTITY_FILE": str(key_file)}
     settings = _settings(tmp_path, monkeypatch, **env)
@@ -240,10 +242,16 @@ def test_a_restore_point_gone_or_corrupt_here_is_fetched_and_a_new_host_reindexe
     assert local.read_bytes() == original and any("off-site" in line for line in said)
 
     # a new host: nothing but the settings, the identity and the directory target
+    # (the test tier's layout accepted as reindex accepts the real tiers' ones: its targets are
+    # paths, not directory names; tests/test_e2e_offsite.py does this with the real tiers)
+    monkeypatch.setitem(reindex.TOP_TIERS, "snapshot", ("snapshot",))
+    monkeypatch.setattr(reindex_offsite_module, "manifest_problem",
+                        lambda top, target, name, data, now: None if data.get("tier") == "snapshot"
+                        else "not a snapshot")
     new = _settings(tmp_path / "new-host", monkeypatch, **env)
     assert not new.backup_dir.exists()
     done = reindex_offsite(new)
-    assert done.added == [item.path] and done.skipped == []
+    assert (done.added, done.skipped) == ([item.path], [])
     _code, out = _cli(new, "list", "--json")
     [listed] = json.loads(out)
     assert listed["location"] == "off-site" and listed["sha256"] == item.sha256
@@ -268,6 +276,7 @@ def test_a_restore_point_gone_or_corrupt_here_is_fetched_and_a_new_host_reindexe
 def test_a_wrong_or_tampered_off_site_copy_never_reaches_the_backup_dir(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, identity: tuple[str, Path]) -> None:
     nas = tmp_path / "nas"
+    nas.mkdir()
     settings = _settings(tmp_path, monkeypatch, OFFSITE_URL=f"file://{nas}")
     runner.run_job(settings, "snapshot")
     with Store(settings.state_dir) as store:
@@ -292,32 +301,35 @@ def test_off_site_retention_keeps_its_own_days_the_newest_and_foreign_objects(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nas = tmp_path / "nas"
     settings = _settings(tmp_path, monkeypatch, OFFSITE_URL=f"file://{nas}",
-                         OFFSITE_KEEP_DAYS="5", SNAPSHOT_SCHEDULE="0 3 * * *")
-    (nas / "snapshot").mkdir(parents=True)
+                         OFFSITE_KEEP_DAYS="5", SNAPSHOT_SCHEDULE="0 3 * * 0")
+    (nas / "snapshot").mkdir(parents=True)  # and nas itself: a mounted share
     (nas / "snapshot" / "not-ours.txt").write_text("someone else's")
     made = []
     for _ in range(3):
         made.append(runner.run_job(settings, "snapshot"))
         time.sleep(1.1)
-    with Store(settings.state_dir) as store, store.tx() as db:  # 9, 6 and 3 days old
-        for age, run_id in zip((9, 6, 3), made, strict=True):
+    with Store(settings.state_dir) as store, store.tx() as db:  # 9, 8 and 7 days old
+        for age, run_id in zip((9, 8, 7), made, strict=True):
             db.execute("UPDATE artifacts SET created_at=? WHERE run_id=?",
                        (iso(utcnow() - timedelta(days=age)), run_id))
     with Store(settings.state_dir) as store:
         items = store.artifacts(tier="snapshot")
-        # local retention (2 days) takes all three here but the newest: they stay off-site
         gone = offsite_retention.apply(settings, store, "snapshot", [settings.snapshot_dirs])
-        assert gone == [items[0].path]  # 9 days > OFFSITE_KEEP_DAYS=5; 6 days kept by count
-        assert store.offsite_copy(items[0].id).status == "deleted"  # type: ignore[union-attr]
-    assert not (nas / items[0].path).exists()
-    assert not (nas / (items[0].path + ".manifest.json")).exists()
-    assert (nas / items[1].path).exists() and (nas / items[2].path).exists()
+        # older than OFFSITE_KEEP_DAYS=5, but the newest good copy stays whatever its age
+        assert gone == [items[0].path, items[1].path]
+        assert [store.offsite_copy(item.id).status for item in items] == [  # type: ignore[union-attr]
+            "deleted", "deleted", "ok"]
+    for item in items[:2]:
+        assert not (nas / item.path).exists()
+        assert not (nas / (item.path + ".manifest.json")).exists()
+    assert (nas / items[2].path).exists() and (nas / (items[2].path + ".manifest.json")).exists()
     assert (nas / "snapshot" / "not-ours.txt").read_text() == "someone else's"
 
 
 def test_healthcheck_fails_when_the_newest_off_site_copy_is_too_old(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nas = tmp_path / "nas"
+    nas.mkdir()
     settings = _settings(tmp_path, monkeypatch, OFFSITE_URL=f"file://{nas}",
                          OFFSITE_MAX_LAG_HOURS="30", SNAPSHOT_SCHEDULE="")
     runner.run_job(settings, "snapshot")
@@ -341,12 +353,8 @@ def test_local_retention_keeps_what_is_not_off_site_yet(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nas = tmp_path / "nas"
     settings = _settings(tmp_path, monkeypatch, OFFSITE_URL=f"file://{nas}")
+    first = runner.run_job(settings, "snapshot")  # the NAS is not mounted: the copy is pending
     nas.mkdir()
-    nas.chmod(0o500)  # the NAS refuses writes: the first copy stays pending
-    try:
-        first = runner.run_job(settings, "snapshot")
-    finally:
-        nas.chmod(0o700)
     with Store(settings.state_dir) as store:
         [old] = store.run_artifacts(first)
         assert store.offsite_copy(old.id).status == "pending"  # type: ignore[union-attr]

@@ -158,3 +158,9 @@ def encrypting(source: BinaryIO, recipients: list[str]) -> Iterator[BinaryIO]:
     finally:
         reader.close()  # a writer blocked on a full pipe now gets EPIPE and ends
         worker.join()
+
+
+def public_keys(identities: list[Any]) -> list[str]:
+    """The `age1…` recipients of x25519 identities (an SSH identity's is not derivable here)."""
+    return [str(identity.to_public()) for identity in identities
+            if hasattr(identity, "to_public")]
