@@ -292,14 +292,34 @@ def test_directory_missing_or_refused(plain_env: Env, tmp_path: Path) -> None:
     assert list(target.keys()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory anyway")
 def test_directory_not_writable(plain_env: Env, tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(OffsiteError, match=f"not writable by uid {os.getuid()}"):
-            dir_target(plain_env, tmp_path).probe()
-    finally:
-        tmp_path.chmod(0o700)
+    """Probed as an unprivileged user (root writes anywhere): a forked child that became uid
+    65534, in a root-owned 0755 directory, as the sidecar's uid 10001 in a root-owned share."""
+    share = tmp_path / "share"
+    share.mkdir(mode=0o755)
+    target = dir_target(plain_env, share)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, probe, report, exit without pytest's cleanup
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            else:
+                share.chmod(0o500)
+            target.probe()
+            message = "probe succeeded"
+        except Exception as exc:
+            message = str(exc)
+        os.write(write, f"{os.getuid()}:{message}".encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as handle:
+        uid, _, message = handle.read().decode().partition(":")
+    share.chmod(0o755)
+    assert uid != "0" and f"not writable by uid {uid}" in message, message
+    assert list(share.iterdir()) == []
 
 
 # encryption --------------------------------------------------------------------------------
