@@ -425,3 +425,22 @@ def test_an_object_lock_bucket_gets_retain_until_dates_and_retention_waits_for_t
                                        now=past) == []
         assert store.offsite_copy(old.id).status == "ok"  # type: ignore[union-attr]
     assert f"toybox/{old.path}" in _objects(s3, bucket)
+
+
+def test_an_endpoint_the_sdk_refuses_leaves_the_backup_ok_and_the_copy_pending(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(tmp_path, monkeypatch, OFFSITE_URL="s3://bucket/toybox",
+                         S3_ENDPOINT_URL="not an url at all")
+    run_id = runner.run_job(settings, "snapshot")
+    with Store(settings.state_dir) as store:
+        run = store.run(run_id)
+        [copy] = store.offsite_copies(("pending",))
+    assert run is not None and run.status == "ok", run
+    assert "not an url at all" in run.details["offsite_pending"]
+    assert copy.attempts == 1 and copy.last_error == run.details["offsite_pending"]
+    # the daemon's queue says the same, and raises nothing
+    with Store(settings.state_dir) as store, store.tx() as db:
+        db.execute("UPDATE offsite_copies SET next_try_at=?", (iso(utcnow()),))
+    assert offsite_copy.retry_due(settings, runner.offsite_keep_days(settings)) == []
+    with Store(settings.state_dir) as store:
+        assert store.offsite_copies(("pending",))[0].attempts == 2

@@ -195,8 +195,14 @@ def offsite_keep_days(settings: Settings) -> offsite_copy.KeepDays:
 
 def _copy_offsite(run: Run) -> dict[str, Any]:
     """Copy the run's artifacts off-site; trouble leaves them pending, the run ok."""
-    return offsite_copy.copy_run(run.settings, run.store, run.run_id,
-                                 offsite_keep_days(run.settings))
+    try:
+        return offsite_copy.copy_run(run.settings, run.store, run.run_id,
+                                     offsite_keep_days(run.settings))
+    except Exception as exc:  # the last net: a backup never fails for its copy
+        error = redact.redact(describe_unexpected(exc))
+        log.error("off-site copy step failed", error=error,
+                  traceback=redact.redact(traceback.format_exc()))
+        return {"offsite_pending": error}
 
 
 def _retain(run: Run, offsite_ok: bool) -> dict[str, Any]:

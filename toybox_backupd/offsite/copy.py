@@ -25,7 +25,7 @@ from .. import locks, logs, manifests, redact
 from ..basics import ToyboxError, backoff, describe_unexpected, iso, utcnow
 from ..manifests import MANIFEST_SUFFIX, TOOL
 from ..settings import Settings
-from ..store import Artifact, Store
+from ..store import Artifact, Copy, Store
 from .target import Target, open_target
 
 log = logs.get("toybox_backupd.offsite")
@@ -155,13 +155,22 @@ def _attempt(settings: Settings, store: Store, target: Target, item: Artifact,
 def copy_run(settings: Settings, store: Store, run_id: int, keep_days: KeepDays) -> dict[str, Any]:
     """The run's copy step: copy the artifacts run `run_id` made. The run's details: what was
     copied, or why copies are pending."""
-    target = open_target(settings)
     items = [item for item in store.run_artifacts(run_id) if item.status == "ok"]
-    if target is None or not items:
+    if not settings.offsite_url or not items:
         return {}
     now = utcnow()
     for item in items:
-        store.copy_pending(item.id, target.url, now)
+        store.copy_pending(item.id, settings.offsite_url, now)
+    try:
+        target = open_target(settings)
+        assert target is not None
+    except Exception as exc:  # e.g. an endpoint the SDK refuses: the copies wait, the run is ok
+        error = redact.redact(str(exc) if isinstance(exc, ToyboxError)
+                              else describe_unexpected(exc))
+        for item in items:
+            store.copy_failed(item.id, error, now + backoff(1))
+        log.warning("off-site copy pending", error=error)
+        return {"offsite_copied": [], "offsite_pending": error}
     copied: list[str] = []
     for index, item in enumerate(items):
         error = _attempt(settings, store, target, item, keep_days, 0)
@@ -173,21 +182,37 @@ def copy_run(settings: Settings, store: Store, run_id: int, keep_days: KeepDays)
     return {"offsite_copied": copied, "offsite_url": target.url}
 
 
+def _open_or_postpone(settings: Settings, store: Store, due: list[Copy]) -> Target | None:
+    """The target, or None after postponing the due copies when it cannot even be opened."""
+    try:
+        return open_target(settings)
+    except Exception as exc:
+        error = redact.redact(str(exc) if isinstance(exc, ToyboxError)
+                              else describe_unexpected(exc))
+    for copy in due:
+        store.copy_failed(copy.artifact_id, error, utcnow() + backoff(copy.attempts + 1))
+    log.warning("off-site copies pending", count=len(due), error=error)
+    return None
+
+
 def retry_due(settings: Settings, keep_days: KeepDays,
               stop: Callable[[], bool] | None = None) -> list[str]:
     """Try the copies whose next attempt is due (under the run lock, so retention does not
     delete a file being copied); stop at the first failure (the target is likely down).
     Returns the paths copied."""
-    target = open_target(settings)
-    if target is None:
+    if not settings.offsite_url:
         return []
     with Store(settings.state_dir) as store:
-        queued = store.queue_uncopied(target.url, utcnow())
+        queued = store.queue_uncopied(settings.offsite_url, utcnow())
         if queued:
             log.info("restore points queued for an off-site copy (made before OFFSITE_URL was "
-                     "set, or copied to another one)", count=queued, url=target.url)
-        if not store.copies_due(utcnow()):
+                     "set, or copied to another one)", count=queued, url=settings.offsite_url)
+        due = store.copies_due(utcnow())
+        if not due:
             return []
+        target = _open_or_postpone(settings, store, due)
+    if target is None:
+        return []
     done: list[str] = []
     with locks.run_lock(settings.state_dir, "off-site copies", cancelled=stop), \
             Store(settings.state_dir) as store:
