@@ -20,6 +20,7 @@ before.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -56,6 +57,8 @@ SEAWEEDFS_IMAGE = "toybox-test/seaweedfs"
 BUCKET = "toybox-offsite"
 AGE_HEADER = b"age-encryption.org/v1"
 IDENTITY_IN_CONTAINER = "/run/secrets/age-identity.txt"  # tests/e2e/docker-compose.offsite.yml
+# a file name (and content) in the media after the full: no object in the bucket may show it
+MARKER = "offsite-plaintext-marker-" + uuid.uuid4().hex
 
 
 def _need(module: str) -> Any:
@@ -232,22 +235,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _where(item: dict[str, Any]) -> set[str]:
-    """Where `list --json` says a restore point lives: a subset of {"local", "offsite"}."""
-    value = item.get("location", item.get("where"))
-    if isinstance(value, str):
-        parts = {"both": {"local", "offsite"}}.get(value, {value.replace("off-site", "offsite")})
-        return parts
-    if isinstance(value, list):
-        return {str(part).replace("off-site", "offsite") for part in value}
-    flags = {name for name in ("local", "offsite") if item.get(name) is True}
-    if flags or "local" in item or "offsite" in item:
-        if isinstance(item.get("offsite"), dict | str) and item["offsite"]:
-            flags.add("offsite")
-        return flags
-    raise AssertionError(f"`list --json` does not say where this restore point lives: {item}")
-
-
 def _point(item: dict[str, Any]) -> tuple[str, str, str]:
     return (str(item["tier"]), str(item["target"]), str(item["sha256"]))
 
@@ -285,6 +272,7 @@ def _scenario(o: Offsite) -> None:
             "DELETE FROM orders WHERE id > 290")
     st.sh("app", "mkdir -p /srv/media/uploads/2026-02-02 && "
                  "head -c 300000 /dev/urandom > /srv/media/uploads/2026-02-02/offsite-1.jpg && "
+                 f"echo {MARKER} > /srv/media/uploads/2026-02-02/{MARKER}.txt && "
                  "echo 'changed avatar' > /srv/media/avatars/user1.txt && "
                  "rm /srv/media/uploads/2026-01-24/photo-1.jpg")
     for job in ("diff", "logical"):
@@ -297,27 +285,40 @@ def _scenario(o: Offsite) -> None:
     assert runs[full_run]["status"] == "ok", runs[full_run]
     listed = json.loads(st.tool("list", "--json").stdout)
     assert {item["tier"] for item in listed} == {"full", "diff", "logical"}, listed
-    for item in listed:
-        assert _where(item) == {"local", "offsite"}, item
+    # each copied off-site as the run's last step: none is only local, or pending
+    assert {item["location"] for item in listed} == {"both"}, listed
     points = {_point(item) for item in listed}
-    timings["backups"] = time.monotonic() - started
-
-    # 2. the bucket holds every restore point, age-encrypted --------------------------------
-    keys = s3.keys()
-    assert keys and all(key.startswith(o.prefix + "/") for key in keys), sorted(keys)
     local = _artifacts(st.backups)
     assert len(local) == 5, sorted(local)  # 2 volumes x (full + diff), 1 dump
+    assert {item["path"] for item in listed} == set(local)
+    timings["backups"] = time.monotonic() - started
+
+    # 2. the bucket: the same paths as in the backup directory, all but manifests encrypted --
+    keys = s3.keys()
+    assert keys and all(key.startswith(o.prefix + "/") for key in keys), sorted(keys)
     for path, data in local.items():
-        name = Path(path).name
-        matches = [key for key in keys if Path(key).name.startswith(name)]
-        assert len(matches) == 1, (path, sorted(keys))
-        stored = s3.get(matches[0])
-        assert stored.startswith(AGE_HEADER), (matches[0], stored[:40])
-        # a known plaintext: pieces of the local file (the compressed archive, the dump) ...
+        key = f"{o.prefix}/{path}.age"
+        assert key in keys, (key, sorted(keys))
+        assert f"{o.prefix}/{path}.manifest.json" in keys, sorted(keys)
+        stored = s3.get(key)
+        assert stored.startswith(AGE_HEADER), (key, stored[:40])
+        # known plaintext: pieces of the local file (the compressed archive, the dump) ...
         for offset in (0, len(data) // 2, max(len(data) - 64, 0)):
-            assert data[offset:offset + 64] not in stored, (matches[0], offset)
+            assert data[offset:offset + 64] not in stored, (key, offset)
         # ... and the object is exactly the local file, encrypted for the test's key
-        assert _sha256(pyrage.decrypt(stored, [o.identity])) == _sha256(data), matches[0]
+        assert _sha256(pyrage.decrypt(stored, [o.identity])) == _sha256(data), key
+    for key in keys:
+        stored = s3.get(key)
+        if key.endswith(".manifest.json"):  # plain JSON, naming no file (the marker's name)
+            json.loads(stored)
+        else:
+            assert key.endswith(".age") and stored.startswith(AGE_HEADER), (key, stored[:40])
+        assert MARKER.encode() not in stored, key
+    # ... while the media differential's file index, decrypted, does name it
+    media_diff = next(item["path"] for item in listed
+                      if item["tier"] == "diff" and item["target"] == st.media_volume)
+    index = s3.get(f"{o.prefix}/{media_diff}.index.jsonl.gz.age")
+    assert MARKER.encode() in gzip.decompress(pyrage.decrypt(index, [o.identity]))
     log(f"bucket: {len(keys)} objects, {sum(keys.values())} bytes")
 
     # 3. the server is lost: stack volumes, the sidecar's state, the backup directory --------
@@ -343,8 +344,7 @@ def _scenario(o: Offsite) -> None:
     st.tool("reindex", "--offsite", timeout=600)
     listed = json.loads(st.tool("list", "--json").stdout)
     assert {_point(item) for item in listed} == points, listed
-    for item in listed:
-        assert "offsite" in _where(item), item
+    assert {item["location"] for item in listed} == {"off-site"}, listed
     timings["reindex"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -358,8 +358,10 @@ def _scenario(o: Offsite) -> None:
     assert st.rows() == rows  # and the logical dump
     timings["restore"] = time.monotonic() - started
 
+    # the restores fetched every restore point they used back into the backup directory
     listed = json.loads(st.tool("list", "--json").stdout)
     assert {_point(item) for item in listed} == points, listed
-    for item in listed:
-        assert "offsite" in _where(item), item
+    assert {item["location"] for item in listed} == {"both"}, listed
+    assert {path: _sha256(data) for path, data in _artifacts(st.backups).items()} == {
+        path: _sha256(data) for path, data in local.items()}
     log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
