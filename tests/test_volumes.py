@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import tarfile
 import time
@@ -371,6 +372,29 @@ def test_restore_files_from_differential(vol_env: Env, docker_engine: Any,
     assert sorted(p.name for p in early.rglob("*.jpg")) == ["photo1.jpg"]
     nothing = env.cli("restore", "files", volume, "nope/*", "--dest", str(tmp_path / "x"))
     assert nothing.returncode != 0 and "matches" in nothing.stderr
+
+
+def test_restore_files_from_off_site_when_the_local_archives_are_gone(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str], tmp_path: Path) -> None:
+    import pyrage
+    key = pyrage.x25519.Identity.generate()
+    (tmp_path / "age.key").write_text(str(key) + "\n")
+    env = vol_env
+    env.values.update({"OFFSITE_URL": f"file://{tmp_path / 'nas'}",
+                       "OFFSITE_AGE_RECIPIENTS": str(key.to_public()),
+                       "AGE_IDENTITY_FILE": str(tmp_path / "age.key")})
+    volume = full_then_diff(env, docker_engine, make_volume)
+    assert sorted(p.name for p in (tmp_path / "nas" / "volumes" / volume).iterdir()
+                  if p.name.endswith(".age")) and not list((tmp_path / "nas").rglob("*.tar.zst"))
+    shutil.rmtree(env.backup_dir / "volumes")  # the host's copies are gone
+    dest = tmp_path / "out"
+    result = run_ok(env, "restore", "files", volume, "uploads/2026-01-2*/*.jpg", "--dest", str(dest))
+    assert "from off-site" in result.stdout, result.stdout
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["uploads/2026-01-25/photo1.jpg", "uploads/2026-01-25/photo2.jpg",
+                   "uploads/2026-01-26/photo3.jpg"]
+    assert (dest / "uploads/2026-01-25/photo2.jpg").read_text() == "new upload\n"
+    assert [a.tier for a in catalog(env)] == ["full", "diff"]  # local again, both
 
 
 def _hostile_archive() -> bytes:

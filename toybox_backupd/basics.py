@@ -176,3 +176,12 @@ def ago(delta: timedelta) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+BACKOFF_MINUTES = (1, 2, 5, 10, 30, 60)  # then every 60 minutes
+
+
+def backoff(attempts: int) -> timedelta:
+    """Wait after the `attempts`-th failed attempt: 1, 2, 5, 10, 30, 60, 60, ... minutes
+    (emails and off-site copies are retried so, across restarts, until done)."""
+    return timedelta(minutes=BACKOFF_MINUTES[min(max(attempts, 1), len(BACKOFF_MINUTES)) - 1])

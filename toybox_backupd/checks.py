@@ -82,6 +82,32 @@ def _secrets(settings: Settings) -> str:
     return "no weak password"
 
 
+def _offsite(settings: Settings) -> str:
+    from .offsite.target import open_target
+    target = open_target(settings)
+    assert target is not None
+    target.probe()
+    if settings.offsite_age_recipients:
+        return (f"{target.url}: listed, wrote and deleted a probe object; encrypted for "
+                f"{len(settings.offsite_age_recipients)} age recipient(s)")
+    raise Caveat(f"{target.url}: listed, wrote and deleted a probe object; copies are NOT "
+                 "encrypted (set OFFSITE_AGE_RECIPIENTS: whoever reads the bucket reads the "
+                 "database and the uploads)")
+
+
+def _identity(settings: Settings) -> str:
+    from .offsite import crypto
+    assert settings.age_identity_file is not None
+    identities = crypto.load_identities(settings.age_identity_file)
+    mine = set(crypto.public_keys(identities))
+    wanted = set(settings.offsite_age_recipients)
+    if wanted and not mine & wanted:
+        raise RuntimeError(f"AGE_IDENTITY_FILE {settings.age_identity_file} holds no identity "
+                           "for any of OFFSITE_AGE_RECIPIENTS: it cannot decrypt new copies")
+    raise Caveat(f"AGE_IDENTITY_FILE {settings.age_identity_file} decrypts the copies; keep "
+                 "it OFF this host as well (a lost host must not take the only key with it)")
+
+
 def run_checks(settings: Settings) -> list[Outcome]:
     """Try each part in turn (settings, dirs, Docker, database, what a restore does to
     databases, the database container, volumes, SMTP); never raises."""
@@ -101,6 +127,10 @@ def run_checks(settings: Settings) -> list[Outcome]:
         checks.append(("volumes", lambda: _volumes(settings)))
     if settings.notify_email_to:
         checks.append(("smtp", lambda: notify.check_smtp(settings)))
+    if settings.offsite_url:
+        checks.append(("off-site", lambda: _offsite(settings)))
+    if settings.age_identity_file:
+        checks.append(("age identity", lambda: _identity(settings)))
     outcomes = []
     for name, check in checks:
         try:

@@ -55,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-check checksums and readability of every kept artifact")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--offsite", action="store_true",
+                   help="check the off-site copies instead (by checksum where the store keeps "
+                        "one, else by reading them)")
 
     p = sub.add_parser("schedule", help="each job's schedule and next 5 run times")
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("check", help="validate settings; reach Docker, PostgreSQL, backup dir, SMTP")
     sub.add_parser("healthcheck", help="exit 0 only if the daemon is alive and backups are fresh")
-    sub.add_parser("reindex", help="rebuild the catalog from the manifests in BACKUP_DIR")
+    p = sub.add_parser("reindex", help="rebuild the catalog from the manifests in BACKUP_DIR")
+    p.add_argument("--offsite", action="store_true",
+                   help="from the manifests off-site (OFFSITE_URL): a new host with only .env")
 
     p = sub.add_parser("notify", help="email tools")
     nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
@@ -215,8 +220,11 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from . import verify
 
     with _restore_lock(settings, "verify", limit=False):
-        results = verify.verify_all(settings)
-        unknown = verify.unknown_files(settings)
+        if args.offsite:
+            results, unknown = verify.verify_offsite(settings), []
+        else:
+            results = verify.verify_all(settings)
+            unknown = verify.unknown_files(settings)
     corrupt = [r for r in results if not r.ok and r.checked]
     unchecked = [r for r in results if not r.checked]
     if args.json:
@@ -259,10 +267,14 @@ def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
-    """`reindex`: the catalog rebuilt from the manifests."""
+    """`reindex [--offsite]`: the catalog rebuilt from the manifests (local, or off-site)."""
     from . import reindex
 
-    done = reindex.reindex(settings.backup_dir, settings.state_dir)
+    if args.offsite:
+        from .reindex_offsite import reindex_offsite
+        done = reindex_offsite(settings)
+    else:
+        done = reindex.reindex(settings.backup_dir, settings.state_dir)
     for path, why in done.skipped:
         print(f"skipped {path}: {why}")
     print(f"reindex: {len(done.added)} artifact(s) added to the catalog"
@@ -281,19 +293,26 @@ def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     """`list`: restore points, oldest first."""
+    from .restore_points import listing, where
+
     with Store(settings.state_dir) as store:
-        items = store.artifacts(tier=args.tier, statuses=("ok", "corrupt"))
+        items = listing(store, args.tier)
     if args.json:
-        print(json.dumps([item.as_dict() for item in items], indent=2))
+        print(json.dumps([{**item.as_dict(), "location": where(item, copy),
+                           "offsite": copy.as_dict() if copy else None}
+                          for item, copy in items], indent=2))
         return EXIT_OK
     if not items:
         print("no restore points yet")
         return EXIT_OK
-    rows = [("ID", "TIER", "TARGET", f"TIME ({settings.tz})", "SIZE", "SHA256", "STATUS", "BASE")]
-    for item in items:
+    rows = [("ID", "TIER", "TARGET", f"TIME ({settings.tz})", "SIZE", "SHA256", "STATUS", "BASE",
+             "WHERE")]
+    for item, copy in items:
+        status = item.status if item.status in ("ok", "corrupt") else (copy.status if copy else "")
         rows.append((str(item.id), item.tier, item.target,
                      local_time(item.created_at, settings.zone, "table"), human(item.size),
-                     item.sha256[:12], item.status, str(item.base_id) if item.base_id else "-"))
+                     item.sha256[:12], status, str(item.base_id) if item.base_id else "-",
+                     where(item, copy)))
     _table(rows)
     return EXIT_OK
 

@@ -36,7 +36,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from . import logs, redact, smtp
-from .basics import iso, parse_iso, utcnow
+from .basics import backoff, iso, parse_iso, utcnow
 from .report import (
     compose_fallback,
     compose_run,
@@ -52,7 +52,6 @@ log = logs.get("toybox_backupd.notify")
 # the clock: tests may replace it (or pass `now=` to flush_outbox)
 clock: Callable[[], datetime] = utcnow
 
-BACKOFF_MINUTES = (1, 2, 5, 10, 30, 60)  # then every 60 minutes
 GIVE_UP_AFTER = timedelta(hours=48)
 MAX_ATTEMPTS = 60
 KEEP_BODIES = timedelta(days=30)  # sent/given-up messages keep their row, lose their body after
@@ -167,11 +166,6 @@ def enqueue(store: Store, message: EmailMessage, *, run_id: int | None,
 def run_message_id(store: Store, run_id: int) -> str:
     """One Message-ID per run and state database (the same on every retry)."""
     return f"<toybox-backupd.run-{run_id}.{store.instance_id()[:16]}@{smtp.host_token()}>"
-
-
-def backoff(attempts: int) -> timedelta:
-    """Wait after the `attempts`-th failed attempt: 1, 2, 5, 10, 30, 60, 60, ... minutes."""
-    return timedelta(minutes=BACKOFF_MINUTES[min(max(attempts, 1), len(BACKOFF_MINUTES)) - 1])
 
 
 def _lease(settings: Settings, recipients: int) -> timedelta:

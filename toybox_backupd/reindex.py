@@ -129,7 +129,19 @@ def _read(manifest: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 def problem_of(path: Path, top: str, data: dict[str, Any], now: datetime) -> str | None:
     """Why the artifact at `path` (in `<top>/<target>/`) with this manifest is not trusted."""
-    target, name = path.parent.name, path.name
+    problem = manifest_problem(top, path.parent.name, path.name, data, now)
+    if problem:
+        return problem
+    if not _is_regular(path):
+        return "the artifact is missing or not a regular file"
+    if data.get("size") != path.stat().st_size:
+        return f"it has {path.stat().st_size} bytes, its manifest says {data.get('size')}"
+    return None
+
+
+def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
+                     now: datetime) -> str | None:
+    """Why a manifest for `<top>/<target>/<name>` is not trusted (the file itself unseen)."""
     match = re.fullmatch(re.escape(target) + _NAMES[top], name)
     if data.get("tier") not in TOP_TIERS[top] or data.get("target") != target:
         return (f"its manifest says tier {data.get('tier')!r}, target {data.get('target')!r}; "
@@ -142,11 +154,9 @@ def problem_of(path: Path, top: str, data: dict[str, Any], now: datetime) -> str
         return "its manifest has no valid sha256"
     if data["tier"] == "diff" and not str(data.get("base") or "").startswith(f"volumes/{target}/"):
         return f"its base full ({data.get('base')!r}) is not one of {target}'s"
-    if not _is_regular(path):
-        return "the artifact is missing or not a regular file"
-    if data.get("size") != path.stat().st_size:
-        return f"it has {path.stat().st_size} bytes, its manifest says {data.get('size')}"
-    return _date_problem(data, now) or _globals_problem(path, data)
+    if not isinstance(data.get("size"), int):
+        return "its manifest has no size"
+    return _date_problem(data, now) or _globals_problem(target, name, data)
 
 
 def _date_problem(data: dict[str, Any], now: datetime) -> str | None:
@@ -162,13 +172,13 @@ def _date_problem(data: dict[str, Any], now: datetime) -> str | None:
     return None
 
 
-def _globals_problem(path: Path, data: dict[str, Any]) -> str | None:
+def _globals_problem(target: str, name: str, data: dict[str, Any]) -> str | None:
     """A dump's roles file must be its own, beside it (retention deletes it with the dump)."""
     info = (data.get("extra") or {}).get("globals") if data.get("tier") == "logical" else None
     if not info:
         return None
-    stem = path.name.removesuffix(".dump").removesuffix(".sql.gz")
-    own = f"logical/{path.parent.name}/{stem}.globals.sql.gz"
+    stem = name.removesuffix(".dump").removesuffix(".sql.gz")
+    own = f"logical/{target}/{stem}.globals.sql.gz"
     if not isinstance(info, dict) or info.get("path") != own:
         return f"its manifest names a roles file that is not its own ({info!r})"
     return None
@@ -188,7 +198,7 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _fields(store: Store, data: dict[str, Any]) -> dict[str, Any]:
+def fields(store: Store, data: dict[str, Any]) -> dict[str, Any]:
     """The catalog's columns for an artifact, from its manifest."""
     base = store.artifact_by_path(data["base"]) if data.get("base") else None
     return {"created_at": datetime.fromisoformat(data["created_at"]), "size": int(data["size"]),
@@ -203,13 +213,13 @@ def _index(backup_dir: Path, relative: str) -> list[tuple[Any, ...]]:
 
 def _add(store: Store, backup_dir: Path, relative: str, data: dict[str, Any]) -> None:
     artifact_id = store.add_artifact(run_id=None, tier=data["tier"], target=data["target"],
-                                     path=relative, **_fields(store, data))
+                                     path=relative, **fields(store, data))
     store.add_files(artifact_id, _index(backup_dir, relative))
     store.add_deleted_paths(artifact_id, data.get("deleted") or [])
 
 
 def _revive(store: Store, backup_dir: Path, relative: str, artifact_id: int,
             data: dict[str, Any]) -> bool:
-    return store.revive_artifact(artifact_id, **_fields(store, data),
+    return store.revive_artifact(artifact_id, **fields(store, data),
                                  files=_index(backup_dir, relative),
                                  deleted=data.get("deleted") or [])

@@ -136,6 +136,9 @@ def _facts(settings: Settings, store: Store, run: Run, host: str) -> list[tuple[
     downtime = downtime_text(details)
     if downtime:
         facts.append(("Downtime", downtime))
+    offsite = offsite_text(details)
+    if offsite:
+        facts.append(("Off-site", offsite))
     if run.status == "ok":
         deleted = details.get("retention_deleted")
         if isinstance(deleted, list) and deleted:
@@ -208,6 +211,21 @@ def _number(value: Any) -> float | None:
         return None
 
 
+def offsite_text(details: dict[str, Any]) -> str | None:
+    """Where the run's off-site copy stands, from its details (None: off-site is off)."""
+    if details.get("offsite_pending"):
+        return (f"off-site copy pending: {details['offsite_pending']}. The local backup is "
+                "complete; the copy is retried automatically until it is done")
+    copied = details.get("offsite_copied")
+    if not copied:
+        return None
+    text = f"copied to {details.get('offsite_url', 'the off-site target')}, verified"
+    gone = details.get("offsite_retention_deleted")
+    if isinstance(gone, list) and gone:
+        text += f"; {len(gone)} old off-site restore point(s) deleted"
+    return text
+
+
 def warnings_of(details: dict[str, Any]) -> list[str]:
     """A run's warnings from its details, at most MAX_WARNINGS, with a count of the rest."""
     found: list[str] = []
@@ -222,6 +240,8 @@ def warnings_of(details: dict[str, Any]) -> list[str]:
         found.append(f"retention failed, nothing old was deleted: {details['retention_error']}")
     if details.get("retention_refused"):
         found.append(f"retention: {details['retention_refused']}")
+    if details.get("offsite_pending"):
+        found.append(f"off-site copy pending: {details['offsite_pending']}")
     total = details.get("warnings_total")
     extra = max(len(found) - MAX_WARNINGS, 0)
     if isinstance(total, int) and isinstance(listed, list) and total > len(listed):

@@ -6,8 +6,41 @@ from datetime import date, datetime, time, tzinfo
 from pathlib import Path
 
 from .atomic import sha256_of
-from .basics import CatalogError
-from .store import Artifact, Store
+from .basics import CatalogError, Say, silent
+from .offsite import fetch
+from .settings import Settings
+from .store import Artifact, Copy, Store
+
+ANYWHERE = ("ok", "corrupt", "deleted", "remote")  # local statuses of a restore point that may
+# still be off-site: `remote` ones came from `reindex --offsite` and were never local here
+
+
+def restorable(store: Store, tier: str, target: str) -> list[Artifact]:
+    """The restore points of `tier` and `target` that are intact here or off-site."""
+    offsite = {copy.artifact_id for copy in store.offsite_copies(("ok",))}
+    return [item for item in store.artifacts(tier=tier, target=target, statuses=ANYWHERE)
+            if item.status == "ok" or item.id in offsite]
+
+
+def where(item: Artifact, copy: Copy | None) -> str:
+    """Where a restore point lives: local, off-site, both; a pending copy is said so."""
+    local = item.status in ("ok", "corrupt")
+    remote = copy is not None and copy.status == "ok"
+    if local and remote:
+        return "both"
+    if remote:
+        return "off-site"
+    if copy is not None and copy.status == "pending":
+        return "local (off-site copy pending)"
+    return "local"
+
+
+def listing(store: Store, tier: str | None = None) -> list[tuple[Artifact, Copy | None]]:
+    """Every restore point kept here or off-site (oldest first), with its off-site copy."""
+    copies = {copy.artifact_id: copy for copy in store.offsite_copies(("ok", "corrupt", "pending"))}
+    return [(item, copies.get(item.id)) for item in store.artifacts(tier=tier, statuses=ANYWHERE)
+            if item.status in ("ok", "corrupt")
+            or (item.id in copies and copies[item.id].status in ("ok", "corrupt"))]
 
 
 def parse_when(text: str, zone: tzinfo) -> datetime:
@@ -36,7 +69,7 @@ def restore_point(store: Store, tiers: tuple[str, ...], target: str,
 
     Raises CatalogError naming the oldest kept one when there is none.
     """
-    kept = [item for tier in tiers for item in store.artifacts(tier=tier, target=target)]
+    kept = [item for tier in tiers for item in restorable(store, tier, target)]
     candidates = [item for item in kept if at is None or item.created_at <= at]
     if not candidates:
         when = f" at or before {at.isoformat()}" if at else ""
@@ -52,7 +85,7 @@ def chain_for(store: Store, volume: str, at: datetime | None) -> list[Artifact]:
     if point.tier == "full":
         return [point]
     base = store.artifact(point.base_id) if point.base_id else None
-    if base is None or base.status != "ok":
+    if base is None or base.id not in {item.id for item in restorable(store, "full", volume)}:
         raise CatalogError(f"the differential {point.path} needs its full archive, which is "
                            "missing from the catalog")
     return [base, point]
@@ -72,3 +105,16 @@ def check_file(backup_dir: Path, item: Artifact) -> Path:
             f"{path} is corrupt: its sha256 is {actual[:16]}…, the catalog says "
             f"{item.sha256[:16]}…; refusing to restore from it (pick another with --at)")
     return path
+
+
+def local_copy(settings: Settings, store: Store, item: Artifact, say: Say = silent) -> Path:
+    """The restore point's checked local file; fetched from off-site first when it is missing
+    or corrupt here and has a good off-site copy. Raises CatalogError otherwise."""
+    try:
+        return check_file(settings.backup_dir, item)
+    except CatalogError as exc:
+        copy = store.offsite_copy(item.id)
+        if copy is None or copy.status != "ok":
+            raise
+        say(f"{exc}; it has an off-site copy")
+    return fetch.bring_back(settings, store, item, say)

@@ -63,12 +63,15 @@ def keep_days(settings: Settings) -> dict[str, int]:
     return {job.name: job.keep_days(settings) for job in jobs.all_jobs()}
 
 
-def keep_counts(settings: Settings, now: datetime | None = None) -> dict[str, int]:
+def keep_counts(settings: Settings, now: datetime | None = None,
+                days: Mapping[str, int] | None = None) -> dict[str, int]:
     """How many of each tier's newest good backups are always kept: as many as its job's
-    schedule makes in its keep window (at least 1; 1 for a job without a schedule)."""
+    schedule makes in its keep window (`days`, default its keep days; at least 1; 1 for a job
+    without a schedule)."""
     end = now or utcnow()
+    days = days or keep_days(settings)
     return {job.name: max(1, schedule.runs_within(job.schedule(settings), settings.zone,
-                                                  job.keep_days(settings), end))
+                                                  days[job.name], end))
             for job in jobs.all_jobs()}
 
 
@@ -77,13 +80,14 @@ def _why_old(tier: str, days: int) -> str:
 
 
 def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str, int],
-         keep_counts: Mapping[str, int] | None = None) -> Plan:
+         keep_counts: Mapping[str, int] | None = None,
+         hold: Mapping[int, str] | None = None) -> Plan:
     """Decide, without touching anything, which of `artifacts` to delete.
 
     `artifacts` are catalog rows of one or more tiers/targets (rows with a status other than
     ok/corrupt are ignored); `keep_days` maps a tier to its retention in days, `keep_counts`
     to how many of its newest good artifacts per target are kept whatever their age (1 if
-    not given).
+    not given); `hold` maps artifact ids kept for another reason to that reason.
     """
     items = [item for item in artifacts if item.status in CONSIDERED]
     result = Plan()
@@ -95,6 +99,9 @@ def plan(artifacts: Iterable[Artifact], *, now: datetime, keep_days: Mapping[str
                 item.id, f"younger than {days} days ({jobs.get(item.tier).keep_var})")
     for item, why in _newest_good(items, keep_counts or {}):  # 2. the newest good ones
         result.kept.setdefault(item.id, why)
+    for item in items:  # 2b. held, e.g. its off-site copy is still pending
+        if hold and item.id in hold:
+            result.kept.setdefault(item.id, hold[item.id])
     _keep_chains(items, result)  # 3. the base of every kept differential
     # everything else goes, differentials before the fulls they were based on
     doomed = [item for item in items if item.id not in result.kept]
@@ -171,8 +178,11 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     tiers = jobs.get(job).family
     artifacts = [item for tier in tiers for target in targets
                  for item in store.artifacts(tier=tier, target=target, statuses=CONSIDERED)]
+    pending = {copy.artifact_id for copy in store.offsite_copies(("pending",))}
     decided = plan(artifacts, now=now, keep_days=keep_days(settings),
-                   keep_counts=keep_counts(settings, now))
+                   keep_counts=keep_counts(settings, now),
+                   hold={item.id: "its off-site copy is still pending" for item in artifacts
+                         if item.id in pending})
     deleted: list[str] = []
     for item in decided.delete:
         removed = delete_artifact(settings, store, item, decided.reasons[item.id])
@@ -239,7 +249,9 @@ def delete_artifact(settings: Settings, store: Store, item: Artifact, reason: st
         log.warning("retention: the artifact file was already gone", path=item.path)
     gone = [str(path.relative_to(root)) for path in companions if _unlink(path)]
     store.set_artifact_status(item.id, "deleted")
-    store.forget_index(item.id)
+    copy = store.offsite_copy(item.id)
+    if copy is None or copy.status != "ok":  # an off-site restore point keeps its index
+        store.forget_index(item.id)
     log.info("retention: deleted", path=item.path, tier=item.tier, target=item.target,
              created=local_time(item.created_at, settings.zone, "minutes"),
              reason=reason, companions=", ".join(gone) or "-")

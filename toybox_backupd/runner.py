@@ -1,7 +1,8 @@
 """One run of one job, the same path for the scheduler and the CLI.
 
 lock (one job at a time, across processes) → run row → log context → disk-space check →
-the job's tier, under a time limit → retention after success → close the row → notification.
+the job's tier, under a time limit → after success: the off-site copy (a failed copy stays
+pending, never fails the run), retention local and off-site → close the row → notification.
 Nothing escapes as an exception: the run row says what happened.
 """
 
@@ -18,9 +19,10 @@ from typing import Any
 
 import structlog
 
-from . import jobs, locks, logs, notify, redact, retention
+from . import jobs, locks, logs, notify, offsite_retention, redact, retention
 from .basics import Cancelled, JobError, TierResult, ToyboxError, describe_unexpected, human
 from .jobs import Job
+from .offsite import copy as offsite_copy
 from .settings import Settings
 from .store import Store
 
@@ -161,7 +163,8 @@ def _carry_out(run: Run) -> None:
         timer.cancel()
     details = {**run.details, **result.details}
     if status == "ok":
-        details.update(_retain(run))
+        details.update(_copy_offsite(run))
+        details.update(_retain(run, offsite_ok="offsite_pending" not in details))
     run.store.close_run(run.run_id, status, bytes_=result.bytes,
                         artifact=", ".join(result.artifacts) or None, error=error, details=details)
     elapsed = round(time.monotonic() - started, 1)
@@ -185,11 +188,28 @@ def _outcome(run: Run, exc: Exception) -> tuple[str, str]:
     return "failed", error
 
 
-def _retain(run: Run) -> dict[str, Any]:
-    """Prune after a success; retention trouble never turns a backup into a failure."""
+def offsite_keep_days(settings: Settings) -> offsite_copy.KeepDays:
+    """tier -> days its off-site copies are kept."""
+    return lambda tier: settings.offsite_keep(jobs.get(tier).keep_days(settings))
+
+
+def _copy_offsite(run: Run) -> dict[str, Any]:
+    """Copy the run's artifacts off-site; trouble leaves them pending, the run ok."""
+    return offsite_copy.copy_run(run.settings, run.store, run.run_id,
+                                 offsite_keep_days(run.settings))
+
+
+def _retain(run: Run, offsite_ok: bool) -> dict[str, Any]:
+    """Prune after a success (off-site too, once this run's copies are there); retention
+    trouble never turns a backup into a failure."""
     try:
-        return {"retention_deleted": retention.apply(run.settings, run.store, run.job.name,
-                                                     run.targets)}
+        result: dict[str, Any] = {"retention_deleted": retention.apply(
+            run.settings, run.store, run.job.name, run.targets)}
+        if offsite_ok:
+            gone = offsite_retention.apply(run.settings, run.store, run.job.name, run.targets)
+            if gone:
+                result["offsite_retention_deleted"] = gone
+        return result
     except retention.Refused as exc:
         log.warning("retention refused", reason=str(exc))
         return {"retention_deleted": [], "retention_refused": str(exc)}

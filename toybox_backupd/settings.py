@@ -377,7 +377,7 @@ DESCRIPTIONS: dict[str, str] = {
                               "it is stopped)",
     "DISK_MARGIN_PERCENT": "a run is refused early unless BACKUP_DIR has the last artifact's size "
                            "plus this margin free",
-    "BACKUP_DIR": "where backups are written (plain files: copy them off the host)",
+    "BACKUP_DIR": "where backups are written (plain files; OFFSITE_URL copies them off the host)",
     "BACKUP_FILE_MODE": "`0600` (files only the sidecar's user reads, directories 0700) or "
                         "`0640` (also its group: directories 0750; see Backup files)",
     "STATE_DIR": "SQLite history and catalog, lock file",

@@ -56,6 +56,7 @@ def healthcheck(settings: Settings, now: datetime | None = None) -> tuple[bool, 
         for job in jobs.all_jobs():
             if job.enabled(settings):
                 _job_health(settings, store, job, now, first, problems, good)
+        _offsite_health(settings, store, now, first, problems, good)
     if problems:
         return False, problems
     return True, ["healthy: " + "; ".join(good)]
@@ -102,3 +103,28 @@ def _job_health(settings: Settings, store: Store, job: Job, now: datetime,
         f"{job.name}: no successful run since the one due "
         f"{local_time(due.slot, zone, 'weekday')} (allowed {ago(due.margin)} to finish); "
         f"{success}{latest}")
+
+
+def _offsite_health(settings: Settings, store: Store, now: datetime, first: datetime | None,
+                    problems: list[str], good: list[str]) -> None:
+    """The newest off-site restore point must be younger than OFFSITE_MAX_LAG_HOURS."""
+    if not settings.offsite_url or not settings.offsite_max_lag_hours:
+        return
+    lag = timedelta(hours=settings.offsite_max_lag_hours)
+    ids = [copy.artifact_id for copy in store.offsite_copies(("ok",))]
+    newest = max((item.created_at for i in ids if (item := store.artifact(i))), default=None)
+    if newest is not None and now - newest <= lag:
+        good.append(f"newest off-site restore point {ago(now - newest)} old")
+        return
+    if newest is None and (first is None or now - first <= lag):
+        good.append("off-site copies not due yet")
+        return
+    pending = store.offsite_copies(("pending",))
+    errors = [copy.last_error for copy in pending if copy.last_error]
+    when = (f"is {ago(now - newest)} old ({local_time(newest, settings.zone, 'weekday')})"
+            if newest else "does not exist")
+    problems.append(
+        f"off-site: the newest restore point at {settings.offsite_url} {when}, more than "
+        f"OFFSITE_MAX_LAG_HOURS={settings.offsite_max_lag_hours}; {len(pending)} cop"
+        f"{'y' if len(pending) == 1 else 'ies'} pending" + (f", last error: {errors[-1][:200]}"
+                                                          if errors else ""))

@@ -39,6 +39,7 @@ from .recovery import recover
 log = logs.get("toybox_backupd.daemon")
 
 OUTBOX_SECONDS = 60.0
+OFFSITE_SECONDS = 60.0  # how often due off-site copies are looked for (each has its backoff)
 HUNG_GRACE_SECONDS = 300.0  # a cancelled run that has not ended by then: restart the process
 ABORT_REASON = "aborted by a second signal"
 
@@ -130,6 +131,20 @@ class Daemon:
         except Exception as exc:
             log.error("sending queued emails failed", error=redact.redact(str(exc)))
 
+    def retry_offsite(self) -> None:
+        """Retry the off-site copies that are due (own thread; never raises)."""
+        from ..offsite import copy as offsite_copy
+        try:
+            done = offsite_copy.retry_due(self.settings, runner.offsite_keep_days(self.settings),
+                                          stop=self.stop_requested)
+            if done:
+                log.info("pending off-site copies done", count=len(done))
+        except Cancelled:
+            pass
+        except Exception as exc:
+            log.error("retrying off-site copies failed",
+                      error=redact.redact(describe_unexpected(exc)))
+
     # scheduler -------------------------------------------------------------------------------
     def build_scheduler(self, now: datetime, missed: dict[str, datetime]) -> Any:
         from apscheduler.executors.pool import ThreadPoolExecutor
@@ -142,7 +157,8 @@ class Daemon:
         scheduler = BackgroundScheduler(
             jobstores={"default": MemoryJobStore()},
             executors={"default": ThreadPoolExecutor(max_workers=1),
-                       "mail": ThreadPoolExecutor(max_workers=1)},
+                       "mail": ThreadPoolExecutor(max_workers=1),
+                       "offsite": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=settings.zone,
         )
@@ -160,6 +176,9 @@ class Daemon:
                               args=[job.name], id=_job_id(job.name), name=job.name, **options)
         scheduler.add_job(self.flush_outbox, IntervalTrigger(seconds=OUTBOX_SECONDS),
                           id="outbox", name="email outbox", executor="mail")
+        if settings.offsite_url:
+            scheduler.add_job(self.retry_offsite, IntervalTrigger(seconds=OFFSITE_SECONDS),
+                              id="offsite", name="off-site copy queue", executor="offsite")
         return scheduler
 
     def log_summary(self, now: datetime, missed: dict[str, datetime]) -> None:

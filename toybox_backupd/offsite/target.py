@@ -8,28 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
-from ..basics import ToyboxError
 from ..settings import Settings
+from .base import OffsiteError, Stored
 
-
-class OffsiteError(ToyboxError):
-    """The target cannot be used right now; the message says why in plain words (no secret)."""
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One object as written and verified by `Target.put`."""
-
-    key: str
-    size: int  # bytes stored (the ciphertext when encrypted)
-    sha256: str  # of the stored bytes
-    verified_by: str  # how the copy was checked end to end: "etag", "read-back"
-    etag: str | None = None  # the server's ETag (S3), for cheap checks later
-    retain_until: datetime | None = None  # Object Lock retain-until date, if any
+__all__ = ["OffsiteError", "Stored", "Target", "open_target"]
 
 
 class Target(Protocol):

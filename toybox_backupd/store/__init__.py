@@ -10,18 +10,20 @@ from typing import Self
 
 from .base import DB_NAME
 from .catalog import CatalogMixin
+from .offsite import OffsiteMixin
 from .outbox import OutboxMixin
-from .records import Artifact, Run
+from .records import Artifact, Copy, Run
 from .runs import RunsMixin
 from .scan import ScanMixin
 from .schema import SCHEMA_VERSION
 from .state import StateMixin
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Artifact", "Run", "Store"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Artifact", "Copy", "Run", "Store"]
 
 
-class Store(RunsMixin, CatalogMixin, ScanMixin, OutboxMixin, StateMixin):
-    """Runs, artifacts and their file index, the email outbox, state, stopped containers.
+class Store(RunsMixin, CatalogMixin, ScanMixin, OutboxMixin, OffsiteMixin, StateMixin):
+    """Runs, artifacts and their file index and off-site copies, the email outbox, state,
+    stopped containers.
 
     Use as a context manager: `with Store(settings.state_dir) as store: ...`.
     """

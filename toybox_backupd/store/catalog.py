@@ -18,15 +18,17 @@ class CatalogMixin(StoreBase):
     def add_artifact(self, *, run_id: int | None, tier: str, target: str, path: str,
                      created_at: datetime, size: int, sha256: str, base_id: int | None = None,
                      extra: dict[str, Any] | None = None,
-                     files: Iterable[tuple[Any, ...]] = (), deleted: Iterable[str] = ()) -> int:
+                     files: Iterable[tuple[Any, ...]] = (), deleted: Iterable[str] = (),
+                     status: str = "ok") -> int:
         """Catalog one artifact (path relative to BACKUP_DIR) with its file index and deleted
-        paths, in one transaction; return its id."""
+        paths, in one transaction; return its id. `status` is `ok`, or `remote` for one that
+        is only off-site."""
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO artifacts(run_id, tier, target, path, created_at, size, sha256,"
-                " base_id, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " base_id, extra, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, tier, target, path, iso(created_at), size, sha256, base_id,
-                 json.dumps(extra or {}, default=str)),
+                 json.dumps(extra or {}, default=str), status),
             )
             artifact_id = int(cur.lastrowid or 0)
             _insert_index(db, artifact_id, files, deleted)
@@ -36,13 +38,14 @@ class CatalogMixin(StoreBase):
                         base_id: int | None, extra: dict[str, Any],
                         files: Iterable[tuple[Any, ...]] = (),
                         deleted: Iterable[str] = ()) -> bool:
-        """A `deleted` artifact whose files are back: `ok` again, as its manifest describes it,
-        with its file index and deleted paths. False (nothing changed) unless it was deleted."""
+        """A `deleted` (or off-site only, `remote`) artifact whose files are back: `ok` again,
+        as its manifest describes it, with its file index and deleted paths. False (nothing
+        changed) unless it was deleted or remote."""
         with self.tx() as db:
             cur = db.execute(
                 "UPDATE artifacts SET status='ok', deleted_at=NULL, verified_at=NULL,"
                 " created_at=?, size=?, sha256=?, base_id=?, extra=? WHERE id=? AND"
-                " status='deleted'", (iso(created_at), size, sha256, base_id,
+                " status IN ('deleted', 'remote')", (iso(created_at), size, sha256, base_id,
                                       json.dumps(extra, default=str), artifact_id))
             if cur.rowcount != 1:
                 return False

@@ -86,3 +86,42 @@ class Artifact:
             "verified_at": self.verified_at.isoformat() if self.verified_at else None,
             "extra": self.extra,
         }
+
+
+@dataclass
+class Copy:
+    """An artifact's off-site copy: pending, ok, corrupt or deleted."""
+
+    artifact_id: int
+    url: str
+    status: str
+    attempts: int
+    next_try_at: datetime | None
+    last_error: str | None
+    objects: list[dict[str, Any]]
+    recipients: list[str]
+    copied_at: datetime | None
+    verified_at: datetime | None
+    retain_until: datetime | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Copy:
+        return cls(
+            artifact_id=row["artifact_id"], url=row["url"], status=row["status"],
+            attempts=row["attempts"], next_try_at=parse_iso(row["next_try_at"]),
+            last_error=row["last_error"], objects=json.loads(row["objects"] or "[]"),
+            recipients=json.loads(row["recipients"] or "[]"),
+            copied_at=parse_iso(row["copied_at"]), verified_at=parse_iso(row["verified_at"]),
+            retain_until=parse_iso(row["retain_until"]),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url, "status": self.status, "attempts": self.attempts,
+            "next_try_at": self.next_try_at.isoformat() if self.next_try_at else None,
+            "last_error": self.last_error, "encrypted": bool(self.recipients),
+            "copied_at": self.copied_at.isoformat() if self.copied_at else None,
+            "verified_at": self.verified_at.isoformat() if self.verified_at else None,
+            "retain_until": self.retain_until.isoformat() if self.retain_until else None,
+            "objects": [item["key"] for item in self.objects],
+        }

@@ -92,6 +92,24 @@ MIGRATIONS: list[str] = [
     """
     UPDATE runs SET job='logical' WHERE job='pgdump';
     """,
+    # 5: off-site copies: one row per artifact copied (or to be copied) off the host
+    """
+    CREATE TABLE offsite_copies (
+        artifact_id  INTEGER PRIMARY KEY REFERENCES artifacts(id),
+        url          TEXT NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'pending',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_try_at  TEXT,
+        last_error   TEXT,
+        objects      TEXT NOT NULL DEFAULT '[]',
+        recipients   TEXT NOT NULL DEFAULT '[]',
+        copied_at    TEXT,
+        verified_at  TEXT,
+        retain_until TEXT,
+        deleted_at   TEXT
+    );
+    CREATE INDEX offsite_status ON offsite_copies(status, next_try_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -22,7 +22,7 @@ from ..atomic import CHUNK
 from ..basics import JobError, Say, silent
 from ..compression import decompressed, kind_of
 from ..logs import get
-from ..restore_points import chain_for, check_file
+from ..restore_points import chain_for, local_copy
 from ..settings import Settings
 from ..store import Artifact, Store
 
@@ -47,9 +47,9 @@ def restore_files(settings: Settings, name: str, patterns: list[str], *,
         wanted = _wanted(store, chain, patterns)
         sources = [_link_sources(store, item, names) for item, names in zip(chain, wanted,
                                                                            strict=True)]
-    if not any(wanted):
-        raise JobError(f"nothing in {name} at that time matches {' '.join(patterns)}")
-    files = [check_file(settings.backup_dir, item) for item in chain]
+        if not any(wanted):
+            raise JobError(f"nothing in {name} at that time matches {' '.join(patterns)}")
+        files = [local_copy(settings, store, item, say) for item in chain]
     written = refused = 0
     for item, path, names, kept in zip(chain, files, wanted, sources, strict=True):
         if names:

@@ -33,7 +33,7 @@ from ..basics import (
 from ..compression import compressor, decompressed
 from ..manifests import TOOL, write_manifest
 from ..pgtools import PgTools, Proc, tool_error
-from ..restore_points import check_file, restore_point
+from ..restore_points import check_file, local_copy, restore_point
 from ..settings import Settings
 from ..store import Artifact, Store
 
@@ -220,7 +220,7 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     """
     with Store(settings.state_dir) as store:
         item = restore_point(store, (TIER,), settings.postgres_db, at)
-    path = check_file(settings.backup_dir, item)
+        path = local_copy(settings, store, item, say)
     try:
         database.check_reachable(settings, "postgres", attempts=2)
     except database.DatabaseError as exc:

@@ -19,7 +19,7 @@ from typing import Any
 from .. import docker_api
 from ..basics import Confirm, JobError, Say, ToyboxError, describe_unexpected, local_time, silent
 from ..compression import decompressed, kind_of
-from ..restore_points import chain_for, check_file
+from ..restore_points import chain_for, local_copy
 from ..settings import Settings
 from ..store import Artifact, Store
 from . import volume_swap
@@ -60,7 +60,7 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
     with Store(settings.state_dir) as store:
         chain = chain_for(store, name, at)
         deleted = store.deleted_paths(chain[-1].id) if len(chain) > 1 else []
-    files = [check_file(settings.backup_dir, item) for item in chain]
+        files = [local_copy(settings, store, item, say) for item in chain]
     when = local_time(chain[-1].created_at, settings.zone)
     # asked before the lock is taken: an unanswered prompt never holds up a backup
     running = _check_target(target, name, when, confirm, stop_containers)

@@ -1,0 +1,196 @@
+"""Copying restore points off the host: the run's copy step and the retry queue.
+
+A restore point goes off-site as its files (the artifact, its file index, a dump's roles file),
+each encrypted for OFFSITE_AGE_RECIPIENTS when set (`<path>.age`), then its manifest in plain
+JSON with an `offsite` section naming every object, its size and sha256 before and after
+encryption, and the recipients. The manifest goes last: a restore point whose manifest is in
+the bucket is complete there (`reindex --offsite` trusts nothing else).
+
+A copy that fails never fails the backup: it stays `pending` in the catalog and is tried
+again with backoff (1, 2, 5, 10, 30, 60, 60 ... minutes), across restarts, until it is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .. import locks, logs, manifests, redact
+from ..basics import ToyboxError, backoff, describe_unexpected, iso, utcnow
+from ..manifests import MANIFEST_SUFFIX, TOOL
+from ..settings import Settings
+from ..store import Artifact, Store
+from .target import Target, open_target
+
+log = logs.get("toybox_backupd.offsite")
+
+AGE_SUFFIX = ".age"
+KeepDays = Callable[[str], int]  # tier -> days its off-site copies are kept
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream over `source` that sha256-hashes and counts what is read."""
+
+    def __init__(self, source: BinaryIO):
+        self.source = source
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def local_files(settings: Settings, item: Artifact) -> list[str]:
+    """The artifact's files to copy, relative to BACKUP_DIR: the artifact, then those of its
+    companions that exist (its own manifest is written separately, last)."""
+    own_manifest = item.path + MANIFEST_SUFFIX
+    found = [item.path]
+    for relative in manifests.companion_paths(item.tier, item.path, item.extra):
+        if relative != own_manifest and (settings.backup_dir / relative).is_file():
+            found.append(relative)
+    return found
+
+
+def _encrypting(source: BinaryIO, recipients: list[str]) -> contextlib.AbstractContextManager[
+        BinaryIO]:
+    if not recipients:
+        return contextlib.nullcontext(source)
+    from . import crypto
+    return crypto.encrypting(source, recipients)
+
+
+def _put_file(settings: Settings, target: Target, relative: str,
+              retain_until: datetime | None) -> dict[str, Any]:
+    """Copy one local file; the object's description for the remote manifest."""
+    recipients = [] if relative.endswith(MANIFEST_SUFFIX) else settings.offsite_age_recipients
+    key = relative + (AGE_SUFFIX if recipients else "")
+    with open(settings.backup_dir / relative, "rb") as handle:
+        reader = HashingReader(handle)
+        with _encrypting(reader, recipients) as stream:  # type: ignore[arg-type]
+            stored = target.put(key, stream, retain_until=retain_until)
+    return {"key": key, "source": relative, "size": stored.size, "sha256": stored.sha256,
+            "etag": stored.etag, "source_size": reader.size,
+            "source_sha256": reader.hash.hexdigest(), "encrypted": bool(recipients),
+            "verified_by": stored.verified_by}
+
+
+def _local_manifest(settings: Settings, item: Artifact) -> dict[str, Any]:
+    """The artifact's manifest as written beside it (rebuilt from the catalog if missing)."""
+    path = manifests.manifest_path(settings.backup_dir / item.path)
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("tool") == TOOL:
+            return data
+    return {"tool": TOOL, "tier": item.tier, "target": item.target,
+            "file": Path(item.path).name, "created_at": item.created_at.isoformat(),
+            "size": item.size, "sha256": item.sha256, "extra": item.extra}
+
+
+def copy_artifact(settings: Settings, store: Store, target: Target, item: Artifact,
+                  keep_days: int, now: datetime | None = None) -> dict[str, Any]:
+    """Copy one restore point and record it; return its remote manifest. Raises OffsiteError
+    (or ToyboxError when the local file no longer matches its checksum)."""
+    now = now or utcnow()
+    retain_until = target.lock_until(keep_days, item.created_at)
+    objects = [_put_file(settings, target, relative, retain_until)
+               for relative in local_files(settings, item)]
+    if objects[0]["source_sha256"] != item.sha256:
+        raise ToyboxError(f"{item.path} no longer matches its checksum; not copied off-site "
+                          "(run `verify`)")
+    manifest = _local_manifest(settings, item)
+    manifest["offsite"] = {
+        "objects": objects, "recipients": settings.offsite_age_recipients,
+        "encryption": "age" if settings.offsite_age_recipients else None, "copied_at": iso(now)}
+    body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    stored = target.put(item.path + MANIFEST_SUFFIX, io.BytesIO(body), retain_until=retain_until)
+    objects.append({"key": stored.key, "source": item.path + MANIFEST_SUFFIX,
+                    "size": stored.size, "sha256": stored.sha256, "etag": stored.etag,
+                    "encrypted": False, "verified_by": stored.verified_by, "manifest": True})
+    store.copy_done(item.id, url=target.url, objects=objects,
+                    recipients=settings.offsite_age_recipients, now=now,
+                    retain_until=retain_until)
+    log.info("off-site copy done", path=item.path, url=target.url, objects=len(objects),
+             encrypted=bool(settings.offsite_age_recipients))
+    return manifest
+
+
+def _attempt(settings: Settings, store: Store, target: Target, item: Artifact,
+             keep_days: KeepDays, attempts: int) -> str | None:
+    """Copy one artifact; on failure record it as pending (retried later) and return why."""
+    try:
+        copy_artifact(settings, store, target, item, keep_days(item.tier))
+        return None
+    except ToyboxError as exc:
+        error = redact.redact(str(exc))
+    except Exception as exc:  # a copy never fails the backup, whatever happens
+        error = redact.redact(describe_unexpected(exc))
+    next_try = utcnow() + backoff(attempts + 1)
+    store.copy_failed(item.id, error, next_try)
+    log.warning("off-site copy pending", path=item.path, error=error,
+                next_try=iso(next_try), attempt=attempts + 1)
+    return error
+
+
+def copy_run(settings: Settings, store: Store, run_id: int, keep_days: KeepDays) -> dict[str, Any]:
+    """The run's copy step: copy the artifacts run `run_id` made. The run's details: what was
+    copied, or why copies are pending."""
+    target = open_target(settings)
+    items = [item for item in store.run_artifacts(run_id) if item.status == "ok"]
+    if target is None or not items:
+        return {}
+    now = utcnow()
+    for item in items:
+        store.copy_pending(item.id, target.url, now)
+    copied: list[str] = []
+    for index, item in enumerate(items):
+        error = _attempt(settings, store, target, item, keep_days, 0)
+        if error is not None:
+            for rest in items[index + 1:]:  # the target is down: try these later too
+                store.copy_failed(rest.id, error, utcnow() + backoff(1))
+            return {"offsite_copied": copied, "offsite_pending": error}
+        copied.append(item.path)
+    return {"offsite_copied": copied, "offsite_url": target.url}
+
+
+def retry_due(settings: Settings, keep_days: KeepDays,
+              stop: Callable[[], bool] | None = None) -> list[str]:
+    """Try the copies whose next attempt is due (under the run lock, so retention does not
+    delete a file being copied); stop at the first failure (the target is likely down).
+    Returns the paths copied."""
+    target = open_target(settings)
+    if target is None:
+        return []
+    with Store(settings.state_dir) as store:
+        if not store.copies_due(utcnow()):
+            return []
+    done: list[str] = []
+    with locks.run_lock(settings.state_dir, "off-site copies", cancelled=stop), \
+            Store(settings.state_dir) as store:
+        for copy in store.copies_due(utcnow()):
+            item = store.artifact(copy.artifact_id)
+            if item is None or item.status != "ok":
+                store.set_copy_status(copy.artifact_id, "lost", utcnow(),
+                                      "the local copy is gone; there is nothing to copy")
+                continue
+            if _attempt(settings, store, target, item, keep_days, copy.attempts) is not None:
+                break
+            done.append(item.path)
+    return done
+

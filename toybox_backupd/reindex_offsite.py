@@ -1,0 +1,144 @@
+"""`toybox-backupd reindex --offsite`: rebuild the catalog from the off-site manifests alone.
+
+For a new host that has nothing but `.env` (and the age identity): every `<path>.manifest.json`
+in the target whose path is in the tool's layout, whose manifest passes the same checks as a
+local one (reindex.manifest_problem) and carries the `offsite` section of a complete copy,
+becomes a restore point the catalog knows as off-site only (`remote`), with its file index
+(read from the index object, decrypted when AGE_IDENTITY_FILE is set). Restores then fetch
+the files they need (offsite.fetch).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .basics import CatalogError, iso, utcnow
+from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
+from .offsite.target import OffsiteError, Target, open_target
+from .reindex import TOP_TIERS, Reindexed, fields, manifest_problem
+from .settings import Settings
+from .store import Store
+
+log = logs.get("toybox_backupd.reindex")
+
+
+def _read(target: Target, key: str) -> dict[str, Any] | None:
+    with target.open(key) as stream:
+        body = stream.read()
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except ValueError:
+        return None
+    if isinstance(data, dict):
+        data["_manifest_size"] = len(body)
+    return data if isinstance(data, dict) else None
+
+
+def _problem(relative: str, data: dict[str, Any] | None, now: datetime) -> str | None:
+    parts = relative.split("/")
+    if data is None:
+        return "its manifest is not JSON"
+    top, target, name = parts
+    problem = manifest_problem(top, target, name, data, now)
+    if problem:
+        return problem
+    objects = (data.get("offsite") or {}).get("objects")
+    if not isinstance(objects, list) or not objects or objects[0].get("source") != relative:
+        return "its manifest does not describe a complete off-site copy"
+    if objects[0].get("source_sha256") != data.get("sha256"):
+        return "its off-site copy does not hold the file its manifest describes"
+    return None
+
+
+def candidates(target: Target, now: datetime) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                      list[tuple[str, str]]]:
+    """([(artifact path, manifest)], [(artifact path, why it is not trusted)])."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[tuple[str, str]] = []
+    for key in sorted(target.keys()):
+        if not key.endswith(MANIFEST_SUFFIX):
+            continue
+        relative = key[: -len(MANIFEST_SUFFIX)]
+        parts = relative.split("/")
+        if len(parts) != 3 or parts[0] not in TOP_TIERS or ".globals." in parts[2]:
+            continue
+        data = _read(target, key)
+        problem = _problem(relative, data, now)
+        if problem:
+            skipped.append((relative, problem))
+        elif data is not None:
+            found.append((relative, data))
+    return found, skipped
+
+
+def _index_rows(settings: Settings, target: Target, objects: list[dict[str, Any]],
+                relative: str) -> list[tuple[Any, ...]]:
+    """The restore point's file index, from its index object ([] if it has none, or it is
+    encrypted and no identity is set: `restore files` then fetches it with the archive)."""
+    obj = next((o for o in objects if o.get("source") == relative + INDEX_SUFFIX), None)
+    if obj is None or (obj.get("encrypted") and settings.age_identity_file is None):
+        return []
+    with tempfile.TemporaryDirectory(dir=settings.state_dir) as scratch:
+        path = Path(scratch) / "index.jsonl.gz"
+        with target.open(obj["key"]) as stream, open(path, "wb") as out:
+            if obj.get("encrypted"):
+                from .offsite import crypto
+                assert settings.age_identity_file is not None
+                crypto.decrypt(stream, out, settings.age_identity_file)  # type: ignore[arg-type]
+            else:
+                while chunk := stream.read(1024 * 1024):
+                    out.write(chunk)
+        return read_index(path)
+
+
+def _add(settings: Settings, store: Store, target: Target, relative: str,
+         data: dict[str, Any]) -> None:
+    offsite = data["offsite"]
+    objects = [*offsite["objects"], {
+        "key": relative + MANIFEST_SUFFIX, "source": relative + MANIFEST_SUFFIX,
+        "size": data.pop("_manifest_size"), "sha256": None, "etag": None, "encrypted": False,
+        "manifest": True}]
+    known = store.artifact_by_path(relative)
+    if known is None:
+        artifact_id = store.add_artifact(
+            run_id=None, tier=data["tier"], target=data["target"], path=relative,
+            **fields(store, data), status="remote",
+            files=_index_rows(settings, target, objects, relative),
+            deleted=data.get("deleted") or [])
+    else:
+        artifact_id = known.id
+    store.copy_done(artifact_id, url=target.url, objects=objects,
+                    recipients=list(offsite.get("recipients") or []),
+                    now=datetime.fromisoformat(offsite.get("copied_at") or iso()),
+                    retain_until=None)
+
+
+def reindex_offsite(settings: Settings, now: datetime | None = None) -> Reindexed:
+    """Add every complete off-site restore point the catalog lacks (see the module's doc)."""
+    target = open_target(settings)
+    if target is None:
+        raise CatalogError("OFFSITE_URL is empty: set it to the bucket or directory the "
+                           "backups were copied to")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        found, skipped = candidates(target, now or utcnow())
+    except OffsiteError as exc:
+        raise CatalogError(f"cannot read the off-site manifests: {exc}") from None
+    found.sort(key=lambda pair: (pair[1].get("tier") == "diff", pair[1].get("created_at", "")))
+    result = Reindexed(skipped=skipped)
+    with Store(settings.state_dir) as store:
+        for relative, data in found:
+            copy = (store.offsite_copy(known.id)
+                    if (known := store.artifact_by_path(relative)) else None)
+            if copy is not None and copy.status == "ok":
+                continue
+            _add(settings, store, target, relative, data)
+            result.added.append(relative)
+    log.info("reindexed from off-site", url=target.url, added=len(result.added),
+             skipped=len(result.skipped))
+    return result
