@@ -372,3 +372,25 @@ def test_local_retention_keeps_what_is_not_off_site_yet(
         assert store.artifact(old.id).status == "ok"  # type: ignore[union-attr]
         assert len(store.offsite_copies(("ok",))) == 2
     assert (settings.backup_dir / old.path).exists()
+
+
+def test_restore_points_made_before_off_site_was_on_are_copied_by_the_queue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _settings(tmp_path, monkeypatch)
+    runner.run_job(before, "snapshot")
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    after = _settings(tmp_path, monkeypatch, OFFSITE_URL=f"file://{nas}")
+    with Store(after.state_dir) as store:
+        [item] = store.artifacts(tier="snapshot")
+        assert store.offsite_copy(item.id) is None
+    assert offsite_copy.retry_due(after, runner.offsite_keep_days(after)) == [item.path]
+    assert (nas / item.path).read_bytes() == (after.backup_dir / item.path).read_bytes()
+    # a copy found corrupt off-site is made again from the good local one
+    (nas / item.path).write_bytes(b"damaged")
+    code, _ = _cli(after, "verify", "--offsite")
+    assert code == 1
+    assert offsite_copy.retry_due(after, runner.offsite_keep_days(after)) == [item.path]
+    assert (nas / item.path).read_bytes() == (after.backup_dir / item.path).read_bytes()
+    with Store(after.state_dir) as store:
+        assert store.offsite_copy(item.id).status == "ok"  # type: ignore[union-attr]

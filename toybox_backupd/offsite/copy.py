@@ -178,6 +178,10 @@ def retry_due(settings: Settings, keep_days: KeepDays,
     if target is None:
         return []
     with Store(settings.state_dir) as store:
+        queued = store.queue_uncopied(target.url, utcnow())
+        if queued:
+            log.info("restore points queued for an off-site copy (made before OFFSITE_URL was "
+                     "set, or copied to another one)", count=queued, url=target.url)
         if not store.copies_due(utcnow()):
             return []
     done: list[str] = []

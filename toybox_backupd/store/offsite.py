@@ -72,6 +72,22 @@ class OffsiteMixin(StoreBase):
             " ORDER BY artifact_id", statuses)
         return [Copy.from_row(row) for row in rows]
 
+    def queue_uncopied(self, url: str, now: datetime) -> int:
+        """Queue every kept local artifact that has no good copy at `url` (made before off-site
+        was turned on, copied to an earlier OFFSITE_URL, or found corrupt there by `verify
+        --offsite`); how many were queued."""
+        with self.tx() as db:
+            moved = db.execute(
+                "UPDATE offsite_copies SET url=?, status='pending', attempts=0, next_try_at=?,"
+                " objects='[]', last_error=NULL WHERE (url<>? OR status='corrupt') AND status<>'lost'"
+                " AND artifact_id"
+                " IN (SELECT id FROM artifacts WHERE status='ok')", (url, iso(now), url)).rowcount
+            added = db.execute(
+                "INSERT INTO offsite_copies(artifact_id, url, status, next_try_at)"
+                " SELECT id, ?, 'pending', ? FROM artifacts WHERE status='ok' AND id NOT IN"
+                " (SELECT artifact_id FROM offsite_copies)", (url, iso(now))).rowcount
+        return int(moved or 0) + int(added or 0)
+
     def copies_due(self, now: datetime) -> list[Copy]:
         """Pending copies whose next attempt is due, oldest artifact first."""
         rows = self.db.execute(
