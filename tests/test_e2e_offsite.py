@@ -56,7 +56,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 SEAWEEDFS_IMAGE = "toybox-test/seaweedfs"
 BUCKET = "toybox-offsite"
 AGE_HEADER = b"age-encryption.org/v1"
-IDENTITY_IN_CONTAINER = "/run/secrets/age-identity.txt"  # tests/e2e/docker-compose.offsite.yml
+IDENTITY_IN_CONTAINER = "/run/secrets/age-identity"  # tests/e2e/docker-compose.offsite.yml
 # a file name (and content) in the media after the full: no object in the bucket may show it
 MARKER = "offsite-plaintext-marker-" + uuid.uuid4().hex
 
@@ -83,6 +83,7 @@ class S3Server:
     access_key: str
     secret_key: str
     client: Any  # docker
+    _s3: Any = None
 
     def compose(self, *args: str, check: bool = True,
                 timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -108,13 +109,16 @@ class S3Server:
         return f"http://{address}:8333"
 
     def s3(self) -> Any:
-        boto3 = _need("boto3")
-        from botocore.config import Config
+        """A boto3 client with the server's keys (made once: the server keeps its address)."""
+        if self._s3 is None:
+            boto3 = _need("boto3")
+            from botocore.config import Config
 
-        return boto3.client(
-            "s3", endpoint_url=self.endpoint(), aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name="us-east-1",
-            config=Config(connect_timeout=3, read_timeout=60, retries={"max_attempts": 2}))
+            self._s3 = boto3.client(
+                "s3", endpoint_url=self.endpoint(), aws_access_key_id=self.access_key,
+                aws_secret_access_key=self.secret_key, region_name="us-east-1",
+                config=Config(connect_timeout=3, read_timeout=60, retries={"max_attempts": 2}))
+        return self._s3
 
     def wait(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -202,22 +206,16 @@ def offsite(docker_engine: Any, images: dict[str, str],
     identity = pyrage.x25519.Identity.generate()
     prefix = "site-" + uuid.uuid4().hex[:6]
     access_key, secret_key = "TOYBOXE2E" + uuid.uuid4().hex[:11].upper(), secrets.token_urlsafe(30)
+    # the backups need only the public key: the identity comes with the new host (step 4)
     st = new_stack(docker_engine, tmp_path_factory.mktemp("e2e-offsite"), prefix="tbtoff",
-                   extra_files=(E2E / "docker-compose.offsite.yml",), image=image, env={
+                   image=image, env={
                        "OFFSITE_URL": f"s3://{BUCKET}/{prefix}",
                        "S3_ENDPOINT_URL": "http://seaweedfs:8333",
                        "S3_REGION": "us-east-1",
                        "AWS_ACCESS_KEY_ID": access_key,
                        "AWS_SECRET_ACCESS_KEY": secret_key,
                        "OFFSITE_AGE_RECIPIENTS": str(identity.to_public()),
-                       "AGE_IDENTITY_FILE": IDENTITY_IN_CONTAINER,
                    })
-    # the identity as an operator keeps it: the sidecar's user may read it, nobody else
-    key_file = st.directory / "age-identity.txt"
-    key_file.write_text(f"# created: {datetime.now(UTC).isoformat(timespec='seconds')}\n"
-                        f"# public key: {identity.to_public()}\n{identity}\n", encoding="utf-8")
-    os.chown(key_file, UID, UID)
-    key_file.chmod(0o400)
     server = None
     try:
         server = start_s3(docker_engine, tmp_path_factory.mktemp("e2e-s3"), st.network,
@@ -332,14 +330,23 @@ def _scenario(o: Offsite) -> None:
             path.unlink()
     assert not any(st.backups.iterdir())
     left = {path.name for path in st.directory.iterdir()} - {"tests"}
-    assert {".env", "age-identity.txt", "backups"} <= left, left
+    assert {".env", "backups"} <= left and not {"age-identity.txt"} & left, left
     assert s3.keys() == keys  # the off-site store is untouched
     timings["destroy"] = time.monotonic() - started
 
-    # 4. a new server: the stack with fresh volumes, a sidecar that knows nothing yet --------
+    # 4. a new server: the stack with fresh volumes, a sidecar that knows nothing yet; the age
+    # identity (kept off the server) mounted into it, as runbook 2 says -------------------------
     started = time.monotonic()
+    key_file = st.directory / "age-identity.txt"
+    key_file.write_text(f"# created: {datetime.now(UTC).isoformat(timespec='seconds')}\n"
+                        f"# public key: {o.identity.to_public()}\n{o.identity}\n", encoding="utf-8")
+    os.chown(key_file, UID, UID)  # readable by the sidecar's user alone
+    key_file.chmod(0o400)
+    shutil.copy(E2E / "docker-compose.offsite.yml", st.directory / "docker-compose.offsite.yml")
+    st.files = (*st.files, "docker-compose.offsite.yml")
+    with (st.directory / ".env").open("a", encoding="utf-8") as env:
+        env.write(f"AGE_IDENTITY_FILE={IDENTITY_IN_CONTAINER}\n")
     start(st)
-    assert st.history() == []
     assert json.loads(st.tool("list", "--json").stdout) == []
     st.tool("reindex", "--offsite", timeout=600)
     listed = json.loads(st.tool("list", "--json").stdout)
