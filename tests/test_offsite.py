@@ -394,3 +394,34 @@ def test_restore_points_made_before_off_site_was_on_are_copied_by_the_queue(
     assert (nas / item.path).read_bytes() == (after.backup_dir / item.path).read_bytes()
     with Store(after.state_dir) as store:
         assert store.offsite_copy(item.id).status == "ok"  # type: ignore[union-attr]
+
+
+def test_an_object_lock_bucket_gets_retain_until_dates_and_retention_waits_for_them(
+        s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = "locked-copies"
+    s3.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    settings = _settings(tmp_path, monkeypatch, **_s3_env(s3, bucket),
+                         OFFSITE_KEEP_DAYS="3", SNAPSHOT_SCHEDULE="0 3 * * 0")
+    runner.run_job(settings, "snapshot")
+    time.sleep(1.1)
+    runner.run_job(settings, "snapshot")
+    with Store(settings.state_dir) as store:
+        old, new = store.artifacts(tier="snapshot")
+        copy = store.offsite_copy(old.id)
+    assert copy is not None and copy.retain_until is not None
+    assert copy.retain_until - old.created_at == timedelta(days=4)  # keep days + 1
+    head = s3.client().head_object(Bucket=bucket, Key=f"toybox/{old.path}")
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    # five days on the old one is past OFFSITE_KEEP_DAYS but still locked: left alone
+    with Store(settings.state_dir) as store:
+        later = old.created_at + timedelta(days=3, hours=12)
+        assert offsite_retention.apply(settings, store, "snapshot", [settings.snapshot_dirs],
+                                       now=later) == []
+        assert store.offsite_copy(old.id).status == "ok"  # type: ignore[union-attr]
+        # a clock running days ahead: the server still holds the lock and refuses the delete;
+        # the copy stays recorded as there
+        past = old.created_at + timedelta(days=4, hours=1)
+        assert offsite_retention.apply(settings, store, "snapshot", [settings.snapshot_dirs],
+                                       now=past) == []
+        assert store.offsite_copy(old.id).status == "ok"  # type: ignore[union-attr]
+    assert f"toybox/{old.path}" in _objects(s3, bucket)

@@ -379,6 +379,7 @@ def test_restore_files_from_off_site_when_the_local_archives_are_gone(
     import pyrage
     key = pyrage.x25519.Identity.generate()
     (tmp_path / "age.key").write_text(str(key) + "\n")
+    (tmp_path / "nas").mkdir()  # a mounted share
     env = vol_env
     env.values.update({"OFFSITE_URL": f"file://{tmp_path / 'nas'}",
                        "OFFSITE_AGE_RECIPIENTS": str(key.to_public()),

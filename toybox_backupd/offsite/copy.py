@@ -82,13 +82,17 @@ def _put_file(settings: Settings, target: Target, relative: str,
     recipients = [] if relative.endswith(MANIFEST_SUFFIX) else settings.offsite_age_recipients
     key = relative + (AGE_SUFFIX if recipients else "")
     with open(settings.backup_dir / relative, "rb") as handle:
-        reader = HashingReader(handle)
-        with _encrypting(reader, recipients) as stream:  # type: ignore[arg-type]
-            stored = target.put(key, stream, retain_until=retain_until)
+        if recipients:  # the plaintext is hashed on its way into the encryption
+            reader = HashingReader(handle)
+            with _encrypting(reader, recipients) as stream:  # type: ignore[arg-type]
+                stored = target.put(key, stream, retain_until=retain_until)
+            source_size, source_sha256 = reader.size, reader.hash.hexdigest()
+        else:  # the target hashes what it stores: the same bytes
+            stored = target.put(key, handle, retain_until=retain_until)
+            source_size, source_sha256 = stored.size, stored.sha256
     return {"key": key, "source": relative, "size": stored.size, "sha256": stored.sha256,
-            "etag": stored.etag, "source_size": reader.size,
-            "source_sha256": reader.hash.hexdigest(), "encrypted": bool(recipients),
-            "verified_by": stored.verified_by}
+            "etag": stored.etag, "source_size": source_size, "source_sha256": source_sha256,
+            "encrypted": bool(recipients), "verified_by": stored.verified_by}
 
 
 def _local_manifest(settings: Settings, item: Artifact) -> dict[str, Any]:

@@ -58,7 +58,12 @@ class DirectoryTarget:
 
     def _usable_root(self) -> None:
         """OffsiteError unless the directory exists and this process may write in it."""
-        if not self.root.is_dir():
+        try:
+            is_dir = self.root.is_dir()
+        except PermissionError:
+            raise OffsiteError(f"OFFSITE_URL directory {self.root} is not writable by uid "
+                               f"{os.getuid()}: a directory on its path cannot be entered") from None
+        if not is_dir:
             raise OffsiteError(f"OFFSITE_URL directory {self.root} does not exist (is the disk or "
                                "share mounted?)")
         if not os.access(self.root, os.W_OK | os.X_OK):

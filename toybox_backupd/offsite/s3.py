@@ -42,7 +42,10 @@ PART_SIZE = 16 * 1024 * 1024  # multipart threshold and part size
 MAX_PARTS = 10_000  # S3's limit: an object of up to 156 GiB
 MAX_SIZE = PART_SIZE * MAX_PARTS
 TRANSFER = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
-                          max_concurrency=4, max_in_memory_upload_chunks=4, use_threads=True)
+                          max_concurrency=8, use_threads=True, preferred_transfer_client="classic")
+# parts read ahead of the uploads (s3transfer's own attribute, not a keyword of boto3's config):
+# memory is about (this + max_concurrency) parts, whatever the artifact's size
+TRANSFER.max_in_memory_upload_chunks = 4
 READ_CHUNK = 1024 * 1024
 
 
@@ -155,7 +158,7 @@ class S3Target:
             raise self._error(exc, doing) from None
 
     def _error(self, exc: BaseException, doing: str) -> OffsiteError:
-        if _code(exc) == "InternalError" and self._bucket_missing():  # SeaweedFS, on a PUT
+        if _code(exc) in ("404", "InternalError") and self._bucket_missing():  # HEAD has no body
             message = f"{doing}: bucket {self.bucket} does not exist at {self.where}"
         else:
             message = _explain(exc, doing, self.bucket, self.where)
@@ -177,6 +180,10 @@ class S3Target:
         extra = ({"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": retain_until}
                  if retain_until else None)
         with self._translated(f"uploading {key} to {self.url}"):
+            # first: some servers (SeaweedFS) create a missing bucket on a PUT, without the
+            # Object Lock or lifecycle the operator meant it to have (a list, not a HEAD: its
+            # errors have a body that says which, e.g. SignatureDoesNotMatch, not just "403")
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
             self._client.upload_fileobj(reader, self.bucket, full, ExtraArgs=extra, Config=TRANSFER)
             head = self._client.head_object(Bucket=self.bucket, Key=full)
         sha256 = reader.sha256.hexdigest()
@@ -359,7 +366,7 @@ def _explain(exc: BaseException, doing: str, bucket: str, where: str) -> str:
         "RequestTimeTooSkewed": "this host's clock differs from the server's by more than "
                                 "15 minutes; fix the clock (date)",
         "NoSuchKey": "no such object",
-        "404": "no such object",
+        "404": "not found (no such bucket or object)",
     }.get(code or "")
     if plain:
         return f"{doing}: {plain}"
