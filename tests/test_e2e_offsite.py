@@ -166,6 +166,14 @@ def start_s3(docker_engine: Any, directory: Path, network: str, access_key: str,
     server.compose("up", "-d")
     server.wait()
     server.s3().create_bucket(Bucket=BUCKET)
+    # the keys are really checked: a wrong secret is refused
+    boto3 = _need("boto3")
+    from botocore.exceptions import ClientError
+
+    wrong = boto3.client("s3", endpoint_url=server.endpoint(), aws_access_key_id=access_key,
+                         aws_secret_access_key=secret_key[::-1], region_name="us-east-1")
+    with pytest.raises(ClientError):
+        wrong.list_objects_v2(Bucket=BUCKET)
     log(f"SeaweedFS up, bucket {BUCKET} created ({time.monotonic() - started:.1f} s)")
     return server
 
