@@ -406,7 +406,7 @@ def test_an_object_lock_bucket_gets_retain_until_dates_and_retention_waits_for_t
     time.sleep(1.1)
     runner.run_job(settings, "snapshot")
     with Store(settings.state_dir) as store:
-        old, new = store.artifacts(tier="snapshot")
+        old, _new = store.artifacts(tier="snapshot")
         copy = store.offsite_copy(old.id)
     assert copy is not None and copy.retain_until is not None
     assert copy.retain_until - old.created_at == timedelta(days=4)  # keep days + 1

@@ -122,6 +122,29 @@ def test_s3_read_back_when_the_etag_is_not_the_predicted_one(
     assert read_all(target, "a") == data
 
 
+def test_s3_clock_skew_is_said_plainly(plain_env: Env, s3_bucket: Bucket,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """This host's clock an hour behind (the requests' signatures carry its time): the server
+    refuses them, and the message says to fix the clock."""
+    import botocore.auth
+
+    real = botocore.auth.datetime.datetime
+
+    class Behind(real):  # type: ignore[misc, valid-type]
+        @classmethod
+        def utcnow(cls) -> Any:
+            return real.utcnow() - timedelta(hours=1)
+
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return real.now(tz) - timedelta(hours=1)
+
+    monkeypatch.setattr(botocore.auth.datetime, "datetime", Behind)
+    with pytest.raises(OffsiteError, match="clock differs from the server's by more than 15 "
+                                           r"minutes; fix the clock"):
+        s3_target(plain_env, s3_bucket).probe()
+
+
 def test_s3_check_finds_a_replaced_or_damaged_object(plain_env: Env, s3_bucket: Bucket) -> None:
     target = s3_target(plain_env, s3_bucket)
     data = payload(1000)
