@@ -109,8 +109,8 @@ def bench_size(server: Any, work: Path, size_mib: int, rounds: int) -> dict[str,
     server.client().create_bucket(Bucket=bucket)
     samples: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
     try:
-        for round_ in range(rounds):
-            for variant in VARIANTS:
+        for round_ in range(rounds):  # alternating order: no variant always goes first
+            for variant in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
                 sample = run_child(variant, path, server.endpoint, bucket)
                 samples[variant].append(sample)
                 print(f"  {size_mib} MiB round {round_ + 1} {variant:9} {sample['wall']:7.2f} s "
@@ -118,7 +118,8 @@ def bench_size(server: Any, work: Path, size_mib: int, rounds: int) -> dict[str,
                       f"({sample['verified_by'] or 'unverified'})", flush=True)
     finally:
         path.unlink()
-    best = {variant: min(rows, key=lambda row: row["wall"]) for variant, rows in samples.items()}
+    best = {variant: sorted(rows, key=lambda row: row["wall"])[(len(rows) - 1) // 2]  # median
+            for variant, rows in samples.items()}
     ratios = {variant: round(best[variant]["wall"] / best["baseline"]["wall"], 3)
               for variant in VARIANTS[1:]}
     return {"size_mib": size_mib, "best": best, "ratio_wall_vs_baseline": ratios, "samples": samples}
