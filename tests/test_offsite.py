@@ -444,3 +444,30 @@ def test_an_endpoint_the_sdk_refuses_leaves_the_backup_ok_and_the_copy_pending(
     assert offsite_copy.retry_due(settings, runner.offsite_keep_days(settings)) == []
     with Store(settings.state_dir) as store:
         assert store.offsite_copies(("pending",))[0].attempts == 2
+
+
+def test_off_site_settings_are_checked_and_the_secret_file_is_read_and_masked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from toybox_backupd import redact
+    from toybox_backupd.settings import SettingsError, load
+
+    secret = tmp_path / "aws-secret"
+    secret.write_text("file-held-secret-Hq81Zx0\n")
+    settings = _settings(tmp_path, monkeypatch, OFFSITE_URL="s3://bucket/prefix/",
+                         AWS_ACCESS_KEY_ID="AKIAEXAMPLE", AWS_SECRET_ACCESS_KEY_FILE=str(secret))
+    assert settings.offsite_url == "s3://bucket/prefix"
+    assert settings.aws_secret_access_key_value == "file-held-secret-Hq81Zx0"
+    assert redact.redact("key file-held-secret-Hq81Zx0 here") == "key *** here"
+    for var, value, words in (
+            ("OFFSITE_URL", "ftp://host/x", "use s3://bucket/prefix or file:///"),
+            ("OFFSITE_URL", "s3:///prefix", "names no bucket"),
+            ("OFFSITE_AGE_RECIPIENTS", "AGE-SECRET-KEY-1QQQ", "holds a private key"),
+            ("OFFSITE_AGE_RECIPIENTS", "age1ok,bob@example.com", "not an age recipient"),
+            ("OFFSITE_KEEP_DAYS", "0", "greater than or equal to 1")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(SettingsError) as caught:
+            load(None)
+        assert any(line.startswith(f"{var}: ") and words in line
+                   for line in caught.value.problems), caught.value.problems
+        assert "AGE-SECRET-KEY-1QQQ" not in str(caught.value)  # a pasted identity never echoed
+        monkeypatch.delenv(var)

@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     @field_validator("offsite_age_recipients")
     @classmethod
     def _recipients(cls, value: list[str]) -> list[str]:
+        if any(item.upper().startswith("AGE-SECRET-KEY-") or "PRIVATE KEY" in item
+               for item in value):
+            raise ValueError("holds a private key (an age identity): put only public keys "
+                             "(age1…) here, and keep the identity off this host")
         bad = [item for item in value if not item.startswith(("age1", "ssh-ed25519 ", "ssh-rsa "))]
         if bad:
             raise ValueError(f"not an age recipient (age1…, or an ssh-ed25519/ssh-rsa public "
