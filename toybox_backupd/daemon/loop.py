@@ -197,6 +197,12 @@ class Daemon:
                 when = f"next run {_local(upcoming, settings)}"
             log.info(f"{job.name}: '{expr}' in {settings.tz}, {when}", job=job.name,
                      targets=", ".join(job.targets(settings)))
+        if settings.offsite_url:
+            how = ("encrypted for " + ", ".join(settings.offsite_age_recipients)
+                   if settings.offsite_age_recipients else "NOT encrypted")
+            log.info(f"off-site: every restore point is copied to {settings.offsite_url}, {how}")
+        else:
+            log.info("off-site: off (OFFSITE_URL is empty): the backups live on this host only")
 
     # main loop ---------------------------------------------------------------------------------
     def heartbeat(self, store: Store) -> None:
