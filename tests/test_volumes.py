@@ -387,7 +387,11 @@ def test_restore_files_from_off_site_when_the_local_archives_are_gone(
     volume = full_then_diff(env, docker_engine, make_volume)
     assert sorted(p.name for p in (tmp_path / "nas" / "volumes" / volume).iterdir()
                   if p.name.endswith(".age")) and not list((tmp_path / "nas").rglob("*.tar.zst"))
-    shutil.rmtree(env.backup_dir / "volumes")  # the host's copies are gone
+    shutil.rmtree(env.backup_dir / "volumes")  # the host's copies are gone, and its catalog
+    shutil.rmtree(env.state_dir)
+    # a new host indexes the bucket before it has the identity: no file index yet
+    result = run_ok(env, "reindex", "--offsite", AGE_IDENTITY_FILE="")
+    assert "2 artifact(s) added" in result.stdout, result.stdout
     dest = tmp_path / "out"
     result = run_ok(env, "restore", "files", volume, "uploads/2026-01-2*/*.jpg", "--dest", str(dest))
     assert "from off-site" in result.stdout, result.stdout

@@ -113,6 +113,11 @@ class CatalogMixin(StoreBase):
             entry["path"], entry["link"] = from_db(entry["path"]), from_db(entry["link"])
             yield entry
 
+    def has_index(self, artifact_id: int) -> bool:
+        """Whether the artifact's file index is in the catalog."""
+        return self.db.execute("SELECT 1 FROM files WHERE artifact_id=? LIMIT 1",
+                               (artifact_id,)).fetchone() is not None
+
     def deleted_paths(self, artifact_id: int) -> list[str]:
         rows = self.db.execute(
             "SELECT path FROM deleted_paths WHERE artifact_id=? ORDER BY path", (artifact_id,))

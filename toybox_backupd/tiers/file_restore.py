@@ -44,12 +44,16 @@ def restore_files(settings: Settings, name: str, patterns: list[str], *,
     destination.mkdir(parents=True, exist_ok=True)
     with Store(settings.state_dir) as store:
         chain = chain_for(store, name, at)
+        files = None
+        if any(not store.has_index(item.id) for item in chain):
+            # off-site only, indexed without the identity: the fetch brings the index back
+            files = [local_copy(settings, store, item, say) for item in chain]
         wanted = _wanted(store, chain, patterns)
         sources = [_link_sources(store, item, names) for item, names in zip(chain, wanted,
                                                                            strict=True)]
         if not any(wanted):
             raise JobError(f"nothing in {name} at that time matches {' '.join(patterns)}")
-        files = [local_copy(settings, store, item, say) for item in chain]
+        files = files or [local_copy(settings, store, item, say) for item in chain]
     written = refused = 0
     for item, path, names, kept in zip(chain, files, wanted, sources, strict=True):
         if names:
