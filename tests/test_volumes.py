@@ -512,6 +512,30 @@ def test_corrupt_archive_is_refused(vol_env: Env, docker_engine: Any,
     assert verify.returncode != 0 and "CORRUPT" in verify.stdout
 
 
+def test_a_checksum_mismatch_found_at_the_end_changes_nothing(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    """The sha256 is checked while the archive streams, not in a pass before: a damaged byte
+    that tar does not notice (an uncompressed archive, inside a file's content) is found at the
+    end, and the restore stops before the swap: the volume keeps what it held."""
+    env = vol_env
+    volume = make_volume(TREE + "head -c 3000000 /dev/urandom > uploads/big.bin\n")
+    env.values.update(BACKUP_VOLUMES=volume, VOLUME_COMPRESSION="none")
+    run_ok(env, "backup", "full")
+    fill_volume(docker_engine, volume, CHANGES)
+    before = state(docker_engine, volume)
+    [full] = catalog(env, "full")
+    path = env.backup_dir / full.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55  # inside big.bin's content
+    path.write_bytes(bytes(data))
+    result = env.cli("restore", "volume", volume, "--yes")
+    assert result.returncode != 0 and "is corrupt" in result.stderr, result.stderr
+    assert "old contents are in place again" in result.stderr
+    assert state(docker_engine, volume) == before
+    leftovers = fill_volume(docker_engine, volume, "ls -A")
+    assert ".toybox-restore-" not in leftovers
+
+
 def test_missing_volume_is_a_clear_failure(vol_env: Env) -> None:
     env = vol_env
     result = env.cli("backup", "full", BACKUP_VOLUMES="tbt-no-such-volume")

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import docker_api
+from ..atomic import sha256_of
 from ..basics import Confirm, JobError, Say, ToyboxError, describe_unexpected, local_time, silent
-from ..compression import decompressed, kind_of
-from ..restore_points import chain_for, local_copy
+from ..compression import HashingReader, decompressed_from, kind_of
+from ..restore_points import chain_for, corrupt, local_copy
 from ..settings import Settings
 from ..store import Artifact, Store
 from . import transfer, volume_swap
@@ -60,7 +61,7 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
     with Store(settings.state_dir) as store:
         chain = chain_for(store, name, at)
         deleted = store.deleted_paths(chain[-1].id) if len(chain) > 1 else []
-        files = [local_copy(settings, store, item, say) for item in chain]
+        files = [local_copy(settings, store, item, say, streamed=True) for item in chain]
     when = local_time(chain[-1].created_at, settings.zone)
     # asked before the lock is taken: an unanswered prompt never holds up a backup
     running = _check_target(target, name, when, confirm, stop_containers)
@@ -134,15 +135,26 @@ def _stop_and_restore(settings: Settings, plan: Plan) -> None:
 
 def _extract(helper: Any, channel: transfer.Fifo | None, path: Path, item: Artifact,
              staging: str) -> None:
-    """Extract one archive into the staging tree, decompressed here as tar extracts it there."""
+    """Extract one archive into the staging tree, decompressed here as tar extracts it there,
+    its sha256 checked as it is read: a mismatch fails the restore before anything is swapped
+    in (restore_volume asks local_copy not to read the archive once more before)."""
     kind = item.extra.get("compression") or kind_of(path)
     source = channel.inside if channel is not None else "-"
     cmd = [*TAR_EXTRACT, "--file=" + source, "--directory=" + new_dir(staging)]
     what = f"extracting {path.name}"
-    if channel is not None:
-        run_step_fifo(helper, channel, cmd, what, decompressed(path, kind))
-    else:
-        run_step(helper, cmd, what, decompressed(path, kind))
+    with HashingReader(path) as raw:
+        try:
+            if channel is not None:
+                run_step_fifo(helper, channel, cmd, what, decompressed_from(raw, kind))
+            else:
+                run_step(helper, cmd, what, decompressed_from(raw, kind))
+        except Exception:
+            if sha256_of(path) != item.sha256:  # a read of its own: `raw` may be half read
+                raise corrupt(path, sha256_of(path), item.sha256) from None
+            raise
+        actual = raw.sha256()
+    if actual != item.sha256:
+        raise corrupt(path, actual, item.sha256)
 
 
 def _delete_paths(helper: Any, paths: list[str], staging: str) -> None:
