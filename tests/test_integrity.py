@@ -31,13 +31,23 @@ printf 'last\n' > zz-last.txt
 # A `tar` that runs the real GNU tar into a temporary file, finds where its last member starts
 # (`tar -tvR` gives each member's header block and size; a pax header sits right before it),
 # writes only the bytes before that member, and exits 0: a stream cut at a header boundary.
+# GNU tar's archive, cut right before its last member's header, written where it was asked to
+# go (--file=F: stdout, or the FIFO of the data path), and exit 0
 CUT_TAR = r"""#!/bin/sh
 tmp=$(mktemp)
-/usr/bin/tar "$@" > "$tmp" || exit $?
+out=-
+for arg do
+  shift
+  case $arg in
+    --file=*) out=${arg#--file=}; set -- "$@" "--file=$tmp" ;;
+    *) set -- "$@" "$arg" ;;
+  esac
+done
+/usr/bin/tar "$@" || exit $?
 cut=$(/usr/bin/tar -tvR -f "$tmp" | awk '$1 == "block" && $3 != "**" {
     prev = block; prevsize = size; block = $2 + 0; size = $5 }
   END { print (prev + 1 + int((prevsize + 511) / 512)) * 512 }')
-head -c "$cut" "$tmp"
+if [ "$out" = - ]; then head -c "$cut" "$tmp"; else head -c "$cut" "$tmp" > "$out"; fi
 rm -f "$tmp"
 exit 0
 """
@@ -95,11 +105,13 @@ def run_ok(env: Env, *args: str, **overrides: str) -> subprocess.CompletedProces
 
 
 # 7. a cut tar stream is a failed run, never an artifact ---------------------------------------
+@pytest.mark.parametrize("transport", ["fifo", "exec"])
 def test_archive_cut_at_a_header_boundary_fails_the_run(
-        plain_env: Env, make_volume: Callable[..., str], cut_tar_image: str) -> None:
+        plain_env: Env, make_volume: Callable[..., str], cut_tar_image: str,
+        transport: str) -> None:
     env = plain_env
     volume = make_volume(TREE)
-    env.values["BACKUP_VOLUMES"] = volume
+    env.values.update(BACKUP_VOLUMES=volume, TOYBOX_BACKUPD_TRANSPORT=transport)
     result = env.cli("backup", "full", HELPER_IMAGE=cut_tar_image)
     assert result.returncode != 0, result.stdout + result.stderr
     run = last_run(env)

@@ -145,6 +145,48 @@ def test_full_diff_and_restore_at_each_point(vol_env: Env, docker_engine: Any,
     assert "2 of 2 artifacts verified" in verify.stdout
 
 
+def runs_details(env: Env) -> list[dict[str, Any]]:
+    with Store(env.state_dir) as history:
+        return [run.details or {} for run in reversed(history.runs(limit=100))]
+
+
+EXEC = {"TOYBOX_BACKUPD_TRANSPORT": "exec"}  # the fallback: the data over the docker exec stream
+
+
+def test_the_fifo_and_the_exec_stream_make_the_same_archives(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    """The data path around dockerd (a FIFO in a directory the helper mounts) and its fallback
+    (the exec stream) write the same bytes, and restore the same tree."""
+    env = vol_env
+    volume = make_volume(TREE + "head -c 5000000 /dev/urandom > uploads/big.bin\n"
+                         "seq 1 400000 > docs/numbers.txt\n")
+    env.values["BACKUP_VOLUMES"] = volume
+    run_ok(env, "backup", "full")
+    run_ok(env, "backup", "full", **EXEC)
+    fill_volume(docker_engine, volume, CHANGES)
+    run_ok(env, "backup", "diff")
+    run_ok(env, "backup", "diff", **EXEC)
+    expected = state(docker_engine, volume)
+    transports = [d["volumes"][volume]["transport"] for d in runs_details(env)]
+    assert transports == ["fifo", "exec", "fifo", "exec"]
+    steps = runs_details(env)[0]["volumes"][volume]["seconds"]
+    assert set(steps) == {"helper", "stop", "scan", "select", "tar", "release", "commit"}
+    fulls, diffs = catalog(env, "full"), catalog(env, "diff")
+    assert len(fulls) == len(diffs) == 2 and fulls[0].size > 5_000_000  # more than a pipe holds
+    for pair in (fulls, diffs):
+        fifo_made, exec_made = ((env.backup_dir / item.path).read_bytes() for item in pair)
+        assert fifo_made == exec_made and pair[0].sha256 == pair[1].sha256
+    # both restore the tree the same way (the differential's chain: full, deleted, diff)
+    for way, extra in (("fifo", {}), ("exec", EXEC)):
+        other = unique("tbt-vol")
+        try:
+            result = run_ok(env, "restore", "volume", volume, "--to", other, **extra)
+            assert ("docker exec stream" in result.stderr) == (way == "exec"), result.stderr
+            assert state(docker_engine, other) == expected
+        finally:
+            docker_engine.volumes.get(other).remove(force=True)
+
+
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
 def test_archives_restore_by_hand_with_gnu_tar(vol_env: Env, docker_engine: Any,
                                                make_volume: Callable[..., str], tmp_path: Path,
@@ -473,6 +515,30 @@ def test_corrupt_archive_is_refused(vol_env: Env, docker_engine: Any,
     assert state(docker_engine, volume) == before  # untouched
     verify = env.cli("verify")
     assert verify.returncode != 0 and "CORRUPT" in verify.stdout
+
+
+def test_a_checksum_mismatch_found_at_the_end_changes_nothing(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    """The sha256 is checked while the archive streams, not in a pass before: a damaged byte
+    that tar does not notice (an uncompressed archive, inside a file's content) is found at the
+    end, and the restore stops before the swap: the volume keeps what it held."""
+    env = vol_env
+    volume = make_volume(TREE + "head -c 3000000 /dev/urandom > uploads/big.bin\n")
+    env.values.update(BACKUP_VOLUMES=volume, VOLUME_COMPRESSION="none")
+    run_ok(env, "backup", "full")
+    fill_volume(docker_engine, volume, CHANGES)
+    before = state(docker_engine, volume)
+    [full] = catalog(env, "full")
+    path = env.backup_dir / full.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55  # inside big.bin's content
+    path.write_bytes(bytes(data))
+    result = env.cli("restore", "volume", volume, "--yes")
+    assert result.returncode != 0 and "is corrupt" in result.stderr, result.stderr
+    assert "old contents are in place again" in result.stderr
+    assert state(docker_engine, volume) == before
+    leftovers = fill_volume(docker_engine, volume, "ls -A")
+    assert ".toybox-restore-" not in leftovers
 
 
 def test_missing_volume_is_a_clear_failure(vol_env: Env) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import zstandard
 
@@ -55,14 +56,48 @@ def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
 def decompressed(path: Path, kind: str) -> Iterator[bytes]:
     """Chunks of the decompressed contents of `path`."""
     with open(path, "rb") as raw:
-        if kind == "zstd":
-            reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
-        elif kind == "gzip":
-            reader = gzip.GzipFile(fileobj=raw, mode="rb")
-        else:
-            reader = raw
-        while chunk := reader.read(CHUNK):
-            yield chunk
+        yield from decompressed_from(raw, kind)
+
+
+def decompressed_from(raw: IO[bytes] | HashingReader, kind: str) -> Iterator[bytes]:
+    """Chunks of the decompressed contents of the open file `raw`."""
+    if kind == "zstd":
+        reader: Any = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
+    elif kind == "gzip":
+        reader = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    else:
+        reader = raw
+    while chunk := reader.read(CHUNK):
+        yield chunk
+
+
+class HashingReader:
+    """A file read through once while its sha256 is computed (a checksum checked while a
+    restore streams, instead of in a pass before it)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close() / the with block
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._digest.update(data)
+        return data
+
+    def sha256(self) -> str:
+        """The file's sha256, once whatever was not read yet is read too."""
+        while self.read(CHUNK):
+            pass
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> HashingReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def kind_of(path: Path) -> str:

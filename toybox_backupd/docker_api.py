@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -157,6 +158,34 @@ def own_container() -> Container | None:
         except (NotFound, APIError, DockerError):
             continue
     return None
+
+
+def mountable(local: Path) -> tuple[str, str] | None:
+    """How a container of this engine can mount the local directory `local`, if it can.
+
+    (source, subpath): a helper mounts `source` (a volume name or a host path) and finds
+    `local` at `subpath` below it. Inside a container: through the mount of ours that holds
+    `local` (a named volume, or a bind mount's host path); on a host talking to a local engine
+    (unix socket): the path itself. None otherwise (a tmpfs, a remote engine). The engine may
+    still see another file system (Docker Desktop's VM): callers check that a helper sees it.
+    """
+    me = own_container()
+    if me is None:
+        local_engine = str(client().api.base_url).startswith("http+docker://local")
+        return (str(local), "") if local_engine else None
+    best: dict[str, Any] | None = None
+    for mount in me.attrs.get("Mounts") or []:
+        where = Path(mount.get("Destination") or "/nowhere")
+        if local.is_relative_to(where) and (
+                best is None or len(where.parts) > len(Path(best["Destination"]).parts)):
+            best = mount
+    if best is None or best.get("Type") not in ("volume", "bind"):
+        return None
+    inner = str(local.relative_to(best["Destination"]))
+    inner = "" if inner == "." else inner
+    if best["Type"] == "bind":
+        return str(Path(best["Source"]) / inner), ""
+    return str(best["Name"]), inner
 
 
 def own_compose_project() -> str | None:

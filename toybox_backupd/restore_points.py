@@ -101,15 +101,31 @@ def check_file(backup_dir: Path, item: Artifact) -> Path:
         raise CatalogError(f"{path} is missing from the backup directory")
     actual = sha256_of(path)
     if actual != item.sha256:
-        raise CatalogError(
-            f"{path} is corrupt: its sha256 is {actual[:16]}…, the catalog says "
-            f"{item.sha256[:16]}…; refusing to restore from it (pick another with --at)")
+        raise corrupt(path, actual, item.sha256)
     return path
 
 
-def local_copy(settings: Settings, store: Store, item: Artifact, say: Say = silent) -> Path:
+def corrupt(path: Path, actual: str, expected: str) -> CatalogError:
+    """The error for a file whose sha256 is not the catalog's."""
+    return CatalogError(
+        f"{path} is corrupt: its sha256 is {actual[:16]}…, the catalog says "
+        f"{expected[:16]}…; refusing to restore from it (pick another with --at)")
+
+
+def local_copy(settings: Settings, store: Store, item: Artifact, say: Say = silent,
+               streamed: bool = False) -> Path:
     """The restore point's checked local file; fetched from off-site first when it is missing
-    or corrupt here and has a good off-site copy. Raises CatalogError otherwise."""
+    or corrupt here and has a good off-site copy. Raises CatalogError otherwise.
+
+    `streamed`: the caller checks the sha256 itself as it reads the file (and fails before it
+    changes anything on a mismatch), so a local file of the right size is not read in a pass
+    before, unless a good off-site copy could stand in for a corrupt one.
+    """
+    path = settings.backup_dir / item.path
+    if streamed and _size(path) == item.size:
+        copy = store.offsite_copy(item.id)
+        if copy is None or copy.status != "ok":
+            return path
     try:
         return check_file(settings.backup_dir, item)
     except CatalogError as exc:
@@ -118,3 +134,10 @@ def local_copy(settings: Settings, store: Store, item: Artifact, say: Say = sile
             raise
         say(f"{exc}; it has an off-site copy")
     return fetch.bring_back(settings, store, item, say)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

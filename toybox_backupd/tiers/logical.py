@@ -158,7 +158,7 @@ def _dump_to(ctx: RunContext, tools: PgTools, tool: str, args: list[str], batch:
                     ctx.check()
                     if len(head) < 64:
                         head += chunk[:64]
-                    tail = (tail + chunk)[-4096:]
+                    tail = (tail + chunk[-4096:])[-4096:]  # not a copy of every chunk
                     raw += len(chunk)
                     sink.write(chunk)
             ctx.check()

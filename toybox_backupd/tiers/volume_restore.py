@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import docker_api
+from ..atomic import sha256_of
 from ..basics import Confirm, JobError, Say, ToyboxError, describe_unexpected, local_time, silent
-from ..compression import decompressed, kind_of
-from ..restore_points import chain_for, local_copy
+from ..compression import HashingReader, decompressed_from, kind_of
+from ..restore_points import chain_for, corrupt, local_copy
 from ..settings import Settings
 from ..store import Artifact, Store
-from . import volume_swap
-from .volume_swap import FORWARD, MOUNT, NoRoom, new_dir, run_step
+from . import transfer, volume_swap
+from .volume_swap import FORWARD, MOUNT, NoRoom, new_dir, run_step, run_step_fifo
 
 TAR_EXTRACT = [
-    "tar", "--extract", "--file=-", "--numeric-owner", "--same-owner", "--same-permissions",
+    "tar", "--extract", "--numeric-owner", "--same-owner", "--same-permissions",
     "--xattrs", "--xattrs-include=*",
 ]
 
@@ -60,7 +61,7 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
     with Store(settings.state_dir) as store:
         chain = chain_for(store, name, at)
         deleted = store.deleted_paths(chain[-1].id) if len(chain) > 1 else []
-        files = [local_copy(settings, store, item, say) for item in chain]
+        files = [local_copy(settings, store, item, say, streamed=True) for item in chain]
     when = local_time(chain[-1].created_at, settings.zone)
     # asked before the lock is taken: an unanswered prompt never holds up a backup
     running = _check_target(target, name, when, confirm, stop_containers)
@@ -120,20 +121,40 @@ def _stop_and_restore(settings: Settings, plan: Plan) -> None:
         owner = store.instance_id()
     image = docker_api.helper_image(settings.helper_image)
     lifetime = settings.restore_time_limit_min * 60 + 60
-    with docker_api.helper(image, {plan.target: (MOUNT, "rw")}, "restore", owner,
-                           lifetime=lifetime) as helper:
+    with transfer.fifo(settings.state_dir, helper_writes=False) as channel, docker_api.helper(
+            image, {plan.target: (MOUNT, "rw"), **transfer.mounts(channel)}, "restore", owner,
+            lifetime=lifetime) as helper:
+        channel = transfer.seen_by(channel, helper)
         volume_swap.prepare(helper, plan.staging)
-        _extract(helper, plan.files[0], plan.chain[0], plan.staging)
+        _extract(helper, channel, plan.files[0], plan.chain[0], plan.staging)
         if len(plan.chain) > 1:
             _delete_paths(helper, plan.deleted, plan.staging)
-            _extract(helper, plan.files[1], plan.chain[1], plan.staging)
+            _extract(helper, channel, plan.files[1], plan.chain[1], plan.staging)
         volume_swap.swap(helper, plan.staging)
 
 
-def _extract(helper: Any, path: Path, item: Artifact, staging: str) -> None:
+def _extract(helper: Any, channel: transfer.Fifo | None, path: Path, item: Artifact,
+             staging: str) -> None:
+    """Extract one archive into the staging tree, decompressed here as tar extracts it there,
+    its sha256 checked as it is read: a mismatch fails the restore before anything is swapped
+    in (restore_volume asks local_copy not to read the archive once more before)."""
     kind = item.extra.get("compression") or kind_of(path)
-    run_step(helper, [*TAR_EXTRACT, "--directory=" + new_dir(staging)], f"extracting {path.name}",
-             decompressed(path, kind))
+    source = channel.inside if channel is not None else "-"
+    cmd = [*TAR_EXTRACT, "--file=" + source, "--directory=" + new_dir(staging)]
+    what = f"extracting {path.name}"
+    with HashingReader(path) as raw:
+        try:
+            if channel is not None:
+                run_step_fifo(helper, channel, cmd, what, decompressed_from(raw, kind))
+            else:
+                run_step(helper, cmd, what, decompressed_from(raw, kind))
+        except Exception:
+            if sha256_of(path) != item.sha256:  # a read of its own: `raw` may be half read
+                raise corrupt(path, sha256_of(path), item.sha256) from None
+            raise
+        actual = raw.sha256()
+    if actual != item.sha256:
+        raise corrupt(path, actual, item.sha256)
 
 
 def _delete_paths(helper: Any, paths: list[str], staging: str) -> None:

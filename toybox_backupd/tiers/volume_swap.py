@@ -32,6 +32,7 @@ from ..logs import get
 from ..pgtools import tool_error
 from ..settings import Settings
 from ..store import Store
+from . import transfer
 
 log = get("toybox_backupd.volumes")
 MOUNT = "/vol"
@@ -130,11 +131,31 @@ def run_step(helper: Any, cmd: list[str], what: str, stdin: Iterator[bytes] | No
     if stdin is not None:
         proc.feed(stdin)
     out = b"".join(proc.stdout())
-    result = proc.wait(timeout=3600)
+    _step_failed(cmd, what, proc.wait(timeout=3600))
+    return out.decode("utf-8", "replace")
+
+
+def run_step_fifo(helper: Any, channel: transfer.Fifo, cmd: list[str], what: str,
+                  data: Iterator[bytes]) -> None:
+    """Run one command of a restore that reads `data` from the FIFO `channel` (named in
+    `cmd`); JobError (NoRoom if full) unless it took all of it and succeeded."""
+    waiter = transfer.Waiter(docker_api.Exec(helper, cmd))
+    try:
+        taken = transfer.send(channel, data, waiter.done)
+    except BaseException:
+        waiter.proc.kill()  # it read a part of the data: it must not go on as if that were all
+        raise
+    result = waiter.result()
+    _step_failed(cmd, what, result)
+    if not taken:
+        raise JobError(f"{what}: {cmd[0]} in the helper container did not take all of its "
+                       f"input; it exited with status {result.exit_code}")
+
+
+def _step_failed(cmd: list[str], what: str, result: docker_api.ExecResult) -> None:
     if result.exit_code != 0:
         error = NoRoom if NO_ROOM in result.stderr else JobError
         raise error(f"{what}: " + tool_error(cmd[0], result, "the helper container"))
-    return out.decode("utf-8", "replace")
 
 
 def prepare(helper: Any, staging: str) -> None:

@@ -42,6 +42,7 @@ from ..pgtools import tool_error
 from ..restore_points import check_file
 from ..settings import Settings
 from ..store import Artifact
+from . import transfer
 from .file_restore import restore_files
 from .volume_restore import restore_volume
 from .volume_swap import MOUNT
@@ -57,10 +58,12 @@ FIND_LIST = ["find", MOUNT, "-ignore_readdir_race", "-path", f"{MOUNT}/{STAGING_
              "-prune", "-o", "-printf", FIND_FORMAT]
 FIND_VANISHED = re.compile(r"^find: '(.*)': No such file or directory$")
 FIELDS = 10
+# the pax headers' names without tar's pid (`%d/PaxHeaders.%p/%f` by default): the same
+# volume gives the same archive, byte for byte, whatever ran in the helper before
 TAR_CREATE = [
-    "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--no-recursion",
-    "--ignore-failed-read", "--pax-option=delete=atime", "--xattrs", "--directory=" + MOUNT,
-    "--null", "--verbatim-files-from", "--files-from=-",
+    "tar", "--create", "--format=posix", "--numeric-owner", "--no-recursion",
+    "--ignore-failed-read", "--pax-option=delete=atime,exthdr.name=%d/PaxHeaders/%f", "--xattrs",
+    "--directory=" + MOUNT, "--null", "--verbatim-files-from", "--files-from=-",
 ]
 
 
@@ -72,6 +75,21 @@ class Archived:
     size: int
     downtime: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    steps: dict[str, Any] = field(default_factory=dict)
+
+
+class Steps:
+    """Seconds spent in each step of a volume's archive (the run's details show them)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def lap(self, step: str) -> None:
+        """The time since the previous lap goes to `step`."""
+        now = time.monotonic()
+        self.seconds[step] = round(self.seconds.get(step, 0.0) + now - self._since, 3)
+        self._since = now
 
 
 def backup(ctx: RunContext) -> TierResult:
@@ -89,6 +107,7 @@ def backup(ctx: RunContext) -> TierResult:
     downtime: dict[str, float] = {}
     warnings: list[str] = []
     errors: list[str] = []
+    steps: dict[str, Any] = {}
     for volume in ctx.targets:
         ctx.check()
         try:
@@ -107,11 +126,13 @@ def backup(ctx: RunContext) -> TierResult:
         for name, seconds in archived.downtime.items():
             downtime[name] = downtime.get(name, 0.0) + seconds
         warnings += [f"{volume}: {w}" for w in archived.warnings]
+        steps[volume] = archived.steps
     result.details = {
         "downtime": {k: round(v, 2) for k, v in downtime.items()},
         "downtime_seconds": round(sum(downtime.values()), 2),
         "warnings": warnings[:200],
         "warnings_total": len(warnings),
+        "volumes": steps,
     }
     ctx.note(**result.details)
     if errors:
@@ -123,30 +144,48 @@ def backup(ctx: RunContext) -> TierResult:
 def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
     """Archive one volume (a full, or a differential against its newest full)."""
     settings, store = ctx.settings, ctx.store
+    steps = Steps()
     kind, base, notes = _base_for(ctx, volume, kind)
     created = utcnow()
     path = _new_path(settings, volume, kind, created)
-    image = docker_api.helper_image(settings.helper_image)
     store.scan_reset()
     with Batch() as batch:  # the archive, its index, its manifest and its rows, or none of them
         out = batch.open(path)
         with ExitStack() as stack:
-            helper = stack.enter_context(docker_api.helper(
-                image, {volume: (MOUNT, "ro")}, "backup", store.instance_id(),
-                lifetime=ctx.job.time_limit_seconds(settings) + 60))
-            stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
+            helper, channel = _helper(ctx, stack, volume)
+            steps.lap("helper")
             with stopped_for(ctx, volume) as downtime:
+                steps.lap("stop")
                 listing_warnings = _list_volume(ctx, helper, volume)
+                steps.lap("scan")
                 deleted = store.scan_select_changed(base.id) if base else []
                 if base is None:
                     store.scan_select_all()
-                tar_warnings = _tar(ctx, helper, out)
+                steps.lap("select")
+                tar_warnings = _tar(ctx, helper, out, channel)
+                steps.lap("tar")
+        steps.lap("release")  # the stopped containers started again, the helper removed
         archived = Archived(str(path.relative_to(settings.backup_dir)), out.size, downtime,
                             notes + listing_warnings + tar_warnings)
         vanished = store.scan_take_vanished()
         archived.warnings += [f"vanished while read: {p}" for p in vanished[:100]]
         _catalog(ctx, batch, path, out, volume, kind, created, base, deleted, archived)
+        steps.lap("commit")  # index, manifest, fsync, rename, catalog rows
+    archived.steps = {"transport": "fifo" if channel else "exec", "seconds": steps.seconds}
     return archived
+
+
+def _helper(ctx: RunContext, stack: ExitStack, volume: str) -> tuple[Any, transfer.Fifo | None]:
+    """A helper that mounts `volume` read-only, and the FIFO it writes into (None: the exec
+    stream carries the archive), both removed when `stack` closes."""
+    settings = ctx.settings
+    image = docker_api.helper_image(settings.helper_image)
+    channel = stack.enter_context(transfer.fifo(settings.state_dir, helper_writes=True))
+    helper = stack.enter_context(docker_api.helper(
+        image, {volume: (MOUNT, "ro"), **transfer.mounts(channel)}, "backup",
+        ctx.store.instance_id(), lifetime=ctx.job.time_limit_seconds(settings) + 60))
+    stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
+    return helper, transfer.seen_by(channel, helper)
 
 
 def _base_for(ctx: RunContext, volume: str, kind: str) -> tuple[str, Artifact | None, list[str]]:
@@ -287,31 +326,43 @@ def _scan_row(fields: list[bytes]) -> tuple[Any, ...]:
             int(uid), int(gid), link if kind == "l" else None)
 
 
-def _tar(ctx: RunContext, helper: Any, out: AtomicFile) -> list[str]:
-    """Archive the selected paths into `out` (committed later, with its companions); return
-    tar's warnings."""
+def _tar(ctx: RunContext, helper: Any, out: AtomicFile, channel: transfer.Fifo | None
+         ) -> list[str]:
+    """Archive the selected paths into `out` (committed later, with its companions), through
+    the FIFO `channel` or else the exec stream; return tar's warnings."""
     settings, store = ctx.settings, ctx.store
     with tempfile.TemporaryFile(dir=settings.state_dir) as names:
         for name in store.scan_selected_names():
             names.write(name.encode("utf-8", "surrogateescape") + b"\0")
         names.seek(0)
-        proc = docker_api.Exec(helper, TAR_CREATE, stdin=True)
+        target = channel.inside if channel is not None else "-"
+        proc = docker_api.Exec(helper, [*TAR_CREATE, "--file=" + target], stdin=True)
         proc.feed(iter(lambda: names.read(CHUNK), b""))
+        waiter = transfer.Waiter(proc) if channel is not None else None
+        chunks = (transfer.chunks_from(channel, waiter.done) if channel and waiter
+                  else proc.stdout())
         with ctx.on_cancel(proc.close):
             try:
                 with compressor(out, settings.volume_compression,
                                 settings.compression_level()) as sink:
-                    _index_stream(ctx, tarstream.TeeReader(proc.stdout(), sink, ctx.check))
+                    _index_stream(ctx, tarstream.TeeReader(chunks, sink, ctx.check))
             except tarfile.TarError as exc:
                 ctx.check()
+                if waiter is not None and waiter.done.wait(1):  # tar ended: say why, if it can
+                    _tar_failed(waiter.result())
                 raise JobError(f"the tar stream from the helper is cut short or damaged: {exc}; "
                                "nothing was kept") from None
             ctx.check()
-            result = proc.wait()
-    # GNU tar: 0 ok, 1 "some files differ" (changed while read), 2 fatal
+            result = waiter.result() if waiter else proc.wait()
+    _tar_failed(result)
+    return [line.removeprefix("tar: ") for line in result.stderr.splitlines() if line.strip()]
+
+
+def _tar_failed(result: docker_api.ExecResult) -> None:
+    """JobError in tar's words unless it succeeded: GNU tar exits 0 when all is well, 1 when
+    "some files differ" (changed while read), 2 on a fatal error."""
     if result.exit_code not in (0, 1):
         raise JobError(tool_error("tar", result, "the helper container"))
-    return [line.removeprefix("tar: ") for line in result.stderr.splitlines() if line.strip()]
 
 
 def _index_stream(ctx: RunContext, reader: tarstream.TeeReader) -> None:
