@@ -396,3 +396,14 @@ def test_a_staging_dir_left_by_a_killed_restore_is_not_backed_up(
         [full] = store.artifacts(tier="full")
         paths = {row["path"] for row in store.files(full.id)}
     assert "a.txt" in paths and not [p for p in paths if p.startswith(".toybox-restore-")]
+
+
+def test_recovery_removes_the_fifo_directories_a_killed_run_left(plain_env: Env) -> None:
+    settings = plain_env.settings(BACKUP_VOLUMES="")
+    spool = settings.state_dir / "spool"
+    (spool / "fifo-abc123").mkdir(parents=True)
+    os.mkfifo(spool / "fifo-abc123" / "stream")
+    (spool / "not-ours").mkdir()
+    result = recovery.recover(settings)
+    assert result["spool_removed"] == ["fifo-abc123"]
+    assert sorted(p.name for p in spool.iterdir()) == ["not-ours"]

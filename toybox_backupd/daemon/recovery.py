@@ -11,7 +11,7 @@ from ..atomic import remove_partials
 from ..basics import iso, local_time, parse_iso
 from ..settings import Settings
 from ..store import Store
-from ..tiers import volume_swap
+from ..tiers import transfer, volume_swap
 from .keys import STATE_HEARTBEAT
 
 log = logs.get("toybox_backupd.daemon")
@@ -26,7 +26,7 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
     estimates when that happened. Returns what was done:
     {"interrupted": [run ids], "partials_removed": [paths], "restores": [{"volume", "outcome"}],
      "containers_started": [names], "containers_failed": [{"name", "error"}],
-     "helpers_removed": n}.
+     "helpers_removed": n, "spool_removed": [FIFO directories]}.
     """
     result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "restores": [],
                               "containers_started": [], "containers_failed": [],
@@ -41,6 +41,7 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             relative = str(path.relative_to(settings.backup_dir))
             result["partials_removed"].append(relative)
             log.warning("partial file removed", file=relative)
+        result["spool_removed"] = transfer.remove_leftovers(settings.state_dir)
         held = _settle_restores(settings, store, result)
         stopped = [row for row in store.stopped_containers() if row["container_id"] not in held]
         if stopped or settings.backup_volumes:

@@ -181,3 +181,14 @@ def _open_for_writing(path: Path, done: threading.Event) -> int | None:
                 raise
         if done.wait(0.01):
             return None
+
+
+def remove_leftovers(state_dir: Path) -> list[str]:
+    """Remove the FIFO directories a killed run left under `state_dir`/spool (call with the
+    run lock held: then no run uses one); their names."""
+    root = state_dir / "spool"
+    gone = []
+    for directory in sorted(root.glob("fifo-*")) if root.is_dir() else []:
+        shutil.rmtree(directory, ignore_errors=True)
+        gone.append(directory.name)
+    return gone
