@@ -19,6 +19,7 @@ from typing import Any
 from . import logs
 from .basics import CatalogError, iso, utcnow
 from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
+from .offsite.fetch import download
 from .offsite.target import OffsiteError, Target, open_target
 from .reindex import TOP_TIERS, Reindexed, fields, manifest_problem
 from .settings import Settings
@@ -85,14 +86,8 @@ def _index_rows(settings: Settings, target: Target, objects: list[dict[str, Any]
         return []
     with tempfile.TemporaryDirectory(dir=settings.state_dir) as scratch:
         path = Path(scratch) / "index.jsonl.gz"
-        with target.open(obj["key"]) as stream, open(path, "wb") as out:
-            if obj.get("encrypted"):
-                from .offsite import crypto
-                assert settings.age_identity_file is not None
-                crypto.decrypt(stream, out, settings.age_identity_file)  # type: ignore[arg-type]
-            else:
-                while chunk := stream.read(1024 * 1024):
-                    out.write(chunk)
+        with open(path, "wb") as out:
+            download(settings, target, obj, out)
         return read_index(path)
 
 

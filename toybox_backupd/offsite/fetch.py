@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs
-from ..atomic import AtomicFile, Batch
+from ..atomic import Batch
 from ..basics import CatalogError, Say, silent
 from ..manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
 from ..settings import Settings
@@ -38,7 +38,7 @@ def _copy_for(settings: Settings, store: Store, item: Artifact) -> tuple[Target,
     return target, copy
 
 
-def _download(settings: Settings, target: Target, obj: dict[str, Any], out: AtomicFile) -> None:
+def download(settings: Settings, target: Target, obj: dict[str, Any], out: Any) -> None:
     """Stream one object into `out`, decrypting it if it was encrypted."""
     with target.open(obj["key"]) as stream:
         if obj.get("encrypted"):
@@ -72,7 +72,7 @@ def bring_back(settings: Settings, store: Store, item: Artifact, say: Say = sile
             if obj.get("manifest"):
                 out.write(_manifest_body(target, obj))
                 continue
-            _download(settings, target, obj, out)
+            download(settings, target, obj, out)
             if out.sha256 != obj["source_sha256"]:
                 raise OffsiteError(
                     f"the off-site copy of {obj['source']} ({obj['key']}) does not match the "
