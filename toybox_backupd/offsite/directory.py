@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from ..atomic import fsync_dir
 from ..settings import Settings
 from .base import OffsiteError, Stored
 from .paths import check_key
@@ -35,14 +36,6 @@ def _sha256_of(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirectoryTarget:
@@ -85,7 +78,7 @@ class DirectoryTarget:
             self._mkdirs(path.parent)
             size, sha256 = self._write(temp, source)
             os.replace(temp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             read_size, read_sha256 = _sha256_of(path)
         except OSError as exc:
             raise self._failed(f"writing {key}", exc) from None
@@ -104,7 +97,7 @@ class DirectoryTarget:
             directory = directory.parent
         for path in reversed(missing):
             path.mkdir(mode=0o700)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     @staticmethod
     def _write(temp: Path, source: BinaryIO) -> tuple[int, str]:
