@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, docker_api, tarstream
-from ..atomic import CHUNK, AtomicFile, Batch
+from ..atomic import CHUNK, AtomicFile, Batch, write_behind
 from ..basics import (
     Cancelled,
     CatalogError,
@@ -343,8 +343,8 @@ def _tar(ctx: RunContext, helper: Any, out: AtomicFile, channel: transfer.Fifo |
                   else proc.stdout())
         with ctx.on_cancel(proc.close):
             try:
-                with compressor(out, settings.volume_compression,
-                                settings.compression_level()) as sink:
+                with write_behind(out) as behind, compressor(
+                        behind, settings.volume_compression, settings.compression_level()) as sink:
                     _index_stream(ctx, tarstream.TeeReader(chunks, sink, ctx.check))
             except tarfile.TarError as exc:
                 ctx.check()
