@@ -353,6 +353,18 @@ class ExecResult:
     stderr: str
 
 
+def tool_error(tool: str, result: ExecResult, where: str) -> str:
+    """A failed tool's exit status and the tail of its stderr, in one line."""
+    tail = result.stderr.strip().splitlines()[-6:]
+    detail = "; ".join(line.strip() for line in tail if line.strip()) or "no message"
+    if result.exit_code == -1:
+        return f"{tool} in {where}: its exit status could not be read ({detail})"
+    if result.exit_code >= 128:
+        return (f"{tool} in {where} was killed (signal {result.exit_code - 128}, exit status "
+                f"{result.exit_code}): {detail}")
+    return f"{tool} in {where} failed with exit status {result.exit_code}: {detail}"
+
+
 @dataclass
 class Exec:
     """A command running in a container; iterate `stdout()`, then `wait()`.

@@ -38,7 +38,6 @@ from ..basics import (
 )
 from ..compression import EXTENSIONS, compressor, decompressed, kind_of
 from ..manifests import TOOL, write_index, write_manifest
-from ..pgtools import tool_error
 from ..restore_points import check_file
 from ..settings import Settings
 from ..store import Artifact
@@ -301,7 +300,7 @@ def _list_volume(ctx: RunContext, helper: Any, volume: str) -> list[str]:
         result = proc.wait()
     vanished = _vanished(result.stderr) if result.exit_code == 1 else None
     if result.exit_code != 0 and vanished is None:
-        raise JobError(tool_error("find", result, f"the helper container for {volume}"))
+        raise JobError(docker_api.tool_error("find", result, f"the helper container for {volume}"))
     return [f"vanished while listed: {path}" for path in vanished or []]
 
 
@@ -362,7 +361,7 @@ def _tar_failed(result: docker_api.ExecResult) -> None:
     """JobError in tar's words unless it succeeded: GNU tar exits 0 when all is well, 1 when
     "some files differ" (changed while read), 2 on a fatal error."""
     if result.exit_code not in (0, 1):
-        raise JobError(tool_error("tar", result, "the helper container"))
+        raise JobError(docker_api.tool_error("tar", result, "the helper container"))
 
 
 def _index_stream(ctx: RunContext, reader: tarstream.TeeReader) -> None:
