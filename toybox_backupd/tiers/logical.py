@@ -7,6 +7,7 @@ import gzip
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -74,11 +75,19 @@ def backup(ctx: RunContext) -> TierResult:
     path = directory / (stem + (".dump" if custom else ".sql.gz"))
     ctx.log.info("dumping database", database=dbname, server=server_version, where=tools.where,
                  file=str(path))
-    with Batch() as batch:  # the dump, its roles, its manifest and its row, or none of them
-        size, digest = _dump_to(ctx, tools, "pg_dump", ["-Fc" if custom else "-Fp", "-d", dbname],
-                                batch, path, gzip_it=not custom,
-                                check=_check_custom if custom else _check_plain)
-        globals_info = _dump_globals(ctx, tools, batch, directory / f"{stem}.globals.sql.gz")
+    with Batch() as batch, ThreadPoolExecutor(1, "pg_dumpall") as pool:
+        # the dump, its roles, its manifest and its row, or none of them; the roles (a second
+        # docker exec and its start-up) are dumped alongside the database, not after it
+        roles = pool.submit(_dump_globals, ctx, tools, batch,
+                            directory / f"{stem}.globals.sql.gz")
+        try:
+            size, digest = _dump_to(ctx, tools, "pg_dump",
+                                    ["-Fc" if custom else "-Fp", "-d", dbname], batch, path,
+                                    gzip_it=not custom,
+                                    check=_check_custom if custom else _check_plain)
+        finally:
+            wait([roles])  # its file is part of `batch`: never undone while being written
+        globals_info = roles.result()
         extra = {"format": settings.pgdump_format, "server_version": server_version,
                  "database": dbname, "globals": globals_info}
         relative = _rel(settings, path)
