@@ -164,7 +164,9 @@ def test_the_fifo_and_the_exec_stream_make_the_same_archives(
     run_ok(env, "backup", "full")
     run_ok(env, "backup", "full", **EXEC)
     fill_volume(docker_engine, volume, CHANGES)
-    run_ok(env, "backup", "diff")
+    verbose = run_ok(env, "backup", "diff", "--verbose").stdout
+    assert re.search(r"^  helper container: start \d+\.\d\d s, remove \d+\.\d\d s$", verbose, re.M)
+    assert re.search(rf"^  {volume} \(fifo\): stop .*, scan .*, tar .*, fsync .*$", verbose, re.M)
     run_ok(env, "backup", "diff", **EXEC)
     expected = state(docker_engine, volume)
     transports = [d["volumes"][volume]["transport"] for d in runs_details(env)]

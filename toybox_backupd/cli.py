@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from . import __version__, jobs, logs, redact
 from .atomic import use_file_mode
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
     p.add_argument("--volume", action="append", metavar="NAME",
                    help="only this volume (full/diff; repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print where the time went (helper, scan, tar, fsync, ...)")
 
     p = sub.add_parser("list", help="restore points of every tier")
     p.add_argument("--json", action="store_true")
@@ -159,11 +162,24 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     with Store(settings.state_dir) as store:
         run = store.run(run_id)
     assert run is not None
+    if args.verbose:
+        _print_steps(run.details or {})
     if run.status == "ok":
         print(f"run {run_id}: ok, {run.artifact}")
         return EXIT_OK
     print(f"run {run_id}: {run.status}: {run.error}", file=sys.stderr)
     return EXIT_FAIL
+
+
+def _print_steps(details: dict[str, Any]) -> None:
+    """The seconds each step of a run took, as its details recorded them (`backup -v`)."""
+    def line(steps: dict[str, float]) -> str:
+        return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in steps.items())
+
+    if "helper" in details:
+        print(f"  helper container: {line(details['helper']['seconds'])}")
+    for volume, steps in details.get("volumes", {}).items():
+        print(f"  {volume} ({steps['transport']}): {line(steps['seconds'])}")
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
