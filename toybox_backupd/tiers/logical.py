@@ -244,10 +244,11 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     say(f"using {item.path} ({request.when}, {human(item.size)}, sha256 ok)")
     if tables:
         names = _resolve_tables(request, list(tables))
-        _ask(request, confirm, f"This replaces table(s) {', '.join(n for n, _ in names)} in")
+        shown = ", ".join(n for n, _, _ in names)
+        _ask(request, confirm, f"This replaces table(s) {shown} in")
         with hold():
-            _restore_tables(request, [pattern for _, pattern in names])
-        say(f"restored {', '.join(n for n, _ in names)} into {request.target}")
+            _restore_tables(request, names)
+        say(f"restored {shown} into {request.target}")
     elif into:
         if database.database_exists(settings, into):
             raise JobError(f"database {into!r} already exists; --into needs a new name")
@@ -334,19 +335,26 @@ def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str) -> Non
         raise JobError(tool_error(tool, result, where))
 
 
-def _load(request: _Restore, dbname: str) -> None:
+def _load(request: _Restore, dbname: str, toc: bytes | None = None) -> None:
+    """The dump into `dbname`: all of it, or the entries of `toc` (a pg_restore -L list)."""
     tools = request.tools
     if request.fmt == "plain":
         proc = tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dbname],
                            stdin=True)
         _run_into(proc, request.chunks(), "psql", tools.where)
-    else:
-        proc = tools.start("pg_restore", ["--exit-on-error", "-d", dbname], stdin=True)
+        return
+    with tools.temp_file(toc) if toc is not None else nullcontext(None) as listed:
+        listing = ["-L", listed] if listed else []
+        proc = tools.start("pg_restore", ["--exit-on-error", *listing, "-d", dbname],
+                           stdin=True)
         _run_into(proc, request.chunks(), "pg_restore", tools.where)
 
 
-def _resolve_tables(request: _Restore, wanted: list[str]) -> list[tuple[str, str]]:
-    """[(schema.table, exact pg_dump -t pattern)] for the names asked for.
+Table = tuple[str, str, tuple[str, str]]  # schema.table, its exact pg_dump -t pattern, (schema, table)
+
+
+def _resolve_tables(request: _Restore, wanted: list[str]) -> list[Table]:
+    """[(schema.table, exact pg_dump -t pattern, (schema, table))] for the names asked for.
 
     A name is a table of the dump, exactly: `orders` (in whichever schema has it, if only one
     does) or `schema.orders`. Raises JobError naming the close names for one that is not.
@@ -362,12 +370,12 @@ def _resolve_tables(request: _Restore, wanted: list[str]) -> list[tuple[str, str
     return [_match_table(name, known) for name in wanted]
 
 
-def _match_table(name: str, known: list[tuple[str, str]]) -> tuple[str, str]:
+def _match_table(name: str, known: list[tuple[str, str]]) -> Table:
     schema, _, table = name.rpartition(".")
     found = [(s, t) for s, t in known if t == table and (not schema or s == schema)]
     if len(found) == 1:
         s, t = found[0]
-        return f"{s}.{t}", f"{quote_ident(s)}.{quote_ident(t)}"
+        return f"{s}.{t}", f"{quote_ident(s)}.{quote_ident(t)}", (s, t)
     if found:
         raise JobError(f"--table {name}: more than one table has that name; name one of "
                        f"{', '.join(f'{s}.{t}' for s, t in found)}")
@@ -379,24 +387,66 @@ def _match_table(name: str, known: list[tuple[str, str]]) -> tuple[str, str]:
                    f"patterns){hint}")
 
 
-def _restore_tables(request: _Restore, patterns: list[str]) -> None:
-    """Restore the whole dump into a scratch database, then move just these tables over.
+def _restore_tables(request: _Restore, names: list[Table]) -> None:
+    """Restore the dump into a scratch database, then move just these tables over.
 
     pg_dump -t brings each table's indexes, constraints, triggers and sequences with it, which
-    pg_restore -t alone would leave out. The move is one transaction per restore: on any error
-    the target keeps its tables as they were.
+    pg_restore -t alone would leave out. The scratch database gets the whole schema but only
+    the data these tables need (see `_scratch_toc`). The move is one transaction per restore:
+    on any error the target keeps its tables as they were.
     """
     scratch = f"{request.target}__tables_{secrets.token_hex(3)}"
     try:
         database.create(request.settings, scratch, like=request.target)
-        _load(request, scratch)
-        _move_tables(request.tools, scratch, patterns, request.target)
+        _load(request, scratch, _scratch_toc(request, [table for _, _, table in names]))
+        _move_tables(request.tools, scratch, [pattern for _, pattern, _ in names],
+                     request.target)
     except BaseException:
         # a pg_restore cut off here (time limit, Ctrl-C) must not commit later on its own
         database.end_sessions(request.settings, [request.target])
         raise
     finally:
         database.drop_quietly(request.settings, scratch)
+
+
+TOC_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA ")
+TOC_FOREIGN_KEY = re.compile(r"^\d+; \d+ \d+ FK CONSTRAINT ")
+NAME = r'(?:"(?:[^"]|"")*"|[^\s(".]+)'  # an identifier as pg_dump writes it, quoted if need be
+REFERENCES = re.compile(rf"\bREFERENCES ({NAME}\.{NAME})\(")
+IDENTIFIER = re.compile(r'"((?:[^"]|"")*)"|([^".]+)')
+
+
+def _scratch_toc(request: _Restore, tables: list[tuple[str, str]]) -> bytes | None:
+    """The dump's table of contents for a table restore's scratch database: every entry but
+    the rows of other tables (those its foreign keys reference excepted) and other tables'
+    foreign keys (their referenced rows are not there). None (load it all) when an entry of
+    these tables cannot be told apart for sure: slower, never wrong."""
+    tools = request.tools
+    lines = tools.output("pg_restore", ["-l"], request.chunks()).splitlines()
+    ours = [line for line in lines if TOC_FOREIGN_KEY.match(line)
+            and any(f" FK CONSTRAINT {s} {t} " in line for s, t in tables)]
+    keep = set(tables)
+    if ours:
+        with tools.temp_file("\n".join(ours).encode("utf-8", "surrogateescape")) as listed:
+            sql = tools.output("pg_restore", ["-L", listed, "-f", "-"], request.chunks())
+        referenced = REFERENCES.findall(sql)
+        if len(referenced) != len(ours):
+            return None
+        keep |= {_split_name(name) for name in referenced}
+    marks = [f" TABLE DATA {s} {t} " for s, t in keep]
+    toc = [line for line in lines
+           if not (TOC_DATA.match(line) and not any(mark in line for mark in marks))
+           and not (TOC_FOREIGN_KEY.match(line) and line not in ours)]
+    if not all(any(mark in line for line in toc) for mark in marks):
+        return None  # e.g. a partitioned table: its rows are in its partitions' entries
+    return "\n".join(toc).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def _split_name(qualified: str) -> tuple[str, str]:
+    """(schema, table) of pg_dump's `schema.table`, each part quoted only where it must be."""
+    schema, table = (quoted.replace('""', '"') if quoted else plain
+                     for quoted, plain in IDENTIFIER.findall(qualified))
+    return schema, table
 
 
 def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str) -> None:
