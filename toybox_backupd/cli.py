@@ -14,7 +14,7 @@ from datetime import datetime
 from . import __version__, jobs, logs, redact
 from .atomic import use_file_mode
 from .basics import TimeLimitReached, ToyboxError, describe_unexpected, human, local_time
-from .settings import Settings, SettingsError, load
+from .settings import Settings, SettingsError, load, where
 from .store import Store
 
 # Each command imports what it needs when it runs: `healthcheck` and `--help` stay fast
@@ -102,8 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load(args.env_file, strict=strict)
     except SettingsError as exc:
+        if args.command == "run":  # stay up and say so: a restart loop would tell nobody
+            from .daemon import unusable
+
+            fallback = exc.fallback
+            logs.setup(fallback.log_format if fallback else "console", "INFO")
+            return unusable.wait(exc.problems, fallback, where(args.env_file))
         logs.setup("console", "INFO")
-        print(f"toybox-backupd: the settings are not usable ({args.env_file} and the environment):",
+        print(f"toybox-backupd: the settings are not usable ({where(args.env_file)}):",
               file=sys.stderr)
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
@@ -143,7 +149,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """`run`: the daemon, until SIGTERM/SIGINT."""
     from .daemon import loop
 
-    return loop.run(settings)
+    return loop.run(settings, where(args.env_file))
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
