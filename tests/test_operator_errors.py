@@ -6,6 +6,7 @@ typo, a volume-only setup, and the host's name in emails. Real daemon, engine an
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -73,6 +74,9 @@ def test_schedule_typo_disables_only_that_job_and_says_so(
     text = body(mail)
     assert "PGDUMP_SCHEDULE: '0 25 * * *' is not a valid crontab expression" in text
     assert CHECK_AN_EDIT in text and "the logical job does not run" in text
+    wait_for("the outbox's log line", lambda: "email sent" in daemon.log, 10, lambda: daemon.log)
+    # the outbox job ran (at start): APScheduler's "Running job"/"executed" lines stay out
+    assert "Running job" not in daemon.log and "executed successfully" not in daemon.log
 
     result = plain_env.cli("healthcheck")
     assert result.returncode == 1 and "PGDUMP_SCHEDULE" in result.stdout, result.stdout
@@ -270,3 +274,87 @@ def test_restore_point_table_has_one_aligned_row_per_volume(plain_env: Env) -> N
         assert line[oldest:oldest + 2] == "20" and line[newest:newest + 2] == "20", lines
     assert next(line for line in lines if line.split()[0] == "logical")[oldest] == "-", text
     assert "toybox-prod" in text
+
+
+# 5. logs ---------------------------------------------------------------------------------------------
+def test_apscheduler_chatter_is_dropped_but_job_errors_stay() -> None:
+    import io
+    import logging
+
+    from toybox_backupd import logs
+
+    stream = io.StringIO()
+    logs.setup("json", "INFO", stream=stream)
+    for executor in ("default", "mail", "offsite"):  # one logger per executor
+        chatty = logging.getLogger(f"apscheduler.executors.{executor}")
+        chatty.info('Running job "email outbox" (trigger: interval[0:01:00])')
+        chatty.info('Job "email outbox" executed successfully')
+        chatty.error('Job "email outbox" raised an exception')
+    logging.getLogger("apscheduler.scheduler").info("Added job")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and all("raised an exception" in line for line in lines), lines
+
+
+def run_on_a_tty(env: Env, *args: str, **overrides: str) -> tuple[int, str]:
+    """The real CLI with its stdout and stderr on a pseudo-terminal; (exit code, output)."""
+    import pty
+    import subprocess
+    import sys
+
+    controller, terminal = pty.openpty()
+    environ = {**os.environ, **env.values, **overrides}
+    environ.pop("TOYBOX_ENV_FILE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "toybox_backupd.cli", "--env-file",
+                             str(env.tmp / "none.env"), *args], stdout=terminal, stderr=terminal,
+                            stdin=subprocess.DEVNULL, env=environ, cwd=str(env.tmp))
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return proc.wait(60), b"".join(chunks).decode(errors="replace")
+
+
+def test_manual_commands_reach_the_daemons_log_and_a_tty_gets_console_lines(
+        plain_env: Env, docker_engine: Any) -> None:
+    import json
+
+    mirror = plain_env.tmp / "pid1-stdout"
+    mirror.touch()
+    values = {"LOG_FORMAT": "json", "TOYBOX_LOG_MIRROR": str(mirror),
+              "BACKUP_VOLUMES": "tbt-no-such-volume-i17", "VOLUME_FULL_SCHEDULE": "@weekly"}
+    # not a terminal: JSON on stderr, as the daemon writes
+    result = plain_env.cli("backup", "full", **values)
+    assert result.returncode == 1
+    json.loads(next(line for line in result.stderr.splitlines() if "run started" in line))
+    records = [json.loads(line) for line in mirror.read_text().splitlines()]
+    assert records[0]["event"].startswith("manual command: toybox-backupd --env-file")
+    assert records[0]["event"].endswith("backup full")
+    assert all(record["command"] == "backup" for record in records)
+    events = [record["event"] for record in records]
+    assert "run started" in events and "run finished" in events
+    assert records[-1]["event"] == "manual command finished" and records[-1]["exit_code"] == 1
+
+    # at a terminal: console lines there, JSON still in the daemon's log
+    mirror.write_text("")
+    code, output = run_on_a_tty(plain_env, "backup", "full", **values)
+    assert code == 1
+    started = next(line for line in output.splitlines() if "run started" in line)
+    started = re.sub(r"\x1b\[[0-9;]*m", "", started)  # a terminal gets colours
+    assert not started.lstrip().startswith("{") and "job=full" in started, started
+    assert "run started" in [json.loads(line)["event"] for line in mirror.read_text().splitlines()]
+
+    # a failing command says so in the daemon's log; `list` (changes nothing) is not copied
+    mirror.write_text("")
+    assert plain_env.cli("restore", "volume", "tbt-none-i17", "--yes", **values).returncode == 1
+    last = json.loads(mirror.read_text().splitlines()[-1])
+    assert last["event"] == "manual command failed" and "tbt-none-i17" in last["error"]
+    mirror.write_text("")
+    assert plain_env.cli("list", **values).returncode == 0
+    assert mirror.read_text() == ""

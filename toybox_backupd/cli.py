@@ -114,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(settings.log_format, settings.log_level)
+    _setup_logs(settings, args, argv)
     use_file_mode(settings.backup_file_mode)
     try:
-        return int(COMMANDS[args.command](settings, args) or 0)
+        return _echo_exit(args, int(COMMANDS[args.command](settings, args) or 0))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -127,12 +127,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a clear line, never a traceback with secrets in it
         message = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
         print(f"toybox-backupd: {redact.redact(message)}", file=sys.stderr)
+        logs.echo("manual command failed", error=redact.redact(message))
         return EXIT_FAIL
 
 
+# commands that change things: their lines also go to the daemon's log (docker compose logs)
+ECHOED = ("backup", "restore", "verify", "reindex")
+
+
+def _setup_logs(settings: Settings, args: argparse.Namespace,
+                argv: Sequence[str] | None) -> None:
+    """The daemon logs in LOG_FORMAT; a command at a terminal in console format, and the
+    commands in ECHOED copy their lines to TOYBOX_LOG_MIRROR (the image: PID 1's output)."""
+    daemon = args.command == "run"
+    mirror = (logs.open_mirror(os.environ.get("TOYBOX_LOG_MIRROR"))
+              if args.command in ECHOED else None)
+    logs.setup(settings.log_format if daemon else logs.terminal_format(settings.log_format),
+               settings.log_level, mirror=mirror, mirror_format=settings.log_format)
+    if mirror is not None:
+        logs.bind(command=args.command, pid=os.getpid())
+        words = " ".join(argv if argv is not None else sys.argv[1:])
+        logs.echo(f"manual command: toybox-backupd {redact.redact(words)}")
+
+
+def _echo_exit(args: argparse.Namespace, code: int) -> int:
+    if args.command in ECHOED:
+        logs.echo("manual command finished", exit_code=code)
+    return code
+
+
 def say(line: str) -> None:
-    """Show one line to the operator (the `say` callback of restores)."""
+    """Show one line to the operator (the `say` callback of restores), and log it to the
+    daemon's log when the command copies its lines there."""
     print(line)
+    logs.echo(line)
 
 
 def confirm(question: str) -> bool:

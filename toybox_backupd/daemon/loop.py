@@ -154,7 +154,6 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
-        logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)
         settings = self.settings
         scheduler = BackgroundScheduler(
             jobstores={"default": MemoryJobStore()},
