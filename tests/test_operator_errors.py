@@ -358,3 +358,16 @@ def test_manual_commands_reach_the_daemons_log_and_a_tty_gets_console_lines(
     mirror.write_text("")
     assert plain_env.cli("list", **values).returncode == 0
     assert mirror.read_text() == ""
+
+
+# 6. a table a view depends on: refused, with what to do instead of CASCADE ----------------------
+def test_table_restore_refused_by_a_view_says_not_to_cascade(env: Env, pg: Any) -> None:
+    pg.psql("CREATE VIEW big_orders AS SELECT * FROM orders")
+    assert env.cli("backup", "logical").returncode == 0
+    before = pg.rows("orders")
+    result = env.cli("restore", "db", "--table", "public.orders", "--yes")
+    assert result.returncode == 1
+    assert "depend on it" in result.stderr and "DROP ... CASCADE, would drop them too" in result.stderr
+    assert "--into" in result.stderr
+    assert pg.rows("orders") == before  # nothing changed, the view is still there
+    assert pg.psql("SELECT count(*) FROM pg_views WHERE viewname = 'big_orders'") == "1"

@@ -100,21 +100,25 @@ def terminal_format(log_format: str, stream: Any = None) -> str:
 def open_mirror(path: str | None) -> Any:
     """The stream a manual command copies its log lines to (None: no copy). In the image,
     TOYBOX_LOG_MIRROR=/proc/1/fd/1: the container's own output, which `docker compose logs`
-    shows; not when this process writes there already (it is the daemon)."""
+    shows; not when this process writes there already (the daemon itself, or a command run
+    with `docker compose run`, whose output is the container's)."""
     if not path:
         return None
     try:
         mirror = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - process-long
     except OSError:
         return None
-    try:
-        same = os.path.samestat(os.fstat(mirror.fileno()), os.fstat(sys.stderr.fileno()))
-    except (OSError, ValueError):
-        same = False
-    if same:
+    if any(_same(mirror, ours) for ours in (sys.stdout, sys.stderr)):
         mirror.close()
         return None
     return mirror
+
+
+def _same(one: Any, other: Any) -> bool:
+    try:
+        return os.path.samestat(os.fstat(one.fileno()), os.fstat(other.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 ECHO = "toybox_backupd.echo"

@@ -400,8 +400,12 @@ def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str)
     if dumped.exit_code != 0:
         raise JobError(tool_error("pg_dump", dumped, tools.where).replace(scratch, "the dump"))
     if loaded.exit_code != 0:
-        raise JobError(tool_error("pg_restore", loaded, tools.where)
-                       + "; the target database was left as it was")
+        text = tool_error("pg_restore", loaded, tools.where) + "; the target database was left as it was"
+        if "other objects depend on it" in loaded.stderr:
+            text += (". Views or other tables' foreign keys depend on the table; PostgreSQL's "
+                     "hint, DROP ... CASCADE, would drop them too. Restore with --into a new "
+                     "database and copy the rows from there instead (README: runbook 3)")
+        raise JobError(text)
 
 
 # verify --------------------------------------------------------------------------------------
