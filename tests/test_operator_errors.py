@@ -86,6 +86,7 @@ def test_schedule_typo_disables_only_that_job_and_says_so(
     assert line.startswith("FAIL") and "PGDUMP_SCHEDULE" in line, result.stdout
     result = plain_env.cli("schedule", "--json")
     assert result.returncode == 0 and '"enabled": false' in result.stdout
+    assert "\"problem\": \"PGDUMP_SCHEDULE: '0 25 * * *'" in result.stdout, result.stdout
 
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
@@ -371,3 +372,18 @@ def test_table_restore_refused_by_a_view_says_not_to_cascade(env: Env, pg: Any) 
     assert "--into" in result.stderr
     assert pg.rows("orders") == before  # nothing changed, the view is still there
     assert pg.psql("SELECT count(*) FROM pg_views WHERE viewname = 'big_orders'") == "1"
+
+
+def test_messages_name_where_the_settings_came_from(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from toybox_backupd.settings import where
+
+    file = tmp_path / "backupd.env"
+    file.write_text("POSTGRES_DB=toybox\n")
+    assert where(file) == f"{file} and the environment"
+    # the image: TOYBOX_ENV_FILE names a file nobody mounts; compose's env_file is .env
+    monkeypatch.setenv("TOYBOX_ENV_FILE", "/etc/toybox-backupd/env")
+    text = where("/etc/toybox-backupd/env")
+    assert ".env beside docker-compose.yml" in text and "/etc/toybox-backupd" not in text
+    monkeypatch.delenv("TOYBOX_ENV_FILE")
+    assert where(tmp_path / "none.env") == f"the environment ({tmp_path / 'none.env'} does not exist)"

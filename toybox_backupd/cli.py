@@ -386,7 +386,7 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
         listed.append({
             "job": job.name, "schedule": job.schedule(settings), "timezone": settings.tz,
             "enabled": enabled, "targets": job.targets(settings),
-            "next": [moment.isoformat() for moment in times],
+            "next": [moment.isoformat() for moment in times], "problem": job.problem(settings),
         })
     if args.json:
         print(json.dumps({"timezone": settings.tz, "jobs": listed}, indent=2))
@@ -394,6 +394,8 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     for entry in listed:
         state = "" if entry["enabled"] else "  (disabled)"
         print(f"{entry['job']:<7} {entry['schedule'] or '-':<16} {settings.tz}{state}")
+        if entry["problem"]:
+            print(f"          {entry['problem']}")
         for moment in entry["next"]:
             print(f"          {local_time(datetime.fromisoformat(moment), settings.zone, 'weekday')}")
     return EXIT_OK
