@@ -143,6 +143,9 @@ def test_postgres_db_is_required_only_with_the_logical_tier(plain_env: Env, make
     assert "database" not in names and "volumes" in names
     result = plain_env.cli("backup", "full", **{**values, "PGDUMP_SCHEDULE": ""})
     assert result.returncode == 0, result.stderr
+    for command in (("backup", "logical"), ("restore", "db", "--yes")):
+        result = plain_env.cli(*command, **{**values, "PGDUMP_SCHEDULE": ""})
+        assert result.returncode == 1 and "POSTGRES_DB is empty" in result.stderr, result.stderr
 
 
 # 9. a volume name with a typo -------------------------------------------------------------------

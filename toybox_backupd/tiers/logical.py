@@ -52,12 +52,17 @@ def _free_stem(directory: Path, stem: str) -> str:
 
 
 # backup --------------------------------------------------------------------------------------
+NO_DATABASE = "POSTGRES_DB is empty: set it to the database to back up and restore"
+
+
 def backup(ctx: RunContext) -> TierResult:
     """Dump the database (and the cluster's roles) into BACKUP_DIR/logical/<database>/.
 
     Given a run whose target is the database; returns the dump's size and path; raises JobError
     (or DatabaseError, DiskFullError) with nothing cataloged when any step fails.
     """
+    if not ctx.targets:
+        raise JobError(NO_DATABASE)
     settings, dbname = ctx.settings, ctx.targets[0]
     try:
         server_version = database.check_reachable(settings)
@@ -218,6 +223,8 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     live database is replaced only once the dump was restored completely beside it.
     Raises CatalogError (no such dump) or JobError (nothing changed, or the old state back).
     """
+    if not settings.postgres_db:
+        raise JobError(NO_DATABASE)
     with Store(settings.state_dir) as store:
         item = restore_point(store, (TIER,), settings.postgres_db, at)
         path = local_copy(settings, store, item, say)
