@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IN_CI, Env
+from conftest import IN_CI, Env, base_values
 from smtp_server import SMTPServer, smtp_server
 from test_daemon import Daemon, wait_for
 
@@ -226,6 +226,27 @@ def test_unwritable_backup_dir_names_owner_uid_and_chown(open_tmp: Path) -> None
     in_container = Path("/.dockerenv").exists()
     assert f"sudo chown -R 65534:65534 {host_dir if in_container else backups} (BACKUP_HOST_DIR)" in text
     assert "Errno" not in text
+
+    # a scheduled run fails with the same words (its email says what the history says)
+    state = open_tmp / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    settings = Env(open_tmp, {**base_values(open_tmp), "BACKUP_DIR": str(backups),
+                              "STATE_DIR": str(state)}).settings()
+
+    def scheduled_run() -> str:
+        from toybox_backupd import runner
+
+        os.environ["BACKUP_HOST_DIR"] = host_dir
+        return str(runner.run_job(settings, "logical", trigger="schedule"))
+
+    run_id = int(in_child_as(65534, scheduled_run))
+    with Store(state) as history:
+        run = history.run(run_id)
+    assert run is not None and run.status == "failed"
+    assert run.error and run.error.startswith(f"cannot write in {backups}") and "Errno" not in run.error
+    assert "sudo chown -R 65534:65534" in run.error
+
     os.chown(backups, 65534, 65534)
     assert in_child_as(65534, attempt).startswith(f"{backups / 'logical'} writable")
 
