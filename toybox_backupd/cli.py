@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _echo_exit(args, int(COMMANDS[args.command](settings, args) or 0))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        logs.echo("manual command interrupted (Ctrl-C)")
         return 130
     except BrokenPipeError:  # `toybox-backupd list | head`
         sys.stderr.close()
