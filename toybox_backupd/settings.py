@@ -1,8 +1,9 @@
 """Settings: the `.env` file and the environment, validated once at start-up.
 
 Every variable name here is part of the product's interface (see `.env.example`).
-A bad value stops start-up with one line per problem, naming the variable; secrets are
-never echoed.
+A bad value is reported with one line per problem, naming the variable; secrets are never
+echoed. A bad schedule turns off only its own job (jobs.Job.problem); any other bad value keeps
+`run` from scheduling anything (daemon/unusable.py: it stays up and says so).
 """
 
 from __future__ import annotations
