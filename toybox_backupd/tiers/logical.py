@@ -53,12 +53,17 @@ def _free_stem(directory: Path, stem: str) -> str:
 
 
 # backup --------------------------------------------------------------------------------------
+NO_DATABASE = "POSTGRES_DB is empty: set it to the database to back up and restore"
+
+
 def backup(ctx: RunContext) -> TierResult:
     """Dump the database (and the cluster's roles) into BACKUP_DIR/logical/<database>/.
 
     Given a run whose target is the database; returns the dump's size and path; raises JobError
     (or DatabaseError, DiskFullError) with nothing cataloged when any step fails.
     """
+    if not ctx.targets:
+        raise JobError(NO_DATABASE)
     settings, dbname = ctx.settings, ctx.targets[0]
     try:
         server_version = database.check_reachable(settings)
@@ -230,6 +235,8 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     live database is replaced only once the dump was restored completely beside it.
     Raises CatalogError (no such dump) or JobError (nothing changed, or the old state back).
     """
+    if not settings.postgres_db:
+        raise JobError(NO_DATABASE)
     with Store(settings.state_dir) as store:
         item = restore_point(store, (TIER,), settings.postgres_db, at)
         path = local_copy(settings, store, item, say)
@@ -462,8 +469,12 @@ def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str)
     if dumped.exit_code != 0:
         raise JobError(tool_error("pg_dump", dumped, tools.where).replace(scratch, "the dump"))
     if loaded.exit_code != 0:
-        raise JobError(tool_error("pg_restore", loaded, tools.where)
-                       + "; the target database was left as it was")
+        text = tool_error("pg_restore", loaded, tools.where) + "; the target database was left as it was"
+        if "other objects depend on it" in loaded.stderr:
+            text += (". Views or other tables' foreign keys depend on the table; PostgreSQL's "
+                     "hint, DROP ... CASCADE, would drop them too. Restore with --into a new "
+                     "database and copy the rows from there instead (README: runbook 3)")
+        raise JobError(text)
 
 
 # verify --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, docker_api, tarstream
+from .. import __version__, docker_api, hints, tarstream
 from ..atomic import CHUNK, AtomicFile, Batch, write_behind
 from ..basics import (
     Cancelled,
@@ -110,9 +110,9 @@ def backup(ctx: RunContext) -> TierResult:
     """
     if not ctx.targets:
         raise JobError("no volumes to archive: set BACKUP_VOLUMES")
-    missing = [v for v in ctx.targets if not docker_api.volume_exists(v)]
+    missing = hints.missing_volumes(ctx.targets)
     if missing:
-        raise JobError(f"no such Docker volume: {', '.join(missing)} (check BACKUP_VOLUMES)")
+        raise JobError(missing)
     result, archives, errors = TierResult(), [], []
     steps = Steps()
     with ExitStack() as stack:
