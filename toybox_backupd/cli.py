@@ -38,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the daemon: schedules, retention, emails (the sidecar's job)")
 
-    p = sub.add_parser("backup", help="run one backup now, through the scheduler's path")
-    p.add_argument("job", metavar="JOB",
-                   help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
-    p.add_argument("--volume", action="append", metavar="NAME",
-                   help="only this volume (full/diff; repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print where the time went (helper, scan, tar, fsync, ...)")
+    _add_backup(sub.add_parser("backup", help="run one backup now, through the scheduler's path"))
 
     p = sub.add_parser("list", help="restore points of every tier")
     p.add_argument("--json", action="store_true")
@@ -75,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
     nsub.add_parser("test", help="send a test email and report how the SMTP server answered")
     return parser
+
+
+def _add_backup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB",
+                   help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
+    p.add_argument("--volume", action="append", metavar="NAME",
+                   help="only this volume (full/diff; repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print where the time went (helper, scan, tar, fsync, ...)")
 
 
 def _add_restore(p: argparse.ArgumentParser) -> None:

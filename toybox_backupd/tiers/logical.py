@@ -7,7 +7,7 @@ import gzip
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,21 +80,8 @@ def backup(ctx: RunContext) -> TierResult:
     ctx.log.info("dumping database", database=dbname, server=server_version, where=tools.where,
                  file=str(path))
     with Batch() as batch, ThreadPoolExecutor(2, "pgdump-side") as pool:
-        # the dump, its roles, its manifest and its row, or none of them. Beside the dump (each
-        # a docker exec and a start-up of its own, ~0.1-0.2 s): the proof that PG_CONTAINER is
-        # the server psycopg checked (pg_dump only reads: a dump of another server is dropped
-        # before anything is kept), and the roles
-        same = pool.submit(tools.check_same_server, dbname)
-        roles = pool.submit(_dump_globals, ctx, tools, batch,
-                            directory / f"{stem}.globals.sql.gz")
-        try:
-            size, digest = _dump_to(ctx, tools, "pg_dump",
-                                    ["-Fc" if custom else "-Fp", "-d", dbname], batch, path,
-                                    gzip_it=not custom,
-                                    check=_check_custom if custom else _check_plain)
-        finally:
-            wait([same, roles])  # the roles file is part of `batch`: never undone mid-write
-            same.result()  # another server's dump is never kept: this error comes first
+        # the dump, its roles, its manifest and its row, or none of them
+        size, digest, roles = _dump_beside(ctx, tools, batch, pool, path, stem, custom)
         globals_info = roles.result()
         extra = {"format": settings.pgdump_format, "server_version": server_version,
                  "database": dbname, "globals": globals_info}
@@ -110,6 +97,25 @@ def backup(ctx: RunContext) -> TierResult:
     ctx.log.info("dump written", file=relative, size=human(size), sha256=digest)
     return TierResult(bytes=size + globals_info.get("size", 0), artifacts=[relative],
                       details={"sha256": digest, "format": settings.pgdump_format})
+
+
+def _dump_beside(ctx: RunContext, tools: PgTools, batch: Batch, pool: ThreadPoolExecutor,
+                 path: Path, stem: str, custom: bool) -> tuple[int, str, Future[dict[str, Any]]]:
+    """pg_dump into `path`; beside it (each a docker exec and a start-up of its own, ~0.1-0.2
+    s): the proof that PG_CONTAINER is the server psycopg checked (pg_dump only reads: a dump
+    of another server is dropped before anything is kept), and the roles (`*.globals.sql.gz`).
+    Returns the dump's size and sha256, and the roles' future (done)."""
+    dbname = ctx.targets[0]
+    same = pool.submit(tools.check_same_server, dbname)
+    roles = pool.submit(_dump_globals, ctx, tools, batch, path.with_name(f"{stem}.globals.sql.gz"))
+    try:
+        size, digest = _dump_to(ctx, tools, "pg_dump", ["-Fc" if custom else "-Fp", "-d", dbname],
+                                batch, path, gzip_it=not custom,
+                                check=_check_custom if custom else _check_plain)
+    finally:
+        wait([same, roles])  # the roles file is part of `batch`: never undone mid-write
+        same.result()  # another server's dump is never kept: this error comes first
+    return size, digest, roles
 
 
 def _dump_globals(ctx: RunContext, tools: PgTools, batch: Batch, path: Path) -> dict[str, Any]:
