@@ -341,8 +341,9 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str) -> None:
-    proc.feed(chunks)
+def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str,
+              partial_ok: bool = False) -> None:
+    proc.feed(chunks, partial_ok=partial_ok)
     result = proc.wait(timeout=600)
     if result.exit_code != 0:
         raise JobError(tool_error(tool, result, where))
@@ -360,7 +361,8 @@ def _load(request: _Restore, dbname: str, toc: bytes | None = None) -> None:
         listing = ["-L", listed] if listed else []
         proc = tools.start("pg_restore", ["--exit-on-error", *listing, "-d", dbname],
                            stdin=True)
-        _run_into(proc, request.chunks(), "pg_restore", tools.where)
+        # with a list, pg_restore rightly stops reading after the last entry it restores
+        _run_into(proc, request.chunks(), "pg_restore", tools.where, partial_ok=bool(listed))
 
 
 Table = tuple[str, str, tuple[str, str]]  # schema.table, its exact pg_dump -t pattern, (schema, table)
