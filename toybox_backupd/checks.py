@@ -127,6 +127,8 @@ def run_checks(settings: Settings) -> list[Outcome]:
         checks.append(("volumes", lambda: _volumes(settings)))
     if settings.notify_email_to:
         checks.append(("smtp", lambda: notify.check_smtp(settings)))
+    if settings.notify_url_list:
+        checks.append(("chat", lambda: notify.check_chat(settings)))
     if settings.offsite_url:
         checks.append(("off-site", lambda: _offsite(settings)))
     if settings.age_identity_file:
