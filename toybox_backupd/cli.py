@@ -9,12 +9,12 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import __version__, jobs, logs, redact
 from .atomic import use_file_mode
-from .basics import TimeLimitReached, ToyboxError, describe_unexpected, human, local_time
+from .basics import TimeLimitReached, ToyboxError, ago, describe_unexpected, human, local_time
 from .settings import Settings, SettingsError, load
 from .store import Store
 
@@ -46,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print where the time went (helper, scan, tar, fsync, ...)")
 
-    p = sub.add_parser("list", help="restore points of every tier")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--tier", choices=jobs.names())
-
-    p = sub.add_parser("history", help="recent runs and their outcome")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=20)
+    _add_reports(sub)
 
     _add_restore(sub.add_parser("restore", help="restore a database, a volume or some files"))
 
@@ -75,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
     nsub.add_parser("test", help="send a test email and report how the SMTP server answered")
     return parser
+
+
+def _add_reports(sub: Any) -> None:
+    """The read-only reports: list, history, status."""
+    p = sub.add_parser("list", help="restore points of every tier")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tier", choices=jobs.names())
+    p = sub.add_parser("history", help="recent runs and their outcome")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser("status", help="one screen: last and next runs, restore points, off-site "
+                                      "lag, free space, what needs attention")
+    p.add_argument("--json", action="store_true")
 
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
@@ -381,6 +388,85 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """`status`: one screen of what an operator checks first."""
+    from .daemon import status as state
+
+    now = datetime.now(settings.zone)
+    found = state.gather(settings, now)
+    if args.json:
+        print(json.dumps(found.as_dict(), indent=2))
+        return EXIT_OK
+    zone = settings.zone
+    beat = found.daemon["heartbeat_age_s"]
+    print(f"toybox-backupd status at {local_time(now, zone, 'weekday')}: daemon "
+          + (f"heartbeat {ago(timedelta(seconds=beat))} ago" if beat is not None
+             else "has not run with this STATE_DIR"))
+    print()
+    _status_jobs(found, settings)
+    print()
+    _status_points(found, settings)
+    print()
+    _status_footer(found)
+    print()
+    if not found.attention:
+        print("nothing needs attention")
+    else:
+        print("NEEDS ATTENTION:")
+        for line in found.attention:
+            print(f"  - {line}")
+    return EXIT_OK
+
+
+def _status_footer(found: Any) -> None:
+    if found.offsite is not None:
+        off = found.offsite
+        lag = (f"newest copy {ago(timedelta(seconds=off['lag_s']))} old" if off["lag_s"] is not None
+               else "no copy yet")
+        print(f"off-site   {off['url']}: {lag} (limit {off['max_lag_hours']} h), "
+              f"{off['copies']} cop{'y' if off['copies'] == 1 else 'ies'}, {off['pending']} pending")
+    else:
+        print("off-site   off (OFFSITE_URL is empty)")
+    disk = found.disk
+    print("disk       " + (f"{disk['path']}: {disk['error']}" if "error" in disk else
+                           f"{human(disk['free'])} free of {human(disk['total'])} "
+                           f"({100 * disk['free'] / max(disk['total'], 1):.0f}%) in {disk['path']}"))
+    waiting = [row for row in found.outbox if row["status"] != "given_up"]
+    print(f"outbox     {len(waiting)} report(s) waiting to be sent")
+
+
+def _status_jobs(found: Any, settings: Settings) -> None:
+    zone = settings.zone
+    rows = [("JOB", "SCHEDULE", "LAST RUN", "RESULT", "TIME", "SIZE", "NEXT RUN")]
+    for entry in found.jobs:
+        last = entry.last_run
+        when, result, took, size = "-", "never run", "-", "-"
+        if last:
+            started = datetime.fromisoformat(last["started_at"])
+            when = (f"#{last['id']} {local_time(started, zone, 'table')} "
+                    f"({ago(timedelta(seconds=last['age_s']))} ago)")
+            result, size = last["status"], human(last["bytes"])
+            took = f"{last['duration_s']:.1f}s" if last["duration_s"] is not None else "-"
+        upcoming = (local_time(datetime.fromisoformat(entry.next_run), zone, "weekday")
+                    if entry.next_run else "(disabled)")
+        rows.append((entry.job, entry.schedule or "-", when, result, took, size, upcoming))
+    _table(rows)
+
+
+def _status_points(found: Any, settings: Settings) -> None:
+    if not found.restore_points:
+        print("no restore points yet")
+        return
+    zone = settings.zone
+    rows = [("TIER", "TARGET", "POINTS", f"OLDEST ({settings.tz})", "NEWEST", "SIZE", "OFF-SITE")]
+    for p in found.restore_points:
+        rows.append((p.tier, p.target, str(p.count),
+                     local_time(datetime.fromisoformat(p.oldest), zone, "table"),
+                     local_time(datetime.fromisoformat(p.newest), zone, "table"), human(p.bytes),
+                     str(p.offsite)))
+    _table(rows)
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -391,6 +477,7 @@ COMMANDS = {
     "run": cmd_run, "backup": cmd_backup, "list": cmd_list, "history": cmd_history,
     "restore": cmd_restore, "verify": cmd_verify, "schedule": cmd_schedule, "check": cmd_check,
     "healthcheck": cmd_healthcheck, "reindex": cmd_reindex, "notify": cmd_notify,
+    "status": cmd_status,
 }
 
 
