@@ -8,13 +8,22 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import __version__, jobs, logs, redact
+from . import __version__, jobs, logs, progress, redact
 from .atomic import use_file_mode
-from .basics import TimeLimitReached, ToyboxError, ago, describe_unexpected, human, local_time
+from .basics import (
+    TimeLimitReached,
+    ToyboxError,
+    ago,
+    describe_unexpected,
+    duration_text,
+    human,
+    local_time,
+)
 from .settings import Settings, SettingsError, load
 from .store import Store
 
@@ -22,6 +31,7 @@ from .store import Store
 # (the Docker SDK, psycopg and APScheduler cost ~0.5 s to import).
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: a progress line at most this often
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +149,39 @@ def say(line: str) -> None:
     print(line)
 
 
+class ProgressPrinter:
+    """Progress of restores, verify and manual backups on stderr: on a terminal one line that
+    updates in place (bytes done of the total, rate, ETA); otherwise (logs, pipes) a plain line
+    every PLAIN_PROGRESS_SECONDS and one when each piece of work ends."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._last = time.monotonic()
+
+    def __call__(self, item: progress.Progress) -> None:
+        text = progress_text(item)
+        if self.tty:
+            print("\r\x1b[K" + text, end="\n" if item.ended else "", file=sys.stderr, flush=True)
+            return
+        now = time.monotonic()
+        if item.ended or (item.done and now - self._last >= PLAIN_PROGRESS_SECONDS):
+            self._last = now
+            print(text, file=sys.stderr, flush=True)
+
+
+def progress_text(item: progress.Progress) -> str:
+    """"restoring X: 1.2 GiB of 3.4 GiB (35%), 85.0 MiB/s, 27 s left" (or how it ended)."""
+    rate = f"{human(item.rate)}/s"
+    if item.ended:
+        return f"{item.label}: {human(item.done)} in {duration_text(item.elapsed)} ({rate})"
+    if not item.total:
+        return f"{item.label}: {human(item.done)}, {rate}"
+    percent = min(100, 100 * item.done // item.total)
+    eta = item.eta
+    left = f", {duration_text(eta)} left" if eta is not None else ""
+    return f"{item.label}: {human(item.done)} of {human(item.total)} ({percent}%), {rate}{left}"
+
+
 def confirm(question: str) -> bool:
     """Ask on the terminal; without one, refuse (the caller says to pass --yes)."""
     if not sys.stdin.isatty():
@@ -165,7 +208,14 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"toybox-backupd backup: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    run_id = runner.run_job(settings, job.name, volumes=args.volume)
+    targets = job.targets(settings, args.volume)
+    with Store(settings.state_dir) as store:  # the last run's size: what this one may write
+        last = [store.artifacts(tier=job.name, target=target) for target in targets]
+    estimate = sum(items[-1].size for items in last if items) or None
+    label = f"{job.name} backup of {', '.join(targets)}" + (" (total: the last one's size)"
+                                                            if estimate else "")
+    with progress.listening(ProgressPrinter()), progress.task(label, estimate):
+        run_id = runner.run_job(settings, job.name, volumes=args.volume)
     with Store(settings.state_dir) as store:
         run = store.run(run_id)
     assert run is not None
@@ -192,11 +242,19 @@ def _print_steps(details: dict[str, Any]) -> None:
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     """`restore db|volume|files`: asks first, then holds the run lock, within its time limit."""
     from .restore_points import parse_when
-    from .tiers import logical, volumes
 
     at = parse_when(args.at, settings.zone) if args.at else None
     ask = None if getattr(args, "yes", False) else confirm
     what = f"restore {args.what}"
+    with progress.listening(ProgressPrinter()):
+        _restore(settings, args, at, ask, what)
+    return EXIT_OK
+
+
+def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None,
+             ask: Any, what: str) -> None:
+    from .tiers import logical, volumes
+
     if args.what == "db":
         # asks before it takes the lock: an unanswered prompt never holds up a backup
         logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
@@ -209,7 +267,6 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         with _restore_lock(settings, what):
             volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest,
                                   say=say)
-    return EXIT_OK
 
 
 @contextlib.contextmanager
@@ -242,7 +299,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """`verify`: every kept artifact re-read; exit 1 if any is bad."""
     from . import verify
 
-    with _restore_lock(settings, "verify", limit=False):
+    with _restore_lock(settings, "verify", limit=False), progress.listening(ProgressPrinter()):
         if args.offsite:
             results, unknown = verify.verify_offsite(settings), []
         else:
