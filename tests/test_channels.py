@@ -199,3 +199,15 @@ def test_a_real_logical_run_pings_and_chats(env: Any, pg: Any, receiver: Receive
     with Store(settings.state_dir) as history:
         assert history.run(run_id).status == "ok"  # type: ignore[union-attr]
         no_token_in(history, logged(capsys))
+
+
+def test_notify_test_sends_a_chat_message_to_each_url(plain_env: Any, receiver: Receiver) -> None:
+    plain_env.values["NOTIFY_URLS"] = (f"json://127.0.0.1:{receiver.port}/hook/{TOKEN} "
+                                       f"json://127.0.0.1:9/down/{TOKEN}")
+    result = plain_env.cli("notify", "test")
+    assert result.returncode == 1  # one of the two did not go through
+    assert result.stdout.strip() == f"test message sent to json://127.0.0.1:{receiver.port}"
+    assert result.stderr.startswith("test message NOT sent to json://127.0.0.1:9: ")
+    assert TOKEN not in result.stdout + result.stderr
+    [received] = receiver.wait_for(1)
+    assert json.loads(received.body)["title"].startswith("[toybox-backupd] test message from ")

@@ -17,12 +17,12 @@ from toybox_backupd import cli, progress
 def test_progress_counts_into_the_innermost_task_and_says_what_is_left() -> None:
     seen: list[tuple[str, int, bool]] = []
     progress.advance(10)  # nobody listens: nothing happens
-    with progress.listening(lambda item: seen.append((item.label, item.done, item.ended))):
-        with progress.task("outer", 100):
-            progress.advance(30)
-            with progress.task("inner", 10):
-                progress.advance(10)
-            progress.advance(20)
+    listener = lambda item: seen.append((item.label, item.done, item.ended))  # noqa: E731
+    with progress.listening(listener), progress.task("outer", 100):
+        progress.advance(30)
+        with progress.task("inner", 10):
+            progress.advance(10)
+        progress.advance(20)
     assert seen[0] == ("outer", 0, False) and seen[-1] == ("outer", 50, True)
     assert ("inner", 10, True) in seen
     item = progress.Progress("restoring x", total=4 << 30, done=1 << 30)

@@ -74,7 +74,9 @@ def send_chat(url: str, *, title: str, body: str, failure: bool) -> None:
     if not notifier.add(url):
         raise ChannelError(unusable(url) or "Apprise refused the URL")
     kind = apprise.NotifyType.FAILURE if failure else apprise.NotifyType.SUCCESS
-    with apprise.LogCapture(level=logging.WARNING) as said:
+    # what Apprise says goes into our error text, not into the log a second time
+    logging.getLogger("apprise").propagate = False
+    with apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as said:
         ok = notifier.notify(title=title, body=body, notify_type=kind)
         detail = " ".join(said.getvalue().split())
     if not ok:

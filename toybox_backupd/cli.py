@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("notify", help="email tools")
     nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
-    nsub.add_parser("test", help="send a test email and report how the SMTP server answered")
+    nsub.add_parser("test", help="send a test email and a test chat message (NOTIFY_URLS); "
+                                 "report how each was answered")
     return parser
 
 
@@ -363,12 +364,16 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
-    """`notify test`: a test email, and how the server answered."""
+    """`notify test`: a test email and a test chat message to each NOTIFY_URLS entry, and how
+    each was answered."""
     from . import notify
 
-    ok, message = notify.send_test(settings)
-    print(message, file=sys.stdout if ok else sys.stderr)
-    return EXIT_OK if ok else EXIT_FAIL
+    said = notify.send_test_chat(settings)
+    if settings.notify_email_to or not said:
+        said.insert(0, notify.send_test(settings))
+    for ok, message in said:
+        print(message, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if all(ok for ok, _ in said) else EXIT_FAIL
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:

@@ -181,6 +181,25 @@ def send_test(settings: Settings) -> tuple[bool, str]:
     return True, redact.redact(text)
 
 
+def send_test_chat(settings: Settings) -> list[tuple[bool, str]]:
+    """Send a test message to every NOTIFY_URLS entry now (not through the outbox); per URL,
+    whether it went through and how (named by its label, never by the URL)."""
+    redact.register_url(*settings.notify_url_list)
+    host = smtp.host_token()
+    said = []
+    for url in settings.notify_url_list:
+        try:
+            channels.send_chat(url, title=f"[toybox-backupd] test message from {host}",
+                               body=f"This is a test message from toybox-backupd on {host}: the "
+                                    "run reports will reach this channel.", failure=False)
+            said.append((True, f"test message sent to {channels.label(url)}"))
+        except Exception as exc:
+            text = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
+            said.append((False, redact.redact(f"test message NOT sent to {channels.label(url)}: "
+                                              f"{text}")))
+    return said
+
+
 def check_smtp(settings: Settings) -> str:
     """Connect, EHLO, STARTTLS/SSL, AUTH (if SMTP_USER), QUIT; a short description or NotifyError."""
     register_secrets(settings)
