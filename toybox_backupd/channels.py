@@ -81,7 +81,7 @@ def send_chat(url: str, *, title: str, body: str, failure: bool) -> None:
         detail = " ".join(said.getvalue().split())
     if not ok:
         raise ChannelError(redact.redact(
-            f"{label(url)} did not take the message" + (f": {detail[:400]}" if detail else "")))
+            "not delivered" + (f": {detail[:400]}" if detail else " (Apprise gave no reason)")))
 
 
 # pings -----------------------------------------------------------------------------------------
