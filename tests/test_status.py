@@ -107,3 +107,40 @@ def test_status_of_real_backups(env: Any, pg: Any, make_volume: Callable[..., st
     data = json.loads(env.cli("status", "--json").stdout)
     assert {(p["tier"], p["target"], p["count"]) for p in data["restore_points"]} == {
         ("logical", pg.db, 1), ("full", volume, 1), ("diff", volume, 1)}
+
+
+def test_metrics_endpoint_is_scraped(snapshot: SnapshotSettings) -> None:  # noqa: F811
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from toybox_backupd.daemon import loop
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    good = runner.run_job(snapshot, "snapshot", trigger="schedule")
+    broken = snapshot.model_copy(update={"snapshot_dirs": str(Path(snapshot.snapshot_dirs) / "x")})
+    runner.run_job(broken, "snapshot")
+    server = loop.Daemon(snapshot.model_copy(update={"metrics_port": port})).serve_metrics()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+    finally:
+        server.shutdown()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    job = (("job", "snapshot"),)
+    with Store(snapshot.state_dir) as store:
+        ok_run = store.run(good)
+        assert ok_run is not None
+    assert samples[("toybox_backupd_last_success_timestamp_seconds", job)] == pytest.approx(
+        ok_run.started_at.timestamp())
+    assert samples[("toybox_backupd_last_run_ok", job)] == 0  # the last run failed
+    assert ("toybox_backupd_last_run_duration_seconds", job) in samples
+    target = (("target", snapshot.snapshot_dirs), ("tier", "snapshot"))
+    assert samples[("toybox_backupd_restore_points", target)] == 1
+    assert samples[("toybox_backupd_backup_dir_free_bytes", ())] > 0
+    assert samples[("toybox_backupd_attention_items", ())] >= 1
+    assert samples[("toybox_backupd_outbox_waiting", (("channel", "email"),))] == 0

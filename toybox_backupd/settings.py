@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     offsite_age_recipients: CommaList = Field(default_factory=list, alias="OFFSITE_AGE_RECIPIENTS")
     age_identity_file: Path | None = Field(None, alias="AGE_IDENTITY_FILE")
 
+    # metrics
+    metrics_port: int | None = Field(None, ge=1, le=65535, alias="METRICS_PORT")
+
     # logs
     log_format: Literal["console", "json"] = Field("console", alias="LOG_FORMAT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
@@ -227,7 +230,7 @@ class Settings(BaseSettings):
         "smtp_ca_file", "s3_endpoint_url", "s3_region", "aws_access_key_id",
         "aws_secret_access_key", "aws_secret_access_key_file", "offsite_keep_days",
         "age_identity_file", "notify_urls", "ping_url", "ping_url_logical", "ping_url_full",
-        "ping_url_diff", mode="before",
+        "ping_url_diff", "metrics_port", mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -476,6 +479,8 @@ DESCRIPTIONS: dict[str, str] = {
                               "encrypted",
     "AGE_IDENTITY_FILE": "age identity (private key) file, needed only to restore encrypted "
                          "off-site copies; keep it off this host too",
+    "METRICS_PORT": "port the daemon serves Prometheus metrics on (`/metrics`: last success, "
+                    "duration and size per job, restore points, outbox, free space); empty: off",
     "LOG_FORMAT": "`console` (readable key=value lines) or `json` (one object a line)",
     "LOG_LEVEL": "`DEBUG`, `INFO`, `WARNING` or `ERROR`",
 }

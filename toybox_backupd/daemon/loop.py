@@ -204,6 +204,13 @@ class Daemon:
         else:
             log.info("off-site: off (OFFSITE_URL is empty): the backups live on this host only")
 
+    def serve_metrics(self) -> Any:
+        """Prometheus metrics on METRICS_PORT, if set (a thread of its own); the server."""
+        if not self.settings.metrics_port:
+            return None
+        from . import metrics
+        return metrics.serve(self.settings, self.settings.metrics_port)
+
     # main loop ---------------------------------------------------------------------------------
     def heartbeat(self, store: Store) -> None:
         try:
@@ -308,6 +315,7 @@ class Daemon:
                     missed = missed_jobs(settings, store, now, first)
                 self.scheduler = self.build_scheduler(now, missed)
                 self.log_summary(now, missed)
+                self.serve_metrics()
                 if not any(job.enabled(settings) for job in jobs.all_jobs()):
                     log.warning("no job is enabled: set " + ", ".join(
                         job.schedule_var for job in jobs.all_jobs()) + " (and their targets)")
