@@ -4,12 +4,11 @@ of the total, rate, ETA), plain lines otherwise; the daemon (nobody listening) p
 from __future__ import annotations
 
 import os
-import pty
 import re
-import subprocess
 from typing import Any
 
 import pytest
+from test_restore_db import _on_a_terminal
 
 from toybox_backupd import cli, progress
 
@@ -35,30 +34,22 @@ def test_progress_counts_into_the_innermost_task_and_says_what_is_left() -> None
 
 
 def run_on_a_terminal(env: Any, *args: str) -> tuple[int, str]:
-    """The real command with its stderr on a pseudo-terminal; (exit status, what it showed)."""
-    controller, terminal = pty.openpty()
-    environ = {**os.environ, **env.values}
-    environ.pop("TOYBOX_ENV_FILE", None)
-    proc = subprocess.Popen(
-        ["python", "-m", "toybox_backupd.cli", "--env-file", str(env.tmp / "none.env"), *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal, env=environ,
-        cwd=str(env.tmp))
-    os.close(terminal)
+    """The real command on a pseudo-terminal; (exit status, everything it showed)."""
+    proc, master = _on_a_terminal(env, *args)
     shown = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # the terminal closed: the command ended
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(controller)
+    try:
+        while chunk := os.read(master, 65536):
+            shown += chunk
+    except OSError:  # the terminal closed: the command ended
+        pass
+    finally:
+        os.close(master)
     return proc.wait(timeout=600), shown.decode(errors="replace")
 
 
 @pytest.mark.docker
-def test_backup_verify_and_restore_show_their_progress(env: Any, pg: Any) -> None:
+def test_backup_verify_and_restore_show_their_progress(env: Any, pg: Any,
+                                                       make_volume: Any) -> None:
     first = env.cli("backup", "logical")
     assert first.returncode == 0, first.stderr
     # no earlier backup: the total is unknown, the end line says how much and how fast
@@ -79,3 +70,13 @@ def test_backup_verify_and_restore_show_their_progress(env: Any, pg: Any) -> Non
     assert "\r\x1b[Kchecking the sha256 of logical/" in shown
     assert re.search(r"\r\x1b\[Krestoring logical/\S+: 0 B of [\d.]+ KiB \(0%\)", shown), shown
     assert re.search(r"\r\x1b\[Krestoring logical/\S+: [\d.]+ KiB in [\d.]+ s", shown), shown
+
+    volume = make_volume("head -c 3000000 /dev/urandom > big.bin")
+    env.values["BACKUP_VOLUMES"] = volume
+    assert env.cli("backup", "full").returncode == 0
+    restored = env.cli("restore", "volume", volume, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    # no terminal: no rewritten line, only the end of each piece of work
+    assert "\r" not in restored.stderr
+    assert re.search(rf"^restoring volumes/{volume}/\S+_full\.tar\.zst: [\d.]+ MiB in [\d.]+ s ",
+                     restored.stderr, re.M), restored.stderr
