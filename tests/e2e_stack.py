@@ -23,7 +23,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -280,13 +280,23 @@ class Stack:
                 if v.name in (self.pg_volume, self.media_volume) or v.name.startswith(self.project)}
 
     def leaked_volumes(self, since: datetime) -> list[str]:
-        """Anonymous volumes created since `since` that no container uses any more."""
-        leaked = []
-        for volume in self.client.volumes.list(filters={"dangling": True}):
-            created = datetime.fromisoformat(volume.attrs["CreatedAt"].replace("Z", "+00:00"))
-            if re.fullmatch(r"[0-9a-f]{64}", volume.name) and created >= since:
-                leaked.append(volume.name)
-        return leaked
+        """Anonymous volumes that containers of this stack (its services, and the helpers that
+        mounted its volumes) made since `since` and that no container uses any more. Other
+        tests on the same engine make anonymous volumes of their own: those do not count."""
+        until = datetime.now(UTC)
+        named = {self.pg_volume, self.media_volume, f"{self.project}_state"}
+        mounts = [(event["Actor"]["ID"], event["Actor"]["Attributes"].get("container"))
+                  for event in self.client.events(since=since, until=until, decode=True,
+                                                  filters={"type": "volume", "event": "mount"})]
+        ours = {container for volume, container in mounts if volume in named}
+        ours |= {event["Actor"]["ID"] for event in self.client.events(
+            since=since, until=until, decode=True, filters={
+                "type": "container", "event": "create",
+                "label": f"com.docker.compose.project={self.project}"})}
+        made = {volume for volume, container in mounts
+                if container in ours and re.fullmatch(r"[0-9a-f]{64}", volume)}
+        return [volume.name for volume in self.client.volumes.list(filters={"dangling": True})
+                if volume.name in made]
 
     def helpers(self) -> list[Any]:
         return [c for c in self.client.containers.list(all=True,
