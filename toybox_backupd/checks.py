@@ -104,9 +104,21 @@ def _identity(settings: Settings) -> str:
                  "it OFF this host as well (a lost host must not take the only key with it)")
 
 
+def _optional_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
+    """The checks of what is configured only sometimes: volumes, email, chat, off-site."""
+    wanted = [
+        ("volumes", settings.backup_volumes, lambda: _volumes(settings)),
+        ("smtp", settings.notify_email_to, lambda: notify.check_smtp(settings)),
+        ("chat", settings.notify_url_list, lambda: notify.check_chat(settings)),
+        ("off-site", settings.offsite_url, lambda: _offsite(settings)),
+        ("age identity", settings.age_identity_file, lambda: _identity(settings)),
+    ]
+    return [(name, check) for name, configured, check in wanted if configured]
+
+
 def run_checks(settings: Settings) -> list[Outcome]:
     """Try each part in turn (settings, dirs, Docker, database, what a restore does to
-    databases, the database container, volumes, SMTP); never raises."""
+    databases, the database container, volumes, SMTP, chat, off-site); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("settings", lambda: _settings(settings)),
         ("backup dir", lambda: hints.require_writable(settings.backup_dir, settings.backup_dir)),
@@ -120,14 +132,7 @@ def run_checks(settings: Settings) -> list[Outcome]:
                    ("restore", lambda: database.try_restore(settings))]
     if settings.pg_container and settings.postgres_db:
         checks.append(("db container", lambda: _pg_container(settings)))
-    if settings.backup_volumes:
-        checks.append(("volumes", lambda: _volumes(settings)))
-    if settings.notify_email_to:
-        checks.append(("smtp", lambda: notify.check_smtp(settings)))
-    if settings.offsite_url:
-        checks.append(("off-site", lambda: _offsite(settings)))
-    if settings.age_identity_file:
-        checks.append(("age identity", lambda: _identity(settings)))
+    checks += _optional_checks(settings)
     outcomes = []
     for name, check in checks:
         try:

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, database
+from .. import __version__, database, progress
 from ..atomic import Batch
 from ..basics import (
     CatalogError,
@@ -259,20 +259,20 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
         names = _resolve_tables(request, list(tables))
         shown = ", ".join(n for n, _, _ in names)
         _ask(request, confirm, f"This replaces table(s) {shown} in")
-        with hold():
+        with hold(), progress.task(f"restoring {item.path}", item.size):
             _restore_tables(request, names)
         say(f"restored {shown} into {request.target}")
     elif into:
         if database.database_exists(settings, into):
             raise JobError(f"database {into!r} already exists; --into needs a new name")
-        with hold():
+        with hold(), progress.task(f"restoring {item.path}", item.size):
             _restore_beside(request, into)
         say(f"restored the dump of {item.target} into the new database {into}")
     else:
         exists = database.database_exists(settings, request.target)
         if exists:
             _ask(request, confirm, "This replaces database")
-        with hold():
+        with hold(), progress.task(f"restoring {item.path}", item.size):
             _restore_replacing(request, exists)
         say(f"restored database {request.target} from the dump of {request.when}")
 
