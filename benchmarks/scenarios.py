@@ -101,10 +101,11 @@ class Scenarios:
             say(f"generating {self.media} (~{self.profile.approx_mb:,} MB)")
             dataset.generate(self.media, self.profile, 1)
         running = sh("docker", "ps", "-q", "--filter", f"name=^{self.pg}$").strip()
-        if fresh or not running:
+        empty = fresh or not self.exists("volume", self.pg_volume)
+        if empty or not running:
             subprocess.run(["docker", "rm", "-f", self.pg], capture_output=True)
             self.port = dataset.start_pg(self.pg, self.pg_volume, PASSWORD)
-            if fresh:
+            if empty:
                 say(f"pgbench -i -s {self.profile.pg_scale} + {self.profile.pg_rows:,} rows")
                 dataset.pgbench_init(self.pg, self.profile.pg_scale, self.profile.pg_rows)
         files, size = dataset.summary(self.media)

@@ -196,7 +196,7 @@ class ProgressPrinter:
         self._last = time.monotonic()
 
     def __call__(self, item: progress.Progress) -> None:
-        text = progress_text(item)
+        text = redact.redact(progress_text(item))  # labels name volumes and files
         if self.tty:
             print("\r\x1b[K" + text, end="\n" if item.ended else "", file=sys.stderr, flush=True)
             return
