@@ -210,7 +210,8 @@ def open_tmp() -> Iterator[Path]:
 def test_unwritable_backup_dir_names_owner_uid_and_chown(open_tmp: Path) -> None:
     need(os.getuid() == 0, "needs root to drop to another uid")
     backups = open_tmp / "backups"
-    backups.mkdir(mode=0o755)  # as Docker makes a missing bind-mount directory: root's
+    backups.mkdir()
+    os.chmod(backups, 0o755)  # as Docker makes a missing bind-mount directory: root's
     host_dir = "/srv/backups/toybox"
 
     def attempt() -> str:
@@ -246,6 +247,12 @@ def test_unwritable_backup_dir_names_owner_uid_and_chown(open_tmp: Path) -> None
     assert run is not None and run.status == "failed"
     assert run.error and run.error.startswith(f"cannot write in {backups}") and "Errno" not in run.error
     assert "sudo chown -R 65534:65534" in run.error
+
+    # a private root-owned directory (as made under a umask of 077): not even looked into
+    os.chmod(backups, 0o700)
+    text = in_child_as(65534, attempt)
+    assert text.startswith(f"Unwritable: cannot write in {backups} "), text
+    assert "mode 0700" in text and "Errno" not in text
 
     os.chown(backups, 65534, 65534)
     assert in_child_as(65534, attempt).startswith(f"{backups / 'logical'} writable")

@@ -36,7 +36,7 @@ def require_writable(path: Path, backup_dir: Path) -> str:
 def unwritable(directory: Path, backup_dir: Path, exc: OSError | None = None) -> str:
     """Why the sidecar's user cannot write in `directory`, and the command that fixes it."""
     failed = Path(exc.filename) if exc is not None and exc.filename else directory
-    existing = next((p for p in (failed, *failed.parents) if p.exists()), Path("/"))
+    existing = next((p for p in (failed, *failed.parents) if _seen(p)), Path("/"))
     me = f"{os.getuid()}:{os.getgid()}"
     try:
         info = existing.stat()
@@ -50,6 +50,15 @@ def unwritable(directory: Path, backup_dir: Path, exc: OSError | None = None) ->
         text += ("; Docker creates a bind-mounted host directory as root when it does not "
                  "exist yet")
     return text + ". " + _fix(existing, backup_dir, me)
+
+
+def _seen(path: Path) -> bool:
+    """Whether `path` exists as far as this user can tell (not inside a directory it may not
+    enter: that raises PermissionError from `Path.exists`)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _fix(local: Path, backup_dir: Path, me: str) -> str:
