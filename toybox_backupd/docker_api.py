@@ -280,6 +280,62 @@ def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
             container.remove(force=True, v=True)
 
 
+STREAMER_LABEL = "toybox-backupd.beside"  # helpers that share the database's network
+
+
+def image_of(container: Container) -> str:
+    """The id of the image `container` runs (its tools match its server's version)."""
+    return str(container.attrs.get("Image") or container.image.id)
+
+
+@contextlib.contextmanager
+def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], purpose: str, *,
+           user: str, owner: str = "", caps: Iterable[str] = (),
+           command: list[str] | None = None, lifetime: int = DEFAULT_HELPER_LIFETIME,
+           writable_root: bool = False) -> Iterator[Container]:
+    """A container from the database's own `image`, in the network namespace of the database
+    container `db_id` (it reaches the server at 127.0.0.1 and its local pg_hba rules), or with
+    no network when `db_id` is None (a throwaway server for a recovery).
+
+    It runs `command` (default: sleep `lifetime` seconds, for exec'd commands) as `user`, with
+    every capability dropped but `caps`, no new privileges, and is removed on exit. Raises
+    DockerError.
+    """
+    _require_image(image)
+    binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
+    tmpfs = {"/tmp": "rw,noexec,nosuid,size=64m", "/var/run/postgresql": "rw,nosuid,mode=1777"}
+    try:
+        container = client().containers.run(
+            image, command or ["sleep", str(max(1, int(lifetime)))], detach=True,
+            network_mode=f"container:{db_id}" if db_id else "none", volumes=binds,
+            labels={STREAMER_LABEL: purpose, OWNER_LABEL: owner}, cap_drop=["ALL"],
+            cap_add=list(caps), read_only=not writable_root, tmpfs=tmpfs,
+            security_opt=["no-new-privileges"], entrypoint=[], user=user,
+            name=f"toybox-backupd-{purpose}-{uuid.uuid4().hex[:10]}",
+        )
+    except APIError as exc:
+        raise DockerError(f"cannot start a {purpose} container from {image!r}: {_short(exc)}") from None
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(DockerException):
+            container.remove(force=True, v=True)
+
+
+def logs_tail(container: Container, lines: int = 20) -> str:
+    """The last `lines` of a container's output (empty if it cannot be had)."""
+    try:
+        return bytes(container.logs(tail=lines)).decode("utf-8", "replace").strip()
+    except DockerException:
+        return ""
+
+
+def remove_volume(name: str) -> None:
+    """Remove a named volume this tool created (a recovery's scratch volume)."""
+    with contextlib.suppress(NotFound):
+        client().volumes.get(name).remove(force=True)
+
+
 def remove_stale_helpers(owner: str) -> int:
     """Remove helper containers that a crashed run of this instance (`owner`) left behind.
 
