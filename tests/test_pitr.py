@@ -5,9 +5,12 @@ backups and restores to a moment, against a real PostgreSQL 15 set up like the o
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from conftest import PG, Env
+from test_daemon import daemons, wait_for  # noqa: F401 - the fixture, and a helper
 
 from toybox_backupd.store import Store
 
@@ -43,3 +46,69 @@ def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
         run = history.runs(limit=1)[0]
     assert run.status == "ok" and run.details["downtime_seconds"] == 0.0
     assert env.cli("verify", **PITR).returncode == 0
+
+
+# the streamer ----------------------------------------------------------------------------------
+NO_JOBS = {"PGDUMP_SCHEDULE": "", "PITR_BASE_SCHEDULE": "", "CATCH_UP": "false"}
+
+
+def wal_helpers(docker_engine: Any, env: Env) -> list[Any]:
+    """The WAL streamer containers of this test's history."""
+    with Store(env.state_dir) as history:
+        owner = history.instance_id()
+    return docker_engine.containers.list(filters={"label": [
+        "toybox-backupd.beside=wal", f"toybox-backupd.owner={owner}"]})
+
+
+def segments(env: Env) -> list[Any]:
+    from toybox_backupd.tiers import wal
+
+    return wal.segments(env.settings(**PITR))
+
+
+@pytest.fixture
+def streaming(env: Env, pg: PG, daemons: Any, docker_engine: Any) -> Iterator[Any]:
+    """The daemon with PITR on and no scheduled jobs, its streamer running."""
+    daemon = daemons(env, **PITR, **NO_JOBS)
+    wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+             lambda: daemon.log)
+    yield daemon
+    daemon.kill()
+    for container in wal_helpers(docker_engine, env):
+        container.remove(force=True)
+
+
+def streamer_pid(helper: Any) -> int:
+    out = helper.exec_run(["sh", "-c", "for p in /proc/[0-9]*; do "
+                           "grep -qa '^pg_receivewal' $p/cmdline 2>/dev/null && basename $p; done"])
+    pids = [int(x) for x in out.output.decode().split()]
+    assert pids, out.output
+    return pids[0]
+
+
+def test_the_streamer_comes_back_after_sigkill_with_no_gap(env: Env, pg: PG, streaming: Any,
+                                                           docker_engine: Any) -> None:
+    from toybox_backupd.tiers import wal
+
+    pg.psql("CREATE TABLE ticks (n int, at timestamptz DEFAULT clock_timestamp())")
+    [helper] = wal_helpers(docker_engine, env)
+    first = streamer_pid(helper)
+    for n in range(3):  # a few switched segments before and after the kill
+        pg.psql(f"INSERT INTO ticks(n) VALUES ({n}); SELECT pg_switch_wal();")
+    assert helper.exec_run(["kill", "-KILL", str(first)]).exit_code == 0
+    wait_for("the supervisor to see it", lambda: "WAL streamer down" in streaming.log, 30)
+    for n in range(3, 6):
+        pg.psql(f"INSERT INTO ticks(n) VALUES ({n}); SELECT pg_switch_wal();")
+    current = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+
+    def caught_up() -> bool:
+        names = {s.name for s in segments(env)}
+        return current in names and any(s.partial and s.name == current for s in segments(env))
+
+    wait_for("the streamer to come back and catch up", caught_up, 120, lambda: streaming.log)
+    assert "killed (signal 9" in streaming.log or "exit status 137" in streaming.log
+    found = segments(env)
+    assert wal.gaps(found) == []
+    assert len([s for s in found if not s.partial]) >= 6
+    assert pg.psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'") \
+        == "t"

@@ -322,6 +322,18 @@ def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], p
             container.remove(force=True, v=True)
 
 
+def remove_beside(owner: str, purpose: str) -> int:
+    """Remove the `purpose` containers beside the database that this instance (`owner`) left
+    running (a WAL streamer outlives a killed daemon: its exec'd pg_receivewal goes on)."""
+    count = 0
+    for container in client().containers.list(
+            all=True, filters={"label": [f"{STREAMER_LABEL}={purpose}", f"{OWNER_LABEL}={owner}"]}):
+        with contextlib.suppress(DockerException):
+            container.remove(force=True, v=True)
+            count += 1
+    return count
+
+
 def logs_tail(container: Container, lines: int = 20) -> str:
     """The last `lines` of a container's output (empty if it cannot be had)."""
     try:

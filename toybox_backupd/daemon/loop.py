@@ -67,6 +67,7 @@ class Daemon:
         self._cancelled_seen: float | None = None
         self._last_signal = "signal"
         self.scheduler: Any = None
+        self.streamer: Any = None
 
     # signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -158,7 +159,8 @@ class Daemon:
             jobstores={"default": MemoryJobStore()},
             executors={"default": ThreadPoolExecutor(max_workers=1),
                        "mail": ThreadPoolExecutor(max_workers=1),
-                       "offsite": ThreadPoolExecutor(max_workers=1)},
+                       "offsite": ThreadPoolExecutor(max_workers=1),
+                       "pitr": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=settings.zone,
         )
@@ -176,10 +178,24 @@ class Daemon:
                               args=[job.name], id=_job_id(job.name), name=job.name, **options)
         scheduler.add_job(self.flush_outbox, IntervalTrigger(seconds=OUTBOX_SECONDS),
                           id="outbox", name="email outbox", executor="mail")
+        if settings.pitr:
+            from .streamer import WATCH_SECONDS, Streamer
+
+            self.streamer = Streamer(settings, self.request_base)
+            scheduler.add_job(self.streamer.watch, IntervalTrigger(seconds=WATCH_SECONDS),
+                              id="pitr", name="WAL streamer watch", executor="pitr")
         if settings.offsite_url:
             scheduler.add_job(self.retry_offsite, IntervalTrigger(seconds=OFFSITE_SECONDS),
                               id="offsite", name="off-site copy queue", executor="offsite")
         return scheduler
+
+    def request_base(self, why: str) -> None:
+        """Run a base backup as soon as the worker is free (a gap in the WAL archive)."""
+        if self.scheduler is None or self.stopping.is_set():
+            return
+        log.warning("base backup requested", reason=why)
+        self.scheduler.add_job(self.execute, args=["base"], id=f"base-now-{time.monotonic_ns()}",
+                               name="base")
 
     def log_summary(self, now: datetime, missed: dict[str, datetime]) -> None:
         settings = self.settings
@@ -312,9 +328,13 @@ class Daemon:
                     log.warning("no job is enabled: set " + ", ".join(
                         job.schedule_var for job in jobs.all_jobs()) + " (and their targets)")
                 self.scheduler.start()
+                if self.streamer is not None:
+                    self.streamer.start()
                 try:
                     self.loop(store)
                 finally:
+                    if self.streamer is not None:
+                        self.streamer.shutdown()
                     with contextlib.suppress(Exception):
                         self.scheduler.shutdown(wait=True)
                     store.set_state(STATE_STOPPED, iso())

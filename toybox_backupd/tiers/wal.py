@@ -92,14 +92,14 @@ def db_container(settings: Settings) -> Any:
 
 
 @contextlib.contextmanager
-def route(settings: Settings, local: Path, purpose: str, lifetime: int) -> Iterator[
-        tuple[Any, Shared, str]]:
+def route(settings: Settings, local: Path, purpose: str, lifetime: int, owner: str = "",
+          ) -> Iterator[tuple[Any, Shared, str]]:
     """A helper beside the database that sees `local`; yields (helper, shared dir, image)."""
     container = db_container(settings)
     image = docker_api.image_of(container)
     where = shared(settings, local)
     with docker_api.beside(image, container.id, where.mounts(), purpose, user=owner_user(),
-                           lifetime=lifetime) as helper:
+                           lifetime=lifetime, owner=owner) as helper:
         yield helper, where, image
 
 
@@ -241,8 +241,9 @@ GAP_MARK = "has already been removed"  # the server no longer has the WAL we ask
 class Receiver:
     """One pg_receivewal on the route, until it ends (`run`) or is ended (`end`)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, owner: str = ""):
         self.settings = settings
+        self.owner = owner
         self.proc: docker_api.Exec | None = None
         self.ended = False
 
@@ -252,7 +253,9 @@ class Receiver:
         created = database.ensure_slot(s, SLOT)
         port = database.server_port(s)
         local = wal_dir(s)
-        with route(s, local, "wal", lifetime=10 * 365 * 86400) as (helper, where, _image):
+        docker_api.remove_beside(self.owner, "wal")  # one a killed daemon left streaming
+        with route(s, local, "wal", lifetime=10 * 365 * 86400, owner=self.owner) as (
+                helper, where, _image):
             self.proc = docker_api.Exec(helper, receivewal_command(s, port, where.path(local)),
                                         environment=environment(s))
             if self.ended:
