@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import PG, Env
-from test_daemon import daemons, wait_for  # noqa: F401 - the fixture, and a helper
+from test_daemon import Daemon, wait_for
 
 from toybox_backupd.store import Store
 
@@ -67,13 +67,15 @@ def segments(env: Env) -> list[Any]:
 
 
 @pytest.fixture
-def streaming(env: Env, pg: PG, daemons: Any, docker_engine: Any) -> Iterator[Any]:
+def streaming(env: Env, pg: PG, docker_engine: Any) -> Iterator[Daemon]:
     """The daemon with PITR on and no scheduled jobs, its streamer running."""
-    daemon = daemons(env, **PITR, **NO_JOBS)
-    wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
-             lambda: daemon.log)
-    yield daemon
-    daemon.kill()
+    daemon = Daemon(env, **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: daemon.log)
+        yield daemon
+    finally:
+        daemon.kill()
     for container in wal_helpers(docker_engine, env):
         container.remove(force=True)
 
