@@ -5,8 +5,14 @@ backups and restores to a moment, against a real PostgreSQL 15 set up like the o
 from __future__ import annotations
 
 import json
+import os
+import random
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import PG, Env
@@ -114,3 +120,86 @@ def test_the_streamer_comes_back_after_sigkill_with_no_gap(env: Env, pg: PG, str
     assert len([s for s in found if not s.partial]) >= 6
     assert pg.psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'") \
         == "t"
+
+
+# restore to a moment ---------------------------------------------------------------------------
+# The issue asks for three minutes of writes; the suite must stay within its CI budget, so the
+# writer runs WRITER_SECONDS (60 by default; TOYBOX_PITR_WRITER_SECONDS=180 for the full length).
+WRITER_SECONDS = float(os.environ.get("TOYBOX_PITR_WRITER_SECONDS", "60"))
+TICK = 0.2
+
+
+class Writer:
+    """Inserts a row stamped with its commit time (clock_timestamp(), in its own one-statement
+    transaction) every 200 ms, on a thread, until stopped."""
+
+    def __init__(self, pg: PG):
+        import psycopg
+
+        self.conn = psycopg.connect(host=pg.host, port=pg.port, user=pg.user,
+                                    password=pg.password, dbname=pg.db, autocommit=True)
+        self.conn.execute("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz NOT NULL)")
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.wait(TICK):
+                self.conn.execute("INSERT INTO stamps(at) VALUES (clock_timestamp())")
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.conn.close()
+        assert self.error is None, self.error
+
+
+def stamps(pg: PG, db: str | None = None) -> list[tuple[int, datetime]]:
+    out = pg.psql("SELECT id, extract(epoch FROM at) FROM stamps ORDER BY id", db=db)
+    return [(int(i), datetime.fromtimestamp(float(e), UTC))
+            for i, e in (line.split("|") for line in out.splitlines())]
+
+
+def random_moments(rows: list[tuple[int, datetime]], after: datetime, count: int,
+                   seed: int) -> list[datetime]:
+    """Whole seconds after `after` (and before the last row) with no row stamped within 0.1 s
+    before them: a row committed within a millisecond of T could fall on either side."""
+    last = rows[-1][1]
+    seconds = [after.replace(microsecond=0) + timedelta(seconds=n)
+               for n in range(2, int((last - after).total_seconds()) - 1)]
+    clear = [t for t in seconds
+             if not any(t - timedelta(seconds=0.1) < at <= t for _, at in rows)]
+    assert len(clear) >= count, (after, last)
+    return sorted(random.Random(seed).sample(clear, count))
+
+
+def test_restore_db_at_a_moment_gives_exactly_the_rows_committed_by_then(
+        env: Env, pg: PG, streaming: Daemon) -> None:
+    writer = Writer(pg)
+    try:
+        time.sleep(min(5.0, WRITER_SECONDS / 6))
+        result = env.cli("backup", "base", **PITR)  # online, while the writer writes
+        assert result.returncode == 0, result.stderr
+        [base] = artifacts(env, "base")
+        time.sleep(max(0.0, WRITER_SECONDS - (base.created_at - stamps(pg)[0][1]).total_seconds()))
+    finally:
+        writer.finish()
+    rows = stamps(pg)
+    assert len(rows) >= WRITER_SECONDS / TICK / 2
+    moments = random_moments(rows, base.created_at, 3, seed=len(rows))
+    zone = ZoneInfo("Asia/Tokyo")
+    for number, moment in enumerate(moments):
+        when = moment.astimezone(zone).strftime("%Y-%m-%dT%H:%M:%S")
+        expected = [row for row in rows if row[1] <= moment]
+        last = number == len(moments) - 1
+        into = [] if last else ["--into", f"at_{number}"]  # the last one replaces the database
+        result = env.cli("restore", "db", "--at", when, *into, "--yes", **PITR)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "recovering base backup" in result.stdout
+        got = stamps(pg, db=None if last else f"at_{number}")
+        assert got == expected, (when, len(got), len(expected))
+    assert pg.rows("users") and len(stamps(pg)) < len(rows)  # the whole database came back

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_restore(p: argparse.ArgumentParser) -> None:
     rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     r = rsub.add_parser("db", help="restore the database from a pg_dump")
-    r.add_argument("--at", metavar="WHEN", help="newest dump at or before WHEN (ISO, in TZ)")
+    r.add_argument("--at", metavar="WHEN", help="newest dump at or before WHEN (ISO, in TZ); "
+                   "with PITR=on the database as it was at that second")
     r.add_argument("--table", action="append", metavar="NAME", help="only this table (repeatable)")
     r.add_argument("--into", metavar="DBNAME", help="restore into this (new) database instead")
     r.add_argument("--yes", action="store_true", help="do not ask before replacing")
@@ -176,8 +177,11 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     what = f"restore {args.what}"
     if args.what == "db":
         # asks before it takes the lock: an unanswered prompt never holds up a backup
-        logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
-                           confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
+        restore = logical.restore_db
+        if at is not None and settings.pitr:  # to the moment: base backup + WAL, else a dump
+            from .tiers.pitr_restore import restore_db_at as restore  # type: ignore[assignment]
+        restore(settings, at=at, tables=args.table or [], into=args.into,
+                confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
     elif args.what == "volume":
         volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
                                stop_containers=args.stop_containers, say=say,

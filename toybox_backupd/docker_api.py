@@ -303,7 +303,7 @@ def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], p
     """
     _require_image(image)
     binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
-    tmpfs = {"/tmp": "rw,noexec,nosuid,size=64m", "/var/run/postgresql": "rw,nosuid,mode=1777"}
+    tmpfs = {"/tmp": "rw,noexec,nosuid,size=64m"}
     try:
         container = client().containers.run(
             image, command or ["sleep", str(max(1, int(lifetime)))], detach=True,
