@@ -203,3 +203,28 @@ def test_restore_db_at_a_moment_gives_exactly_the_rows_committed_by_then(
         got = stamps(pg, db=None if last else f"at_{number}")
         assert got == expected, (when, len(got), len(expected))
     assert pg.rows("users") and len(stamps(pg)) < len(rows)  # the whole database came back
+
+
+def test_with_pitr_a_full_run_keeps_the_database_running(env: Env, pg: PG,
+                                                         make_volume: Any) -> None:
+    from toybox_backupd import report
+
+    media = make_volume("mkdir uploads && echo hi > uploads/a.txt")
+    started = pg.container.attrs["State"]["StartedAt"]
+    values = {**PITR, "BACKUP_VOLUMES": f"{pg.volume},{media}", "STOP_DURING_BACKUP": pg.name}
+    result = env.cli("backup", "full", **values)
+    assert result.returncode == 0, result.stderr
+    pg.container.reload()
+    assert pg.container.attrs["State"]["StartedAt"] == started  # never stopped
+    with Store(env.state_dir) as history:
+        run = history.runs(limit=1)[0]
+        message = report.compose_run(env.settings(**values), history, run, message_id="<t@x>")
+    assert run.status == "ok" and run.details["downtime_seconds"] == 0
+    assert [item.target for item in artifacts(env, "full")] == [media]
+    text = message.get_body(("plain",)).get_content()
+    assert "Point in time" in text and "base backups" in text
+    # without PITR the same run stops the database for its volume, as before
+    result = env.cli("backup", "full", **{**values, "PITR": "off"})
+    assert result.returncode == 0, result.stderr
+    with Store(env.state_dir) as history:
+        assert history.runs(limit=1)[0].details["downtime_seconds"] > 0

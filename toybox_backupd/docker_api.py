@@ -114,6 +114,12 @@ def containers_using_volume(volume: str) -> list[Container]:
     return result
 
 
+def mounted_volumes(container: Container) -> list[str]:
+    """The names of the Docker volumes `container` mounts."""
+    return [str(m["Name"]) for m in container.attrs.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Name")]
+
+
 def wants_stop(container: Container, names: Iterable[str]) -> bool:
     """Whether `container` is stopped while its volume is read: labelled, or named in `names`."""
     names = set(names)

@@ -108,8 +108,11 @@ def backup(ctx: RunContext) -> TierResult:
     warnings: list[str] = []
     errors: list[str] = []
     steps: dict[str, Any] = {}
+    left_to_base = _left_to_base(ctx)
     for volume in ctx.targets:
         ctx.check()
+        if volume in left_to_base:
+            continue
         try:
             archived = archive_volume(ctx, volume, ctx.job.name)
         except Cancelled:
@@ -134,6 +137,11 @@ def backup(ctx: RunContext) -> TierResult:
         "warnings_total": len(warnings),
         "volumes": steps,
     }
+    if left_to_base:
+        result.details["pitr"] = (
+            f"{', '.join(left_to_base)}: the database's data, not stopped and not archived by "
+            "this run: with PITR=on the online base backups (tier base) and the WAL are its "
+            "physical backup (`restore cluster --at` rebuilds it)")
     ctx.note(**result.details)
     if errors:
         raise JobError("; ".join(errors))
@@ -141,6 +149,15 @@ def backup(ctx: RunContext) -> TierResult:
 
 
 # one volume ----------------------------------------------------------------------------------
+def _left_to_base(ctx: RunContext) -> list[str]:
+    """With PITR=on, the target volumes of the database container: its base backups are their
+    physical backup, so the database is never stopped for them."""
+    if not ctx.settings.pitr or not ctx.settings.pg_container:
+        return []
+    mounted = docker_api.mounted_volumes(docker_api.find_container(ctx.settings.pg_container))
+    return [volume for volume in ctx.targets if volume in mounted]
+
+
 def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
     """Archive one volume (a full, or a differential against its newest full)."""
     settings, store = ctx.settings, ctx.store
