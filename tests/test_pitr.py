@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -190,6 +191,10 @@ def test_restore_db_at_a_moment_gives_exactly_the_rows_committed_by_then(
         writer.finish()
     rows = stamps(pg)
     assert len(rows) >= WRITER_SECONDS / TICK / 2
+    listed = env.cli("list", **PITR)
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none", listed.stdout), \
+        listed.stdout
     moments = random_moments(rows, base.created_at, 3, seed=len(rows))
     zone = ZoneInfo("Asia/Tokyo")
     for number, moment in enumerate(moments):

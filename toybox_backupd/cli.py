@@ -318,6 +318,12 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
                      item.sha256[:12], status, str(item.base_id) if item.base_id else "-",
                      where(item, copy)))
     _table(rows)
+    if settings.pitr and args.tier in (None, "base"):
+        from .tiers.pitr_restore import window
+
+        reach = window(settings)
+        print(f"point in time ({settings.postgres_db}): "
+              + (reach.text(settings.zone) if reach else "no base backup yet"))
     return EXIT_OK
 
 

@@ -173,3 +173,20 @@ def dumped(settings: Settings, server: Any, dbname: str, at: datetime) -> Iterat
     finally:
         proc.close()
         Path(path).unlink(missing_ok=True)
+
+
+def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
+    """What `restore db --at` can reach: from the oldest kept base backup to the newest commit
+    in the WAL archive, with the gaps between (None: no base backup yet)."""
+    dbname = dbname or settings.postgres_db
+    with Store(settings.state_dir) as store:
+        kept = [item for item in restorable(store, BASE_TIER, dbname) if item.status == "ok"]
+    if not kept:
+        return None
+    oldest = min(kept, key=lambda item: item.created_at)
+    newest = max(kept, key=lambda item: item.created_at)
+    found = wal.segments(settings, dbname)
+    end = wal.last_commit(settings, str(newest.extra["image"]), dbname) if found else None
+    return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
+                                                       newest.created_at),
+                      gaps=wal.gaps(found, wal.segment_of_lsn(str(oldest.extra["end_lsn"]))))

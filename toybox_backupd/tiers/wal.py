@@ -287,3 +287,20 @@ def close_chain(settings: Settings, stamp: str) -> Path | None:
     for path in files:
         path.rename(target / path.name)
     return target
+
+
+def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list[str]:
+    """Delete the archived WAL segments before segment `keep_from` (the start of the oldest kept
+    base backup: no kept base backup needs them); never the one being written. Returns the
+    deleted paths, relative to BACKUP_DIR."""
+    deleted = []
+    for segment in segments(settings, dbname):
+        if segment.number >= keep_from or (segment.partial and segment.path.parent == wal_dir(
+                settings, dbname)):
+            continue
+        segment.path.unlink(missing_ok=True)
+        deleted.append(str(segment.path.relative_to(settings.backup_dir)))
+    for folder in wal_dir(settings, dbname).glob("before-*"):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only once empty
+    return deleted
