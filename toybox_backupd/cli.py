@@ -89,6 +89,15 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     r.add_argument("--yes", action="store_true", help="do not ask before replacing")
     r.add_argument("--stop-containers", action="store_true",
                    help="stop running containers that use the volume, start them after")
+    r = rsub.add_parser("cluster", help="with PITR: rebuild the database's data volume as the "
+                        "cluster was at a moment (base backup + WAL)")
+    r.add_argument("--at", metavar="WHEN", help="that moment (ISO, in TZ); default: the newest "
+                   "moment the WAL reaches")
+    r.add_argument("--volume", metavar="NAME", help="the data volume (default: the one at "
+                   "PG_CONTAINER's PGDATA)")
+    r.add_argument("--yes", action="store_true", help="do not ask before replacing")
+    r.add_argument("--stop-containers", action="store_true",
+                   help="stop running containers that use the volume, start them after")
     r = rsub.add_parser("files", help="extract matching paths of a volume into a directory")
     r.add_argument("name")
     r.add_argument("patterns", nargs="+", metavar="PATTERN", help="glob, e.g. 'uploads/2026-01-2*'")
@@ -182,6 +191,12 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             from .tiers.pitr_restore import restore_db_at as restore  # type: ignore[assignment]
         restore(settings, at=at, tables=args.table or [], into=args.into,
                 confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
+    elif args.what == "cluster":
+        from .tiers.pitr_restore import restore_cluster_at
+
+        restore_cluster_at(settings, at, volume=args.volume, confirm=ask,
+                           stop_containers=args.stop_containers, say=say,
+                           hold=lambda: _restore_lock(settings, what))
     elif args.what == "volume":
         volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
                                stop_containers=args.stop_containers, say=say,

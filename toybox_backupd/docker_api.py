@@ -120,6 +120,18 @@ def mounted_volumes(container: Container) -> list[str]:
             if m.get("Type") == "volume" and m.get("Name")]
 
 
+def data_volume(container: Container) -> str | None:
+    """The named volume mounted at the container's PGDATA (the official image's default
+    /var/lib/postgresql/data), if any."""
+    env = dict(item.split("=", 1) for item in container.attrs.get("Config", {}).get("Env") or []
+               if "=" in item)
+    pgdata = env.get("PGDATA", "/var/lib/postgresql/data").rstrip("/")
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Type") == "volume" and str(mount.get("Destination", "")).rstrip("/") == pgdata:
+            return str(mount["Name"])
+    return None
+
+
 def wants_stop(container: Container, names: Iterable[str]) -> bool:
     """Whether `container` is stopped while its volume is read: labelled, or named in `names`."""
     names = set(names)

@@ -14,13 +14,14 @@ import contextlib
 import secrets
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .. import docker_api
 from ..atomic import AtomicFile
-from ..basics import Confirm, JobError, Say, iso, local_time, silent
+from ..basics import CatalogError, Confirm, JobError, Say, iso, local_time, silent, utcnow
 from ..pgtools import OS_USER, tool_error
 from ..restore_points import check_file, restorable
 from ..settings import Settings
@@ -32,16 +33,19 @@ BASE_TIER = "base"
 DATA = "/pgdata/data"
 ARCHIVE = "/pgdata/wal"
 SETUP_CAPS = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER"]
+MARK = "# toybox-backupd: recovery settings (removed when a cluster is restored)"
 SETUP = r"""
 set -eu
+MARK="# toybox-backupd: recovery settings (removed when a cluster is restored)"
 conf="$1"; base="$2"; shift 2
 mkdir -p /pgdata/data /pgdata/wal
 tar -xzf "$base/base.tar.gz" -C /pgdata/data
 tar -xzf "$base/pg_wal.tar.gz" -C /pgdata/data/pg_wal
 for f in "$@"; do name=$(basename "$f"); cp "$f" "/pgdata/wal/${name%.partial}"; done
 rm -f /pgdata/data/standby.signal /pgdata/data/postmaster.pid
+cp -p /pgdata/data/pg_hba.conf /pgdata/data/pg_hba.conf.toybox-backupd
 printf 'local all all trust\n' > /pgdata/data/pg_hba.conf
-printf '%s\n' "$conf" >> /pgdata/data/postgresql.auto.conf
+printf '%s\n%s\n' "$MARK" "$conf" >> /pgdata/data/postgresql.auto.conf
 touch /pgdata/data/recovery.signal
 chown -R postgres:postgres /pgdata
 chmod 700 /pgdata/data
@@ -82,14 +86,20 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
     check_file(settings.backup_dir, base)
     say(f"recovering base backup {base.path} ({local_time(base.created_at, settings.zone)}) "
         f"plus WAL to {local_time(at, settings.zone)}")
-    with recovered(settings, base, at) as server, dumped(settings, server, dbname, at) as item:
+    with recovered(settings, base, at) as done, dumped(settings, done.server, dbname, at) as item:
         say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
         logical.restore_dump(settings, item, settings.backup_dir / item.path, tables=tables,
                              into=into, confirm=confirm, say=say, hold=hold)
 
 
+@dataclass
+class Recovery:
+    server: Any   # the throwaway server's container
+    scratch: str  # its data volume (the cluster in data/)
+
+
 @contextlib.contextmanager
-def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterator[Any]:
+def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterator[Recovery]:
     """A throwaway server recovered from `base` plus the WAL to `at` (None: to the end of the
     archive), promoted; removed with its scratch volume afterwards."""
     image = str(base.extra["image"])
@@ -100,7 +110,7 @@ def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterat
         with docker_api.beside(image, None, {scratch: ("/pgdata", "rw")}, "recover",
                                user=OS_USER, command=["postgres", "-D", DATA]) as server:
             _wait_promoted(settings, server)
-            yield server
+            yield Recovery(server, scratch)
     finally:
         docker_api.remove_volume(scratch)
 
@@ -190,3 +200,57 @@ def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
     return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
                                                        newest.created_at),
                       gaps=wal.gaps(found, wal.segment_of_lsn(str(oldest.extra["end_lsn"]))))
+
+
+# restore cluster ---------------------------------------------------------------------------------
+FILL = r"""
+set -eu
+cp -a /recovered/data/. "$1/"
+cd "$1"
+mv pg_hba.conf.toybox-backupd pg_hba.conf
+awk -v mark="$2" '$0 == mark { exit } { print }' postgresql.auto.conf > /tmp/auto.conf
+cat /tmp/auto.conf > postgresql.auto.conf
+rm -f postmaster.pid /tmp/auto.conf
+"""
+
+
+def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str | None = None,
+                       confirm: Confirm = None, stop_containers: bool = False,
+                       say: Say = silent, hold: Hold = contextlib.nullcontext) -> None:
+    """Rebuild the database's data volume as the cluster was at `at` (None: the newest moment
+    the WAL reaches): recovered in a throwaway server, shut down cleanly, then swapped into the
+    volume with the safety of `restore volume` (beside, complete, then swapped)."""
+    from .volume_restore import restore_filled
+    from .volume_swap import new_dir, run_step
+
+    target = volume or _data_volume(settings)
+    with Store(settings.state_dir) as store:
+        base = base_for(store, settings.postgres_db, at or utcnow())
+    if base is None:
+        raise CatalogError("no base backup finished at or before that moment (see `list`)")
+    check_file(settings.backup_dir, base)
+    moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
+    say(f"recovering base backup {base.path} plus WAL to {moment}")
+    with hold(), recovered(settings, base, at) as done:
+        docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
+
+        def fill(helper: Any, staging: str) -> None:
+            run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
+                     "copying the recovered cluster")
+
+        restore_filled(settings, target, what=f"the cluster recovered to {moment}", when=moment,
+                       fill=fill, mounts={done.scratch: ("/recovered", "ro")}, confirm=confirm,
+                       stop_containers=stop_containers, say=say)
+
+
+def _data_volume(settings: Settings) -> str:
+    """The volume at PG_CONTAINER's PGDATA; JobError naming --volume when it cannot be found."""
+    try:
+        container = docker_api.find_container(settings.pg_container or "")
+    except docker_api.DockerError:
+        container = None
+    name = docker_api.data_volume(container) if container is not None else None
+    if name is None:
+        raise JobError("cannot tell the database's data volume (PG_CONTAINER is gone or mounts "
+                       "no volume at its PGDATA): name it with --volume")
+    return name
