@@ -179,15 +179,21 @@ class Daemon:
         scheduler.add_job(self.flush_outbox, IntervalTrigger(seconds=OUTBOX_SECONDS),
                           id="outbox", name="email outbox", executor="mail")
         if settings.pitr:
-            from .streamer import WATCH_SECONDS, Streamer
-
-            self.streamer = Streamer(settings, self.request_base)
-            scheduler.add_job(self.streamer.watch, IntervalTrigger(seconds=WATCH_SECONDS),
-                              id="pitr", name="WAL streamer watch", executor="pitr")
+            self._add_streamer(scheduler)
         if settings.offsite_url:
             scheduler.add_job(self.retry_offsite, IntervalTrigger(seconds=OFFSITE_SECONDS),
                               id="offsite", name="off-site copy queue", executor="offsite")
         return scheduler
+
+    def _add_streamer(self, scheduler: Any) -> None:
+        """PITR=on: the supervised WAL streamer (started with the scheduler) and its watch."""
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        from .streamer import WATCH_SECONDS, Streamer
+
+        self.streamer = Streamer(self.settings, self.request_base)
+        scheduler.add_job(self.streamer.watch, IntervalTrigger(seconds=WATCH_SECONDS),
+                          id="pitr", name="WAL streamer watch", executor="pitr")
 
     def request_base(self, why: str) -> None:
         """Run a base backup as soon as the worker is free (a gap in the WAL archive)."""
@@ -327,19 +333,23 @@ class Daemon:
                 if not any(job.enabled(settings) for job in jobs.all_jobs()):
                     log.warning("no job is enabled: set " + ", ".join(
                         job.schedule_var for job in jobs.all_jobs()) + " (and their targets)")
-                self.scheduler.start()
-                if self.streamer is not None:
-                    self.streamer.start()
-                try:
-                    self.loop(store)
-                finally:
-                    if self.streamer is not None:
-                        self.streamer.shutdown()
-                    with contextlib.suppress(Exception):
-                        self.scheduler.shutdown(wait=True)
-                    store.set_state(STATE_STOPPED, iso())
+                self._serve(store)
                 log.info("toybox-backupd stopped", aborted=self._aborted)
         return 0
+
+    def _serve(self, store: Store) -> None:
+        """The scheduler (and the WAL streamer) until the loop ends, then both stopped."""
+        self.scheduler.start()
+        if self.streamer is not None:
+            self.streamer.start()
+        try:
+            self.loop(store)
+        finally:
+            if self.streamer is not None:
+                self.streamer.shutdown()
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=True)
+            store.set_state(STATE_STOPPED, iso())
 
 
 

@@ -136,12 +136,8 @@ def backup(ctx: RunContext) -> TierResult:
         "warnings": warnings[:200],
         "warnings_total": len(warnings),
         "volumes": steps,
+        **_pitr_note(left_to_base),
     }
-    if left_to_base:
-        result.details["pitr"] = (
-            f"{', '.join(left_to_base)}: the database's data, not stopped and not archived by "
-            "this run: with PITR=on the online base backups (tier base) and the WAL are its "
-            "physical backup (`restore cluster --at` rebuilds it)")
     ctx.note(**result.details)
     if errors:
         raise JobError("; ".join(errors))
@@ -156,6 +152,14 @@ def _left_to_base(ctx: RunContext) -> list[str]:
         return []
     mounted = docker_api.mounted_volumes(docker_api.find_container(ctx.settings.pg_container))
     return [volume for volume in ctx.targets if volume in mounted]
+
+
+def _pitr_note(left_to_base: list[str]) -> dict[str, str]:
+    if not left_to_base:
+        return {}
+    return {"pitr": f"{', '.join(left_to_base)}: the database's data, not stopped and not "
+            "archived by this run: with PITR=on the online base backups (tier base) and the "
+            "WAL are its physical backup (`restore cluster --at` rebuilds it)"}
 
 
 def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
