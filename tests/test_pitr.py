@@ -286,3 +286,59 @@ def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, stre
     finally:
         with contextlib.suppress(Exception):
             docker_engine.volumes.get(volume).remove(force=True)
+
+
+def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
+        env: Env, pg: PG) -> None:
+    """The streamer is down (never started here) while the database writes: the slot would
+    keep every segment; past PITR_MAX_SLOT_WAL the watch drops it and asks for a base backup."""
+    from toybox_backupd import database
+    from toybox_backupd.daemon.streamer import Streamer
+    from toybox_backupd.tiers import wal
+
+    settings = env.settings(**PITR, PITR_MAX_SLOT_WAL="64MB", NOTIFY_EMAIL_TO="ops@example.com",
+                            SMTP_HOST="127.0.0.1", SMTP_FROM="backupd@example.com")
+    asked: list[str] = []
+    streamer = Streamer(settings, asked.append)
+    assert database.ensure_slot(settings, wal.SLOT)
+    pg.psql("CREATE TABLE filler (x text)")
+    streamer.watch()
+    assert asked == [] and database.slot_retained(settings, wal.SLOT) is not None
+    for _ in range(6):  # a little over 64 MiB of WAL the slot holds
+        pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 1000); "
+                "SELECT pg_switch_wal()")
+    assert database.slot_retained(settings, wal.SLOT) > 64 * 1024 * 1024
+    streamer.watch()
+    assert asked == ["replication slot dropped"]
+    assert database.slot_retained(settings, wal.SLOT) is None
+    pg.psql("CHECKPOINT")
+    kept = int(pg.psql("SELECT count(*) FROM pg_ls_waldir()"))
+    assert kept * wal.SEGMENT_SIZE <= 64 * 1024 * 1024 + 2 * wal.SEGMENT_SIZE
+    with Store(env.state_dir) as history:
+        assert "PITR_MAX_SLOT_WAL" in (history.get_state("pitr.gap") or "")
+        queued = history.db.execute("SELECT subject FROM outbox").fetchall()
+    assert any("replication slot dropped" in row[0] for row in queued)
+
+
+def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
+                                                            streaming: Daemon) -> None:
+    from toybox_backupd.tiers import wal
+
+    for _ in range(2):
+        pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1); "
+                "SELECT pg_switch_wal()")
+    current = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    wait_for("the switched segments", lambda: current in {s.name for s in segments(env)}, 60)
+    remote = env.tmp / "offsite"
+    settings = env.settings(**PITR, OFFSITE_URL=f"file://{remote}")
+    with Store(env.state_dir) as history:
+        stamp = wal.copy_offsite(settings, history, float("-inf"), 100.0)
+        assert stamp == 100.0  # the segment being written went too
+        completed = [s for s in wal.segments(settings) if not s.partial]
+        assert history.get_state(wal.STATE_OFFSITE) == completed[-1].name
+        # a second pass copies nothing new, and not the partial again within the minute
+        assert wal.copy_offsite(settings, history, stamp, 130.0) == stamp
+    for segment in wal.segments(settings):
+        copy = remote / segment.path.relative_to(env.backup_dir)
+        assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
+        assert copy.stat().st_size == wal.SEGMENT_SIZE

@@ -48,6 +48,7 @@ class Streamer:
         self.request_base = request_base
         self.stopping = threading.Event()
         self.receiver: wal.Receiver | None = None
+        self.partial_copied = float("-inf")  # when the segment being written was last copied
         self.thread = threading.Thread(target=self._loop, name="wal-streamer", daemon=True)
         with Store(settings.state_dir) as store:
             self.owner = store.instance_id()
@@ -113,12 +114,22 @@ class Streamer:
 
     # the watch (the scheduler's pitr thread) -----------------------------------------------
     def watch(self) -> None:
-        """Alerts for a streamer down too long; the slot dropped past PITR_MAX_SLOT_WAL."""
+        """Alerts for a streamer down too long; the slot dropped past PITR_MAX_SLOT_WAL; the
+        WAL copied off-site (OFFSITE_URL)."""
         try:
             self._watch_down()
             self._watch_slot()
         except Exception as exc:
             log.error("PITR watch failed", error=redact.redact(describe_unexpected(exc)))
+        if not self.settings.offsite_url:
+            return
+        try:
+            with Store(self.settings.state_dir) as store:
+                self.partial_copied = wal.copy_offsite(self.settings, store, self.partial_copied,
+                                                       time.monotonic())
+        except Exception as exc:  # tried again at the next watch
+            log.warning("WAL off-site copy pending", error=redact.redact(
+                str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)))
 
     def _watch_down(self) -> None:
         s = self.settings
