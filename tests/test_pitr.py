@@ -346,3 +346,42 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
         copy = remote / segment.path.relative_to(env.backup_dir)
         assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
         assert copy.stat().st_size == wal.SEGMENT_SIZE
+
+
+def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_engine: Any) -> None:
+    """The WAL the archive needs next is gone from the server (the streamer was away and its
+    slot dropped): the archive so far is set aside, streaming starts again at the server's
+    position, and a base backup is taken at once."""
+    first = Daemon(env, "first", **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: first.log)
+    finally:
+        first.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True)
+    pg.psql("SELECT pg_drop_replication_slot('toybox_backupd')")
+    pg.psql("CREATE TABLE filler (x text)")
+    for _ in range(8):  # the server moves on and recycles what the archive would need next
+        pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 1000); "
+                "SELECT pg_switch_wal()")
+    pg.psql("CHECKPOINT")
+    second = Daemon(env, "second", **PITR, **NO_JOBS)
+    try:
+        wait_for("a base backup after the gap", lambda: artifacts(env, "base"), 180,
+                 lambda: second.log)
+        assert "has already been removed" in second.log
+        root = env.backup_dir / "wal" / "toybox"
+        wait_for("streaming in a new chain", lambda: any(
+            s.partial and s.path.parent == root for s in segments(env)), 60, lambda: second.log)
+        with Store(env.state_dir) as history:
+            said = history.get_state("pitr.gap") or ""
+        assert "has a gap" in said and "/before-" in said
+        # the archive before the gap was set aside, and retention then deleted it: no kept
+        # base backup needs it (the only one came after the gap)
+        assert "retention: WAL segments no kept base backup needs deleted" in second.log
+        assert not list(root.glob("before-*"))
+    finally:
+        second.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True)

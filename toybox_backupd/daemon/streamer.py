@@ -105,6 +105,10 @@ class Streamer:
     def _gap(self, why: str) -> None:
         stamp = local_time(utcnow(), self.settings.zone, "stamp")
         moved = wal.close_chain(self.settings, stamp)
+        try:  # a new slot reserves WAL from the server's position now
+            database.drop_slot(self.settings, wal.SLOT)
+        except database.DatabaseError as exc:
+            log.warning("could not drop the replication slot after a gap", error=str(exc))
         text = (f"the WAL archive has a gap: {why}. The archive so far was moved to {moved}; "
                 "streaming starts again at the server's position and a base backup is taken "
                 "now, so later moments are recoverable again.")
