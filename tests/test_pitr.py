@@ -385,3 +385,18 @@ def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_
         second.kill()
         for container in wal_helpers(docker_engine, env):
             container.remove(force=True)
+
+
+def test_check_tries_the_route_and_says_what_fails(env: Env, pg: PG) -> None:
+    result = env.cli("check", **PITR)
+    line = next(x for x in result.stdout.splitlines() if "pitr route" in x)
+    assert "replication over 127.0.0.1:5432 allowed" in line, result.stdout
+    assert "pg_receivewal (PostgreSQL) 15" in line
+    # a stack whose pg_hba.conf has no replication rule for 127.0.0.1: said in plain words
+    pg.container.exec_run(["sh", "-c", "sed -i '/replication/d' \"$PGDATA/pg_hba.conf\""],
+                          user="postgres")
+    pg.psql("SELECT pg_reload_conf()")
+    result = env.cli("check", **PITR)
+    assert result.returncode != 0
+    line = next(x for x in (result.stdout + result.stderr).splitlines() if "pitr route" in x)
+    assert "does not work" in line and "pg_hba.conf" in line, line

@@ -108,6 +108,12 @@ def _identity(settings: Settings) -> str:
                  "it OFF this host as well (a lost host must not take the only key with it)")
 
 
+def _pitr(settings: Settings) -> str:
+    from .tiers import wal
+
+    return wal.check_route(settings)
+
+
 def run_checks(settings: Settings) -> list[Outcome]:
     """Try each part in turn (settings, dirs, Docker, database, what a restore does to
     databases, the database container, volumes, SMTP); never raises."""
@@ -123,6 +129,8 @@ def run_checks(settings: Settings) -> list[Outcome]:
     ]
     if settings.pg_container:
         checks.append(("db container", lambda: _pg_container(settings)))
+    if settings.pitr:
+        checks.append(("pitr route", lambda: _pitr(settings)))
     if settings.backup_volumes:
         checks.append(("volumes", lambda: _volumes(settings)))
     if settings.notify_email_to:

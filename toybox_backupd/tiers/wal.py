@@ -346,3 +346,22 @@ def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float
         store.set_state(STATE_OFFSITE, segment.name)
         done = segment.name
     return last_partial
+
+
+def check_route(settings: Settings) -> str:
+    """`check`: a helper beside the database opens a replication connection over 127.0.0.1
+    (IDENTIFY_SYSTEM) and sees the backup directory. One line, or JobError saying what fails."""
+    port = database.server_port(settings)
+    local = wal_dir(settings)
+    with route(settings, local, "check", lifetime=120) as (helper, where, _image):
+        result, out = docker_api.run(
+            helper, ["sh", "-c", 'test -w "$1" && pg_receivewal --version && psql -X -A -t -d '
+                     '"$2 replication=true" -c IDENTIFY_SYSTEM', "sh", where.path(local),
+                     connection(settings, port)], environment=environment(settings))
+    if result.exit_code != 0:
+        tail = "; ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
+        raise JobError("the route beside the database does not work (a replication connection "
+                       f"to 127.0.0.1:{port} from the database's network, and {local} "
+                       f"writable there): {tail or f'exit status {result.exit_code}'}")
+    version = out.decode("utf-8", "replace").splitlines()[0].strip()
+    return f"{version} beside the database; replication over 127.0.0.1:{port} allowed"
