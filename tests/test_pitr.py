@@ -216,6 +216,11 @@ def test_restore_db_at_a_moment_gives_exactly_the_rows_committed_by_then(
         got = stamps(pg, db=None if last else f"at_{number}")
         assert got == expected, (when, len(got), len(expected))
     assert pg.rows("users") and len(stamps(pg)) < len(rows)  # the whole database came back
+    # one table, to the first moment, into the live database
+    when = moments[0].astimezone(zone).strftime("%Y-%m-%dT%H:%M:%S")
+    result = env.cli("restore", "db", "--at", when, "--table", "stamps", "--yes", **PITR)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert stamps(pg) == [row for row in rows if row[1] <= moments[0]]
 
 
 def test_with_pitr_a_full_run_keeps_the_database_running(env: Env, pg: PG,
@@ -400,3 +405,38 @@ def test_check_tries_the_route_and_says_what_fails(env: Env, pg: PG) -> None:
     assert result.returncode != 0
     line = next(x for x in (result.stdout + result.stderr).splitlines() if "pitr route" in x)
     assert "does not work" in line and "pg_hba.conf" in line, line
+
+
+def test_a_streamer_down_too_long_fails_healthcheck_and_emails_once(plain_env: Env) -> None:
+    from toybox_backupd.basics import iso, utcnow
+    from toybox_backupd.daemon import health
+    from toybox_backupd.daemon.keys import STATE_HEARTBEAT, STATE_PITR_DOWN, STATE_PITR_ERROR
+    from toybox_backupd.daemon.streamer import Streamer
+
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db", PITR_ALERT_MINUTES="10",
+                                  NOTIFY_EMAIL_TO="ops@example.com", SMTP_HOST="127.0.0.1",
+                                  SMTP_FROM="backupd@example.com", POSTGRES_HOST="127.0.0.1",
+                                  POSTGRES_PORT="9")
+    streamer = Streamer(settings, lambda why: None)
+
+    def subjects() -> list[str]:
+        with Store(plain_env.state_dir) as history:
+            return [row[0] for row in history.db.execute("SELECT subject FROM outbox")]
+
+    with Store(plain_env.state_dir) as history:
+        history.set_state(STATE_HEARTBEAT, iso())
+        history.set_state(STATE_PITR_DOWN, iso(utcnow() - timedelta(minutes=9)))
+        history.set_state(STATE_PITR_ERROR, "pg_receivewal ended with exit status 1: no route")
+    streamer.watch()
+    assert subjects() == []
+    healthy, lines = health.healthcheck(settings)
+    assert "WAL streamer starting" in lines[0]
+    with Store(plain_env.state_dir) as history:
+        history.set_state(STATE_PITR_DOWN, iso(utcnow() - timedelta(minutes=11)))
+    streamer.watch()
+    streamer.watch()
+    assert [s for s in subjects() if "WAL streamer down" in s] == [subjects()[0]]
+    healthy, lines = health.healthcheck(settings)
+    assert not healthy
+    assert any("the WAL streamer has been down for 11 min" in line and "no route" in line
+               for line in lines), lines

@@ -38,6 +38,7 @@ log = logs.get("toybox_backupd.streamer")
 WATCH_SECONDS = 15.0
 QUICK_RESTART = 2.0  # seconds before restarting a streamer that had run for a while
 HEALTHY_RUN = 60.0
+STEADY = 10.0  # seconds pg_receivewal must have run before it counts as streaming
 
 
 class Streamer:
@@ -90,14 +91,15 @@ class Streamer:
             self.stopping.wait(delay)
 
     def _started(self, slot_created: bool) -> None:
-        with Store(self.settings.state_dir) as store:
-            store.set_state(STATE_STREAMING, iso())
-            store.set_state(STATE_DOWN, "")
+        """pg_receivewal runs; the watch counts it as streaming once it has lasted STEADY
+        seconds (one that fails at once, over and over, stays down for the alert)."""
+        self._set(STATE_STREAMING, iso())
         log.info("WAL streamer running", directory=str(wal.wal_dir(self.settings)),
                  slot=wal.SLOT, slot_created=slot_created)
 
     def _down(self, why: str) -> None:
         with Store(self.settings.state_dir) as store:
+            store.set_state(STATE_STREAMING, "")
             if not store.get_state(STATE_DOWN):
                 store.set_state(STATE_DOWN, iso())
             store.set_state(STATE_ERROR, why)
@@ -139,6 +141,11 @@ class Streamer:
         s = self.settings
         with Store(s.state_dir) as store:
             down = parse_iso(store.get_state(STATE_DOWN))
+            streaming = parse_iso(store.get_state(STATE_STREAMING))
+            if down is not None and streaming is not None and (
+                    utcnow() - streaming).total_seconds() >= STEADY:
+                store.set_state(STATE_DOWN, "")
+                down = None
             alerted = store.get_state(STATE_ALERTED) == "yes"
             error = store.get_state(STATE_ERROR) or "-"
             if down is None and alerted:
