@@ -323,7 +323,7 @@ def drop_slot(settings: Settings, slot: str) -> None:
     with admin(settings) as conn:
         conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE "
                      "slot_name = %s AND active_pid IS NOT NULL", (slot,))
-        for _ in range(50):
+        for _ in range(100):  # else the next watch tries again
             row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
                                (slot,)).fetchone()
             if row is None:

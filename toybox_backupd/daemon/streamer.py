@@ -35,7 +35,7 @@ from .keys import STATE_PITR_STREAMING as STATE_STREAMING
 
 log = logs.get("toybox_backupd.streamer")
 
-WATCH_SECONDS = 15.0
+WATCH_SECONDS = 5.0
 QUICK_RESTART = 2.0  # seconds before restarting a streamer that had run for a while
 HEALTHY_RUN = 60.0
 STEADY = 10.0  # seconds pg_receivewal must have run before it counts as streaming
