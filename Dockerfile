@@ -57,18 +57,29 @@ LABEL org.opencontainers.image.title="toybox-backupd" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT"
 
-# tini: PID 1 that forwards SIGTERM to the daemon and reaps zombies. tar/findutils/zstd: the
-# helper containers' tools. tzdata: TZ=Asia/Tokyo and friends. python3 only when the base has
-# none (plain Debian): the venv points at the same interpreter path the build stage used.
+# tini: PID 1 that forwards SIGTERM to the daemon and reaps zombies. GNU tar/findutils/zstd:
+# the helper containers' tools (and a restore by hand). tzdata: TZ=Asia/Tokyo and friends.
+# python3 only when the base has none (plain Debian): the venv points at the same interpreter
+# path the build stage used. Only what the base lacks is installed: a base that has them all
+# (tini included) builds without a Debian mirror.
 RUN set -eu; \
     export DEBIAN_FRONTEND=noninteractive; \
-    pkgs="tini tar findutils zstd tzdata ca-certificates"; \
-    command -v python3 >/dev/null || pkgs="$pkgs python3"; \
-    apt-get update -qq; \
-    apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; \
-    rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
-    groupadd --gid "$BACKUPD_GID" backupd; \
-    useradd --uid "$BACKUPD_UID" --gid backupd --no-create-home \
+    need=""; \
+    command -v tini >/dev/null || need="$need tini"; \
+    tar --version 2>/dev/null | grep -q 'GNU tar' || need="$need tar"; \
+    command -v find >/dev/null || need="$need findutils"; \
+    command -v zstd >/dev/null || need="$need zstd"; \
+    [ -e /usr/share/zoneinfo/Asia/Tokyo ] || need="$need tzdata"; \
+    [ -s /etc/ssl/certs/ca-certificates.crt ] || need="$need ca-certificates"; \
+    command -v python3 >/dev/null || need="$need python3"; \
+    if [ -n "$need" ]; then \
+      apt-get update -qq; \
+      apt-get install -y -qq --no-install-recommends $need >/dev/null; \
+      rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+    fi; \
+    [ -x /usr/bin/tini ] || ln -s "$(command -v tini)" /usr/bin/tini; \
+    getent group backupd >/dev/null || groupadd --gid "$BACKUPD_GID" backupd; \
+    id -u backupd >/dev/null 2>&1 || useradd --uid "$BACKUPD_UID" --gid backupd --no-create-home \
             --home-dir /var/lib/toybox-backupd --shell /usr/sbin/nologin backupd; \
     mkdir -p /backups /var/lib/toybox-backupd /etc/toybox-backupd; \
     chown backupd:backupd /backups /var/lib/toybox-backupd; \
@@ -77,14 +88,18 @@ RUN set -eu; \
 COPY --from=build /opt/venv /opt/venv
 
 # LOG_FORMAT=json: one JSON object per line for `docker compose logs` and log shippers (set
-# LOG_FORMAT=console in .env for key=value lines). TOYBOX_ENV_FILE: settings come from the
-# environment (compose's env_file); a file is read only if mounted at this path.
+# LOG_FORMAT=console in .env for key=value lines; a command run at a terminal prints console
+# lines anyway). TOYBOX_ENV_FILE: settings come from the environment (compose's env_file); a
+# file is read only if mounted at this path. TOYBOX_LOG_MIRROR: `backup`, `restore`, `verify`
+# and `reindex` run with `docker compose exec` copy their log lines to PID 1's output, so
+# `docker compose logs` shows them too.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     LOG_FORMAT=json \
     BACKUP_DIR=/backups \
     STATE_DIR=/var/lib/toybox-backupd \
-    TOYBOX_ENV_FILE=/etc/toybox-backupd/env
+    TOYBOX_ENV_FILE=/etc/toybox-backupd/env \
+    TOYBOX_LOG_MIRROR=/proc/1/fd/1
 
 # Backups and the SQLite history/catalog. Keep /backups on the host (a bind mount) or better,
 # on another disk: it is what a new host needs to recover (`toybox-backupd reindex`).

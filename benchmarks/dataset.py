@@ -64,6 +64,9 @@ PROFILES = {
     # ~200 MB, ~2 300 files; database ≈ 75 MB
     "small": Profile("small", thumbs=1800, metas=400, videos=3, video_mb=(20, 40),
                      exports=100, logs=1, log_mb=35, pg_scale=2, pg_rows=100_000),
+    # ten times "default" (~20 GB, ~170 000 files; database ≈ 4.7 GB): benchmarks.scenarios
+    "x10": Profile("x10", thumbs=140000, metas=25000, videos=260, video_mb=(20, 80),
+                   exports=8000, logs=40, log_mb=40, pg_scale=100, pg_rows=8_000_000),
     # ~20 MB: the second size of the --small run's memory probe
     "tiny": Profile("tiny", thumbs=200, metas=50, videos=1, video_mb=(10, 10),
                     exports=10, logs=1, log_mb=3, pg_scale=1, pg_rows=1000),

@@ -547,8 +547,9 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_report(profile: str, text: str) -> bool:
-    begin, end = f"<!-- results:{profile} -->", f"<!-- /results:{profile} -->"
+def update_report(profile: str, text: str, marker: str = "results") -> bool:
+    """Put `text` between BENCHMARKS.md's `<!-- {marker}:{profile} -->` markers."""
+    begin, end = f"<!-- {marker}:{profile} -->", f"<!-- /{marker}:{profile} -->"
     if not REPORT.exists():
         return False
     content = REPORT.read_text()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import statistics
 import subprocess
 import tempfile
@@ -44,44 +43,11 @@ TAR = ["tar", "--create", "--format=posix", "--numeric-owner", "--ignore-failed-
        "--pax-option=delete=atime", "--xattrs", "--directory=/vol"]
 
 
-class _Writer:
-    """Hands the compressor's output to a thread that writes and hashes it (AtomicFile)."""
-
-    def __init__(self, target: atomic.AtomicFile):
-        self.target = target
-        self.queue: queue.Queue[bytes | None] = queue.Queue(8)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (data := self.queue.get()) is not None:
-            try:
-                self.target.write(data)
-            except BaseException as exc:
-                self.error = exc
-
-    def write(self, data: bytes) -> int:
-        if self.error:
-            raise self.error
-        self.queue.put(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-
-
 def _pipeline(chunks: Iterator[bytes], out: Path, threaded: bool = False) -> int:
     members = 0
     with atomic.AtomicFile(out) as target:
-        writer = _Writer(target) if threaded else None
-        with compression.compressor(writer or target, "zstd", 3) as sink:  # type: ignore[arg-type]
+        writer = atomic.WriteBehind(target) if threaded else None
+        with compression.compressor(writer or target, "zstd", 3) as sink:
             reader = tarstream.TeeReader(chunks, sink)
             for _member in tarstream.members(reader):
                 members += 1

@@ -135,6 +135,19 @@ def _scenarios(st: Stack) -> None:
     subjects = " | ".join(message["Subject"] for message in mail)
     for job in ("logical", "full", "diff"):
         assert job in subjects, subjects
+    # the manual backups (docker compose exec) are in the daemon's log too; the scheduler's
+    # per-run chatter is not
+    daemon_log = st.logs("backupd", 2000)
+    assert '"command": "backup"' in daemon_log and '"event": "run started"' in daemon_log, daemon_log
+    assert "Running job" not in daemon_log and "executed successfully" not in daemon_log
+    # checking an edit of .env before applying it (README): a throwaway container
+    checked = st.compose("run", "--rm", "-T", "backupd", "toybox-backupd", "check", check=False,
+                         timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    typo = st.compose("run", "--rm", "-T", "-e", "PGDUMP_SCHEDULE=0 25 * * *", "backupd",
+                      "toybox-backupd", "check", check=False, timeout=300)
+    assert typo.returncode == 1, typo.stdout + typo.stderr
+    assert "FAIL  settings     PGDUMP_SCHEDULE: '0 25 * * *'" in typo.stdout, typo.stdout
 
     # 2. scenario 1: the database is broken -> the whole database back from the dump -------
     started = time.monotonic()

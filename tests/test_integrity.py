@@ -340,3 +340,35 @@ def test_unknown_files_lists_what_the_catalog_does_not_know(
         history.set_artifact_status(item.id, "deleted")  # dropped from the catalog
         assert set(reindex.unknown_files(root, history)) == stray | {
             item.path, item.path + manifests.MANIFEST_SUFFIX, item.path + manifests.INDEX_SUFFIX}
+
+
+def test_write_behind_writes_every_byte_and_raises_the_writers_error(tmp_path: Path) -> None:
+    """The thread that writes and hashes an archive's output: the same bytes and sha256 as a
+    direct write, in order; a write error on that thread (a full disk) reaches the caller and
+    no write after it blocks or lands."""
+    chunks = [bytes([i % 251]) * (1000 + i) for i in range(300)]
+    with atomic.AtomicFile(tmp_path / "out.bin") as out:
+        with atomic.write_behind(out) as behind:
+            for chunk in chunks:
+                behind.write(memoryview(chunk))
+        out.commit()
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == b"".join(chunks)
+    assert out.sha256 == hashlib.sha256(data).hexdigest() and out.size == len(data)
+
+    class Full(atomic.AtomicFile):
+        def write(self, data: bytes | bytearray | memoryview) -> int:
+            if self.size > 50_000:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+
+    raised: list[BaseException] = []
+    with Full(tmp_path / "full.bin") as out:
+        try:
+            with atomic.write_behind(out) as behind:
+                for chunk in chunks * 10:  # far more than the queue holds
+                    behind.write(chunk)
+        except OSError as exc:
+            raised.append(exc)
+    assert raised and "No space left" in str(raised[0])
+    assert not (tmp_path / "full.bin").exists() and not (tmp_path / "full.bin.partial").exists()

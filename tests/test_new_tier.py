@@ -117,7 +117,7 @@ def test_a_registered_tier_runs_lists_retains_verifies_and_reports(
     text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert message["Subject"].startswith("[toybox-backupd] OK snapshot ")
     assert "OK: directory snapshot of" in text
-    assert re.search(r"^ +snapshot +2 +20", text, re.M), text  # its row among restore points
+    assert re.search(r"^ +snapshot +\S+ +2 +20", text, re.M), text  # its row among restore points
     assert "Next snapshot run" in text and "(0 3 * * *)" in text
     assert any(line.strip().startswith("snapshot") and "OK" in line for line in text.splitlines())
 

@@ -7,6 +7,7 @@ The server is aiosmtpd on 127.0.0.1 with STARTTLS (a CA made at test time) and A
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import socket
 import xml.etree.ElementTree as ET
@@ -147,7 +148,7 @@ def one_per_recipient(messages: list[Received]) -> None:
 
 # composing and delivering ---------------------------------------------------------------------
 def test_success_and_failure_runs_are_delivered(mail_env: Any, smtp: SMTPServer) -> None:
-    settings = mail_env.settings()
+    settings = mail_env.settings(BACKUP_HOST_NAME="toybox-prod")
     with Store(settings.state_dir) as history:
         ok_id = make_run(history, details={
             "sha256": "ab" * 32, "retention_deleted": ["logical/toybox/old_1.dump"],
@@ -171,10 +172,11 @@ def test_success_and_failure_runs_are_delivered(mail_env: Any, smtp: SMTPServer)
     text = text_of(ok)
     for needle in ("Started", "Ended", "Duration", "Size", "120.6 KiB", f"logical/toybox/toybox_{ok_id}.dump",
                    "ab" * 32, "logical/toybox/old_1.dump", "role passwords left out",
-                   "Restore points", "Free space", "Next logical run", socket.gethostname(),
+                   "Restore points", "Free space", "Next logical run", "on toybox-prod",
                    "Last 7 days"):
         assert needle in text, needle
-    assert "logical      1" in text  # one restore point of the logical tier
+    assert f"on {socket.gethostname()}" not in text  # the container's id: new on every recreate
+    assert re.search(r"\n +logical +toybox +1 ", text)  # one restore point of the logical tier
     html_text = check_html(html_of(ok))
     assert "Restore points" in html_text and "ab" * 32 in html_text
     assert "OK" in html_text and "Last 7 days" in html_text
@@ -472,7 +474,7 @@ def test_real_pgdump_success_and_failure_are_emailed(env: Any, pg: Any, smtp: SM
     assert failed_message["Subject"].startswith("[toybox-backupd] FAILED logical toybox ")
     failure = text_of(failed_message)
     assert "What went wrong" in failure and (failed.error or "")[:40] in failure
-    assert "logical      1" in failure  # the earlier dump is still a restore point
+    assert re.search(rf"\n +logical +{pg.db} +1 ", failure)  # the earlier dump is still there
     check_html(html_of(failed_message))
     assert_no_secrets(received, pg.password, SMTP_PASSWORD)
 

@@ -210,3 +210,32 @@ def test_cli_schedule_json(plain_env) -> None:  # type: ignore[no-untyped-def]
     assert off.returncode == 0, off.stderr
     diff = next(job for job in json.loads(off.stdout)["jobs"] if job["job"] == "diff")
     assert diff["enabled"] is False and diff["next"] == []
+
+
+@pytest.mark.parametrize(("nickname", "fields"), [
+    ("@yearly", "0 0 1 1 *"), ("@annually", "0 0 1 1 *"), ("@monthly", "0 0 1 * *"),
+    ("@weekly", "0 0 * * 0"), ("@daily", "0 0 * * *"), ("@midnight", "0 0 * * *"),
+    ("@hourly", "0 * * * *"), ("@Daily", "0 0 * * *")])
+def test_crontab_nicknames_mean_their_fields(nickname: str, fields: str) -> None:
+    from toybox_backupd.settings import validate_cron
+
+    assert validate_cron(f"  {nickname} ") == nickname.lower()
+    assert fires(nickname, TOKYO, MON, 3) == fires(fields, TOKYO, MON, 3)
+    assert previous_time(nickname, TOKYO, MON) == previous_time(fields, TOKYO, MON)
+
+
+def test_nicknames_in_settings_and_health(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toybox_backupd import jobs, settings
+    from toybox_backupd.daemon.health import required_slot
+
+    monkeypatch.setenv("POSTGRES_DB", "toybox")
+    monkeypatch.setenv("PGDUMP_SCHEDULE", "@daily")
+    monkeypatch.setenv("BACKUP_VOLUMES", "media")
+    monkeypatch.setenv("VOLUME_FULL_SCHEDULE", "@reboot")
+    loaded = settings.load(None)  # a bad schedule is the job's problem, not start-up's
+    assert jobs.get("logical").enabled(loaded)
+    problem = jobs.get("full").problem(loaded)
+    assert problem is not None and "'@reboot' is not a crontab nickname" in problem
+    assert not jobs.get("full").enabled(loaded)
+    due = required_slot("@daily", TOKYO, datetime(2026, 1, 26, 12, 0, tzinfo=TOKYO))
+    assert due is not None and due.slot == datetime(2026, 1, 26, 0, 0, tzinfo=TOKYO)

@@ -87,7 +87,9 @@ def test_malformed_env_lists_every_problem_without_traceback(tmp_path: Path) -> 
     assert any(line.startswith("PGDUMP_KEEP_DAYS:") and "whole number" in line for line in lines)
     assert any(line.startswith("SMTP_SECURITY:") for line in lines)
     assert any(line.startswith("POSTGRES_DB:") and "required" in line for line in lines)
-    assert len(lines) == 6
+    # what the bad values hid is listed too, so that one round of edits fixes everything
+    assert any(line.startswith("BACKUP_VOLUMES:") for line in lines)
+    assert len(lines) == 7
     assert "Sup3r-Secret-pw" not in result.stderr + result.stdout
 
 

@@ -19,7 +19,7 @@ import pytest
 import zstandard
 from conftest import BASE_IMAGE, PG, Env, fill_volume, remove_pg, start_pg, unique
 
-from toybox_backupd import atomic, manifests
+from toybox_backupd import atomic, docker_api, manifests
 from toybox_backupd.store import Store
 from toybox_backupd.tiers import volumes
 
@@ -164,13 +164,17 @@ def test_the_fifo_and_the_exec_stream_make_the_same_archives(
     run_ok(env, "backup", "full")
     run_ok(env, "backup", "full", **EXEC)
     fill_volume(docker_engine, volume, CHANGES)
-    run_ok(env, "backup", "diff")
+    verbose = run_ok(env, "backup", "diff", "--verbose").stdout
+    assert re.search(r"^  helper container: start \d+\.\d\d s, remove \d+\.\d\d s$", verbose, re.M)
+    assert re.search(rf"^  {volume} \(fifo\): stop .*, scan .*, tar .*, fsync .*$", verbose, re.M)
     run_ok(env, "backup", "diff", **EXEC)
     expected = state(docker_engine, volume)
     transports = [d["volumes"][volume]["transport"] for d in runs_details(env)]
     assert transports == ["fifo", "exec", "fifo", "exec"]
     steps = runs_details(env)[0]["volumes"][volume]["seconds"]
-    assert set(steps) == {"helper", "stop", "scan", "select", "tar", "release", "commit"}
+    assert set(steps) == {"stop", "scan", "select", "fifo", "tar", "start", "index", "fsync",
+                          "catalog"}
+    assert set(runs_details(env)[0]["helper"]["seconds"]) == {"start", "remove"}
     fulls, diffs = catalog(env, "full"), catalog(env, "diff")
     assert len(fulls) == len(diffs) == 2 and fulls[0].size > 5_000_000  # more than a pipe holds
     for pair in (fulls, diffs):
@@ -212,6 +216,39 @@ def test_archives_restore_by_hand_with_gnu_tar(vol_env: Env, docker_engine: Any,
     subprocess.run(f"{tool} '{env.backup_dir / diff.path}' | tar -x --numeric-owner -p -C "
                    f"'{target}'", shell=True, check=True)
     assert host_state(target) == expected
+
+
+def test_one_helper_reads_every_volume_of_a_run(
+        vol_env: Env, docker_engine: Any, make_volume: Callable[..., str]) -> None:
+    """A run over several volumes starts one helper container (its start-up paid once), and
+    each volume's archive holds that volume's files only, as if read alone."""
+    env = vol_env
+    first = make_volume("mkdir -p a && echo one > a/1.txt && echo shared > same.txt")
+    second = make_volume("mkdir -p b && echo two > b/2.txt && echo other > same.txt")
+    env.values["BACKUP_VOLUMES"] = f"{first},{second}"
+    since = time.time()
+    run_ok(env, "backup", "full")
+    with Store(env.state_dir) as history:
+        owner = history.instance_id()
+    created = docker_engine.events(
+        since=int(since), until=int(time.time()) + 1, decode=True,
+        filters={"type": "container", "event": "create",
+                 "label": [f"{docker_api.HELPER_LABEL}=backup",
+                           f"{docker_api.OWNER_LABEL}={owner}"]})
+    assert len(list(created)) == 1
+    members = {}
+    for item in catalog(env, "full"):
+        with Store(env.state_dir) as history:
+            members[item.target] = {row["path"] for row in history.files(item.id)}
+    assert members == {first: {".", "a", "a/1.txt", "same.txt"},
+                       second: {".", "b", "b/2.txt", "same.txt"}}
+    for volume in (first, second):
+        restored = unique("tbt-restored")
+        try:
+            run_ok(env, "restore", "volume", volume, "--to", restored)
+            assert state(docker_engine, restored) == state(docker_engine, volume)
+        finally:
+            docker_engine.volumes.get(restored).remove(force=True)
 
 
 def docker_events(docker_engine: Any, container_id: str, since: float) -> list[str]:
@@ -377,13 +414,13 @@ def test_a_busy_volume_is_archived_with_warnings_not_failures(
 
 
 def test_only_vanished_paths_are_forgiven_in_finds_errors() -> None:
-    gone = "find: '/vol/tmp/job1-3': No such file or directory"
-    assert volumes._vanished(gone) == ["tmp/job1-3"]
-    assert volumes._vanished(gone + "\nfind: '/vol/x': Permission denied") is None
-    assert volumes._vanished("find: '/vol/y': Input/output error") is None
-    assert volumes._vanished("") is None  # exit status 1 without a message is an error
+    gone = "find: '/vol/1/tmp/job1-3': No such file or directory"
+    assert volumes._vanished(gone, "/vol/1") == ["tmp/job1-3"]
+    assert volumes._vanished(gone + "\nfind: '/vol/1/x': Permission denied", "/vol/1") is None
+    assert volumes._vanished("find: '/vol/1/y': Input/output error", "/vol/1") is None
+    assert volumes._vanished("", "/vol/1") is None  # exit status 1 without a message: an error
     cut = "ob1-2': No such file or directory\n" + "\n".join([gone] * 2000)  # a kept tail
-    assert volumes._vanished(cut) == ["tmp/job1-3"] * 2000
+    assert volumes._vanished(cut, "/vol/1") == ["tmp/job1-3"] * 2000
 
 
 def test_differential_without_full_makes_a_full(vol_env: Env,

@@ -11,7 +11,10 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -95,6 +98,66 @@ class AtomicFile:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None or not self.committed:
             self.discard()
+
+
+class WriteBehind:
+    """Writes handed to a thread that does them on `target` (an AtomicFile: write + sha256),
+    so the thread that reads, indexes and compresses a stream never waits for the disk or the
+    hash (both release the GIL). At most `depth` chunks wait in between: memory stays flat.
+    An error of the writing thread (a full disk) is raised by the next `write` or by `finish`.
+    """
+
+    def __init__(self, target: AtomicFile, depth: int = 8):
+        self.target = target
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:  # after an error: drained, never written, so no put blocks
+                try:
+                    self.target.write(data)
+                except BaseException as exc:
+                    self._error = exc
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data if isinstance(data, bytes) else bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing: `finish` waits for every write."""
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Compressors call close() when they finish; `finish` ends the thread."""
+
+    def finish(self) -> None:
+        """Wait until every write is done; raise the writing thread's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@contextlib.contextmanager
+def write_behind(target: AtomicFile) -> Iterator[WriteBehind]:
+    """A WriteBehind on `target`, finished on the way out (its error raised unless another
+    is already on its way)."""
+    writer = WriteBehind(target)
+    try:
+        yield writer
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            writer.finish()
+        raise
+    writer.finish()
 
 
 class Batch:

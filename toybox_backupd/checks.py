@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import database, docker_api, notify, pgtools, redact
+from . import database, docker_api, hints, jobs, notify, pgtools, redact
 from .atomic import TOOL_DIRS, looser_than
-from .basics import human
 from .pgtools import PgTools
 from .settings import Settings
 
@@ -27,11 +23,11 @@ class Caveat(Exception):
     """Raised by a check that passes with a caveat."""
 
 
-def _dir(path: os.PathLike[str] | str) -> str:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".toybox-check-"):
-        pass
-    return f"{path} writable, {human(shutil.disk_usage(path).free)} free"
+def _settings(settings: Settings) -> str:
+    problems = [problem for job in jobs.all_jobs() if (problem := job.problem(settings))]
+    if problems:
+        raise RuntimeError("\n".join(problems))
+    return "ok"
 
 
 def _docker() -> str:
@@ -57,9 +53,9 @@ def _pg_container(settings: Settings) -> str:
 
 
 def _volumes(settings: Settings) -> str:
-    missing = [v for v in settings.backup_volumes if not docker_api.volume_exists(v)]
+    missing = hints.missing_volumes(settings.backup_volumes)
     if missing:
-        raise RuntimeError(f"no such Docker volume: {', '.join(missing)} (check BACKUP_VOLUMES)")
+        raise RuntimeError(missing)
     return ", ".join(settings.backup_volumes)
 
 
@@ -118,27 +114,26 @@ def run_checks(settings: Settings) -> list[Outcome]:
     """Try each part in turn (settings, dirs, Docker, database, what a restore does to
     databases, the database container, volumes, SMTP); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
-        ("settings", lambda: "ok"),
-        ("backup dir", lambda: _dir(settings.backup_dir)),
-        ("state dir", lambda: _dir(settings.state_dir)),
+        ("settings", lambda: _settings(settings)),
+        ("backup dir", lambda: hints.require_writable(settings.backup_dir, settings.backup_dir)),
+        ("state dir", lambda: hints.require_writable(settings.state_dir, settings.backup_dir)),
         ("permissions", lambda: _permissions(settings)),
         ("secrets", lambda: _secrets(settings)),
         ("docker", _docker),
-        ("database", lambda: _database(settings)),
-        ("restore", lambda: database.try_restore(settings)),
     ]
-    if settings.pg_container:
-        checks.append(("db container", lambda: _pg_container(settings)))
-    if settings.pitr:
-        checks.append(("pitr route", lambda: _pitr(settings)))
-    if settings.backup_volumes:
-        checks.append(("volumes", lambda: _volumes(settings)))
-    if settings.notify_email_to:
-        checks.append(("smtp", lambda: notify.check_smtp(settings)))
-    if settings.offsite_url:
-        checks.append(("off-site", lambda: _offsite(settings)))
-    if settings.age_identity_file:
-        checks.append(("age identity", lambda: _identity(settings)))
+    if settings.postgres_db:  # volume backups only: no database to reach
+        checks += [("database", lambda: _database(settings)),
+                   ("restore", lambda: database.try_restore(settings))]
+    optional: list[tuple[object, str, Callable[[], str]]] = [
+        (settings.pg_container and settings.postgres_db, "db container",
+         lambda: _pg_container(settings)),
+        (settings.pitr, "pitr route", lambda: _pitr(settings)),
+        (settings.backup_volumes, "volumes", lambda: _volumes(settings)),
+        (settings.notify_email_to, "smtp", lambda: notify.check_smtp(settings)),
+        (settings.offsite_url, "off-site", lambda: _offsite(settings)),
+        (settings.age_identity_file, "age identity", lambda: _identity(settings)),
+    ]
+    checks += [(name, check) for wanted, name, check in optional if wanted]
     outcomes = []
     for name, check in checks:
         try:

@@ -10,11 +10,12 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from . import __version__, jobs, logs, redact
 from .atomic import use_file_mode
 from .basics import TimeLimitReached, ToyboxError, describe_unexpected, human, local_time
-from .settings import Settings, SettingsError, load
+from .settings import Settings, SettingsError, load, where
 from .store import Store
 
 # Each command imports what it needs when it runs: `healthcheck` and `--help` stay fast
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
     p.add_argument("--volume", action="append", metavar="NAME",
                    help="only this volume (full/diff; repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print where the time went (helper, scan, tar, fsync, ...)")
 
     p = sub.add_parser("list", help="restore points of every tier")
     p.add_argument("--json", action="store_true")
@@ -112,18 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load(args.env_file, strict=strict)
     except SettingsError as exc:
+        if args.command == "run":  # stay up and say so: a restart loop would tell nobody
+            from .daemon import unusable
+
+            fallback = exc.fallback
+            logs.setup(fallback.log_format if fallback else "console", "INFO")
+            return unusable.wait(exc.problems, fallback, where(args.env_file))
         logs.setup("console", "INFO")
-        print(f"toybox-backupd: the settings are not usable ({args.env_file} and the environment):",
+        print(f"toybox-backupd: the settings are not usable ({where(args.env_file)}):",
               file=sys.stderr)
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(settings.log_format, settings.log_level)
+    _setup_logs(settings, args, argv)
     use_file_mode(settings.backup_file_mode)
     try:
-        return int(COMMANDS[args.command](settings, args) or 0)
+        return _echo_exit(args, int(COMMANDS[args.command](settings, args) or 0))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        logs.echo("manual command interrupted (Ctrl-C)")
         return 130
     except BrokenPipeError:  # `toybox-backupd list | head`
         sys.stderr.close()
@@ -131,12 +141,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a clear line, never a traceback with secrets in it
         message = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
         print(f"toybox-backupd: {redact.redact(message)}", file=sys.stderr)
+        logs.echo("manual command failed", error=redact.redact(message))
         return EXIT_FAIL
 
 
+# commands that change things: their lines also go to the daemon's log (docker compose logs)
+ECHOED = ("backup", "restore", "verify", "reindex")
+
+
+def _setup_logs(settings: Settings, args: argparse.Namespace,
+                argv: Sequence[str] | None) -> None:
+    """The daemon logs in LOG_FORMAT; a command at a terminal in console format, and the
+    commands in ECHOED copy their lines to TOYBOX_LOG_MIRROR (the image: PID 1's output)."""
+    daemon = args.command == "run"
+    mirror = (logs.open_mirror(os.environ.get("TOYBOX_LOG_MIRROR"))
+              if args.command in ECHOED else None)
+    logs.setup(settings.log_format if daemon else logs.terminal_format(settings.log_format),
+               settings.log_level, mirror=mirror, mirror_format=settings.log_format)
+    if mirror is not None:
+        logs.bind(command=args.command, pid=os.getpid())
+        words = " ".join(argv if argv is not None else sys.argv[1:])
+        logs.echo(f"manual command: toybox-backupd {redact.redact(words)}")
+
+
+def _echo_exit(args: argparse.Namespace, code: int) -> int:
+    if args.command in ECHOED:
+        logs.echo("manual command finished", exit_code=code)
+    return code
+
+
 def say(line: str) -> None:
-    """Show one line to the operator (the `say` callback of restores)."""
+    """Show one line to the operator (the `say` callback of restores), and log it to the
+    daemon's log when the command copies its lines there."""
     print(line)
+    logs.echo(line)
 
 
 def confirm(question: str) -> bool:
@@ -153,7 +191,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """`run`: the daemon, until SIGTERM/SIGINT."""
     from .daemon import loop
 
-    return loop.run(settings)
+    return loop.run(settings, where(args.env_file))
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
@@ -169,11 +207,24 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     with Store(settings.state_dir) as store:
         run = store.run(run_id)
     assert run is not None
+    if args.verbose:
+        _print_steps(run.details or {})
     if run.status == "ok":
         print(f"run {run_id}: ok, {run.artifact}")
         return EXIT_OK
     print(f"run {run_id}: {run.status}: {run.error}", file=sys.stderr)
     return EXIT_FAIL
+
+
+def _print_steps(details: dict[str, Any]) -> None:
+    """The seconds each step of a run took, as its details recorded them (`backup -v`)."""
+    def line(steps: dict[str, float]) -> str:
+        return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in steps.items())
+
+    if "helper" in details:
+        print(f"  helper container: {line(details['helper']['seconds'])}")
+    for volume, steps in details.get("volumes", {}).items():
+        print(f"  {volume} ({steps['transport']}): {line(steps['seconds'])}")
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
@@ -377,7 +428,7 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
         listed.append({
             "job": job.name, "schedule": job.schedule(settings), "timezone": settings.tz,
             "enabled": enabled, "targets": job.targets(settings),
-            "next": [moment.isoformat() for moment in times],
+            "next": [moment.isoformat() for moment in times], "problem": job.problem(settings),
         })
     if args.json:
         print(json.dumps({"timezone": settings.tz, "jobs": listed}, indent=2))
@@ -385,6 +436,8 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     for entry in listed:
         state = "" if entry["enabled"] else "  (disabled)"
         print(f"{entry['job']:<7} {entry['schedule'] or '-':<16} {settings.tz}{state}")
+        if entry["problem"]:
+            print(f"          {entry['problem']}")
         for moment in entry["next"]:
             print(f"          {local_time(datetime.fromisoformat(moment), settings.zone, 'weekday')}")
     return EXIT_OK

@@ -12,13 +12,13 @@ from typing import IO, Any
 
 import zstandard
 
-from .atomic import CHUNK, AtomicFile
+from .atomic import CHUNK, AtomicFile, WriteBehind
 
 EXTENSIONS = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 
 
 @contextlib.contextmanager
-def compressor(target: AtomicFile, kind: str, level: int) -> Iterator[IO[bytes]]:
+def compressor(target: AtomicFile | WriteBehind, kind: str, level: int) -> Iterator[IO[bytes]]:
     """A writable stream that compresses into `target` (kind: zstd | gzip | none)."""
     if kind == "zstd":
         with zstd_compressor(level).stream_writer(target, closefd=False,

@@ -57,9 +57,7 @@ def client() -> docker.DockerClient:
         # API calls time out; exec streams do not (see Exec): a run's time limit ends those
         return docker.from_env(timeout=int(os.environ.get("DOCKER_CLIENT_TIMEOUT", "120")))
     except DockerException as exc:
-        raise DockerError(
-            f"cannot reach the Docker engine ({_short(exc)}); is /var/run/docker.sock mounted "
-            "and readable (DOCKER_HOST)?") from None
+        raise DockerError(_unreachable(exc)) from None
 
 
 def ping() -> str:
@@ -67,7 +65,32 @@ def ping() -> str:
     try:
         return str(client().version().get("Version", "?"))
     except (DockerException, OSError) as exc:
-        raise DockerError(f"cannot reach the Docker engine: {_short(exc)}") from None
+        raise DockerError(_unreachable(exc)) from None
+
+
+def _unreachable(exc: BaseException, socket_path: str = "/var/run/docker.sock") -> str:
+    """Why the engine cannot be reached, and what to do; a refused socket names DOCKER_GID."""
+    text = f"cannot reach the Docker engine ({_short(exc)})"
+    if "Permission denied" not in str(exc) or os.environ.get("DOCKER_HOST"):
+        return text + f"; is {socket_path} mounted and readable (DOCKER_HOST)?"
+    try:
+        wanted = f"{os.stat(socket_path).st_gid}"
+    except OSError:
+        wanted = "?"
+    groups = ", ".join(str(gid) for gid in sorted({os.getgid(), *os.getgroups()}))
+    return (f"{text}: uid {os.getuid()} (groups {groups}) may not use {socket_path}, whose "
+            f"group is {wanted}. Set DOCKER_GID in .env to the socket's group id, as the "
+            f"host's `stat -c %g {socket_path}` prints it ({wanted} here), then recreate the "
+            "sidecar: docker compose up -d")
+
+
+@lru_cache(maxsize=1)
+def engine_name() -> str | None:
+    """The Docker host's name (the engine's `docker info` Name); None if it cannot be read."""
+    try:
+        return str(client().info().get("Name") or "") or None
+    except (DockerException, DockerError, OSError):
+        return None
 
 
 def _short(exc: BaseException) -> str:
@@ -246,6 +269,11 @@ def volume_exists(name: str) -> bool:
         return True
     except NotFound:
         return False
+
+
+def volume_names() -> list[str]:
+    """The names of every volume of the engine."""
+    return [str(volume.name) for volume in client().volumes.list()]
 
 
 def create_volume(name: str) -> None:
@@ -437,6 +465,18 @@ class _LostInput(Exception):
 class ExecResult:
     exit_code: int
     stderr: str
+
+
+def tool_error(tool: str, result: ExecResult, where: str) -> str:
+    """A failed tool's exit status and the tail of its stderr, in one line."""
+    tail = result.stderr.strip().splitlines()[-6:]
+    detail = "; ".join(line.strip() for line in tail if line.strip()) or "no message"
+    if result.exit_code == -1:
+        return f"{tool} in {where}: its exit status could not be read ({detail})"
+    if result.exit_code >= 128:
+        return (f"{tool} in {where} was killed (signal {result.exit_code - 128}, exit status "
+                f"{result.exit_code}): {detail}")
+    return f"{tool} in {where} failed with exit status {result.exit_code}: {detail}"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .settings import Settings
+from .settings import Settings, cron_problem
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,22 @@ class Job:
             return [str(item) for item in value]
         return [str(value)] if value else []
 
+    def problem(self, settings: Settings) -> str | None:
+        """Why the job is off against the operator's wish: its schedule does not parse."""
+        why = cron_problem(self.schedule(settings))
+        if why is None:
+            return None
+        return (f"{self.schedule_var}: {why}; the {self.name} job does not run until it is "
+                "fixed")
+
     def disabled_reason(self, settings: Settings) -> str | None:
         """Why the job does not run on schedule (None: it does)."""
         if self.requires_var and not settings.value(self.requires_var):
             return f"{self.requires_var} is off"
         if not self.schedule(settings):
             return f"{self.schedule_var} is empty"
+        if cron_problem(self.schedule(settings)):
+            return f"{self.schedule_var} is not a valid schedule"
         if not self.targets(settings):
             return f"{self.targets_var} is empty"
         return None

@@ -28,6 +28,7 @@ database), so a repeat is the same message to the receiver, and a run is never q
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import smtplib
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from . import logs, redact, smtp
 from .basics import backoff, iso, parse_iso, utcnow
 from .report import (
     compose_fallback,
+    compose_problem,
     compose_run,
     compose_test,
     register_secrets,
@@ -161,6 +163,25 @@ def enqueue(store: Store, message: EmailMessage, *, run_id: int | None,
         log.info("email queued", outbox_id=outbox_id, run_id=run_id,
                  subject=str(message["Subject"]))
     return outbox_id
+
+
+def enqueue_problem(settings: Settings, store: Store, lines: list[str], *, what: str,
+                    source: str) -> int | None:
+    """Queue the email about a settings problem; the same problems are emailed once per state
+    database (a restart does not repeat them). Never raises."""
+    if not settings.notify_email_to:
+        return None
+    try:
+        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+        message_id = (f"<toybox-backupd.settings-{digest}.{store.instance_id()[:16]}"
+                      f"@{smtp.host_token()}>")
+        message = compose_problem(settings, lines, what=what, source=source,
+                                  message_id=message_id, now=clock())
+        return enqueue(store, message, run_id=None, recipients=settings.notify_email_to)
+    except Exception as exc:
+        log.error("could not queue the email about the settings",
+                  error=redact.redact(f"{exc.__class__.__name__}: {exc}"))
+        return None
 
 
 def run_message_id(store: Store, run_id: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from . import database, docker_api
 from .basics import JobError
-from .docker_api import ExecResult
+from .docker_api import ExecResult, tool_error
 from .settings import Settings
 
 STDERR_KEEP = 64 * 1024
@@ -231,15 +231,3 @@ class PgTools:
                 f"the local pg_dump is version {local} but the server is {server_version}; an "
                 "older pg_dump cannot dump a newer server. Set PG_CONTAINER to the database "
                 f"container, or install PostgreSQL {server} client tools")
-
-
-def tool_error(tool: str, result: ExecResult, where: str) -> str:
-    """A failed tool's exit status and the tail of its stderr, in one line."""
-    tail = result.stderr.strip().splitlines()[-6:]
-    detail = "; ".join(line.strip() for line in tail if line.strip()) or "no message"
-    if result.exit_code == -1:
-        return f"{tool} in {where}: its exit status could not be read ({detail})"
-    if result.exit_code >= 128:
-        return (f"{tool} in {where} was killed (signal {result.exit_code - 128}, exit status "
-                f"{result.exit_code}): {detail}")
-    return f"{tool} in {where} failed with exit status {result.exit_code}: {detail}"

@@ -14,13 +14,13 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from . import __version__, jobs, redact
+from . import __version__, docker_api, jobs, redact
 from .basics import duration_text, human, local_time, utcnow
 from .schedule import next_times
 from .settings import Settings
@@ -66,7 +66,7 @@ class Report:
     facts: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
-    restore_points: list[tuple[str, str, str, str]] = field(default_factory=list)
+    restore_points: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     overview: list[tuple[str, str]] = field(default_factory=list)
     days: list[str] = field(default_factory=list)
     grid: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -76,7 +76,7 @@ class Report:
 def gather(settings: Settings, store: Store, run: Run, now: datetime) -> Report:
     """Everything the email about `run` says, from the store (never from in-memory state)."""
     job, target = run.job, run.target or "-"
-    host = run.host or socket.gethostname()
+    host = host_name(settings)
     status_word = STATUS_WORDS.get(run.status, run.status.upper())
     catchup = run.trigger == "catchup"
     subject = (f"{SUBJECT_PREFIX} {status_word} {job} {target} "
@@ -153,17 +153,25 @@ def _facts(settings: Settings, store: Store, run: Run, host: str) -> list[tuple[
     return facts
 
 
-def _restore_points(settings: Settings, store: Store) -> list[tuple[str, str, str, str]]:
+def host_name(settings: Settings) -> str:
+    """The host's name in emails: BACKUP_HOST_NAME, else the Docker host's (the container's
+    own name changes on every recreate), else this machine's."""
+    return settings.backup_host_name or docker_api.engine_name() or socket.gethostname()
+
+
+def _restore_points(settings: Settings, store: Store) -> list[tuple[str, str, str, str, str]]:
+    """(tier, target, count, oldest, newest): one row per tier and database or volume."""
     rows = []
     for name in jobs.names():
-        items = store.artifacts(tier=name)
-        if items:
-            oldest, newest = items[0], items[-1]
-            rows.append((name, str(len(items)),
-                         f"{_local(oldest.created_at, settings, False)} ({oldest.target})",
-                         f"{_local(newest.created_at, settings, False)} ({newest.target})"))
-        else:
-            rows.append((name, "0", "-", "-"))
+        by_target: dict[str, list[Any]] = {}
+        for item in store.artifacts(tier=name):
+            by_target.setdefault(item.target, []).append(item)
+        if not by_target:
+            rows.append((name, "-", "0", "-", "-"))
+        for target, items in sorted(by_target.items()):
+            rows.append((name, target, str(len(items)),
+                         _local(items[0].created_at, settings, False),
+                         _local(items[-1].created_at, settings, False)))
     return rows
 
 
@@ -330,6 +338,14 @@ def _cell(settings: Settings, expr: str, enabled: bool, statuses: list[str], sta
 
 
 # rendering ---------------------------------------------------------------------------------
+def columns(rows: list[tuple[str, ...]], right: Collection[int] = ()) -> list[str]:
+    """Rows of cells as aligned lines: each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                      for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in rows]
+
+
 def render_text(report: Report) -> str:
     """The plain-text body of a report."""
     width = max(len(label) for label, _ in [*report.facts, *report.overview, ("Warnings", "")])
@@ -349,9 +365,9 @@ def render_text(report: Report) -> str:
     if report.warnings:
         put("Warnings", "\n".join(f"- {item}" for item in report.warnings))
     lines += ["", "Restore points (kept, status ok):"]
-    lines.append(f"    {'tier':<8} {'count':>5}  {'oldest':<34} newest")
-    for tier, count, oldest, newest in report.restore_points:
-        lines.append(f"    {tier:<8} {count:>5}  {oldest:<34} {newest}")
+    lines += [f"    {line}" for line in columns(
+        [("tier", "target", "count", "oldest", "newest"), *report.restore_points],
+        right={2})]
     lines.append("")
     for label, value in report.overview:
         put(label, value)
@@ -403,7 +419,8 @@ def render_html(report: Report) -> str:
         out.append(f"<tr><th {th}>Warnings</th><td {td}><ul>{items}</ul></td></tr>")
     out.append("</table>")
     out.append("<h3>Restore points</h3><table>")
-    out.append(f"<tr><th {th}>tier</th><th {th}>count</th><th {th}>oldest</th><th {th}>newest</th></tr>")
+    out.append("<tr>" + "".join(f"<th {th}>{name}</th>" for name in
+                                ("tier", "target", "count", "oldest", "newest")) + "</tr>")
     for row in report.restore_points:
         out.append("<tr>" + "".join(f"<td {td}>{_esc(cell)}</td>" for cell in row) + "</tr>")
     out.append("</table><table>")
@@ -471,7 +488,7 @@ def compose_fallback(settings: Settings, run: Run, *, message_id: str, now: date
     subject = (f"{SUBJECT_PREFIX} {status_word} {run.job} {run.target or '-'} "
                f"{local_time(run.started_at, settings.zone, 'subject')}")
     text = "\n".join([
-        f"{status_word}: {run.job} backup of {run.target or '-'} on {run.host or socket.gethostname()}",
+        f"{status_word}: {run.job} backup of {run.target or '-'} on {host_name(settings)}",
         "",
         f"Run        #{run.id} ({run.trigger})",
         f"Started    {_local(run.started_at, settings)}",
@@ -491,7 +508,7 @@ def compose_fallback(settings: Settings, run: Run, *, message_id: str, now: date
 def compose_test(settings: Settings) -> EmailMessage:
     """The email `toybox-backupd notify test` sends."""
     now = utcnow()
-    host = socket.gethostname()
+    host = host_name(settings)
     text = "\n".join([
         f"This is a test email from toybox-backupd on {host}.",
         "",
@@ -507,6 +524,35 @@ def compose_test(settings: Settings) -> EmailMessage:
     return build_message(settings, subject=f"{SUBJECT_PREFIX} test email from {host}", text=text,
                          html_body=None, now=now,
                          message_id=f"<toybox-backupd.test.{uuid.uuid4().hex}@{host_token()}>")
+
+
+CHECK_AN_EDIT = "docker compose run --rm backupd toybox-backupd check"
+
+
+def compose_problem(settings: Settings, lines: list[str], *, what: str, source: str,
+                    message_id: str, now: datetime) -> EmailMessage:
+    """The email saying the settings are wrong: `lines` (one per problem), `what` still
+    runs, `source` (where the settings came from)."""
+    host = host_name(settings)
+    text = "\n".join([
+        f"toybox-backupd on {host} found a problem in its settings ({source}):",
+        "",
+        *(f"  {line}" for line in lines),
+        "",
+        what,
+        "",
+        "Fix it in .env (beside docker-compose.yml), check the edit with",
+        f"  {CHECK_AN_EDIT}",
+        "then apply it with `docker compose up -d` (a restart alone keeps the old values).",
+        "",
+        "-- ",
+        f"Sent by toybox-backupd {__version__} on {host} (TZ {settings.tz}).",
+        "",
+    ])
+    return build_message(settings, subject=f"{SUBJECT_PREFIX} SETTINGS PROBLEM on {host}: "
+                                           f"{lines[0] if lines else ''}",
+                         text=text, html_body=None, message_id=message_id, now=now,
+                         extra_headers=[("X-Toybox-Status", "settings")])
 
 
 def register_secrets(settings: Settings) -> None:

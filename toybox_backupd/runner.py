@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from . import jobs, locks, logs, notify, offsite_retention, redact, retention
+from . import hints, jobs, locks, logs, notify, offsite_retention, redact, retention
 from .basics import Cancelled, JobError, TierResult, ToyboxError, describe_unexpected, human
 from .jobs import Job
 from .offsite import copy as offsite_copy
@@ -94,7 +94,7 @@ class Run:
 # disk space --------------------------------------------------------------------------------
 def check_disk_space(settings: Settings, store: Store, job: Job, targets: list[str]) -> None:
     """Refuse early unless BACKUP_DIR has room for the job's last artifacts plus the margin."""
-    settings.backup_dir.mkdir(parents=True, exist_ok=True)
+    hints.require_writable(settings.backup_dir, settings.backup_dir)  # says what to chown
     free = shutil.disk_usage(settings.backup_dir).free
     last = 0
     for target in targets or [None]:  # type: ignore[list-item]

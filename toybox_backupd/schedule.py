@@ -1,4 +1,5 @@
-"""Crontab(5) schedules, evaluated by cronsim, and an APScheduler trigger built on them.
+"""Crontab(5) schedules (and its nicknames, `@daily`...), evaluated by cronsim, and an
+APScheduler trigger built on them.
 
 APScheduler 3.x's own CronTrigger numbers weekdays from Monday=0 and ANDs day-of-month with
 day-of-week; crontab(5) numbers from Sunday=0 (7 is Sunday too) and ORs the two day fields when
@@ -15,6 +16,8 @@ from datetime import datetime, timedelta, tzinfo
 from apscheduler.triggers.base import BaseTrigger
 from cronsim import CronSim
 
+from .settings import cron_fields
+
 _EPSILON = timedelta(microseconds=1)
 
 
@@ -27,13 +30,18 @@ def next_times(expr: str, zone: tzinfo, start: datetime, count: int) -> list[dat
 def previous_time(expr: str, zone: tzinfo, before: datetime) -> datetime | None:
     """The latest fire time at or before `before` (None if none in the last 400 days)."""
     local = before.astimezone(zone)
-    for fire in CronSim(expr, local + _EPSILON, reverse=True):
+    for fire in crontab(expr, local + _EPSILON, reverse=True):
         return fire
     return None
 
 
+def crontab(expr: str, start: datetime, reverse: bool = False) -> CronSim:
+    """cronsim's iterator over `expr` (nicknames such as `@daily` spelled out) from `start`."""
+    return CronSim(cron_fields(expr), start, reverse=reverse)
+
+
 def _iterate(expr: str, zone: tzinfo, start: datetime) -> Iterator[datetime]:
-    return iter(CronSim(expr, start.astimezone(zone)))
+    return iter(crontab(expr, start.astimezone(zone)))
 
 
 class CrontabTrigger(BaseTrigger):

@@ -1,8 +1,9 @@
 """Settings: the `.env` file and the environment, validated once at start-up.
 
 Every variable name here is part of the product's interface (see `.env.example`).
-A bad value stops start-up with one line per problem, naming the variable; secrets are
-never echoed.
+A bad value is reported with one line per problem, naming the variable; secrets are never
+echoed. A bad schedule turns off only its own job (jobs.Job.problem); any other bad value keeps
+`run` from scheduling anything (daemon/unusable.py: it stays up and says so).
 """
 
 from __future__ import annotations
@@ -21,17 +22,23 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from . import redact
 from .basics import ToyboxError
 
+SCHEDULE_VARS = ("PGDUMP_SCHEDULE", "VOLUME_FULL_SCHEDULE", "VOLUME_DIFF_SCHEDULE")
 CommaList = Annotated[list[str], NoDecode]
 _EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
 _SECRET_FIELDS = ("postgres_password", "smtp_password", "aws_secret_access_key")
 
 
 class SettingsError(ToyboxError):
-    """The configuration is unusable; `problems` holds one line per problem."""
+    """The configuration is unusable; `problems` holds one line per problem.
 
-    def __init__(self, problems: list[str]):
+    `fallback`: the same settings with each bad value replaced by its default (None if even
+    that fails), so that the daemon can still say so by email; never used to run a backup.
+    """
+
+    def __init__(self, problems: list[str], fallback: Settings | None = None):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.fallback = fallback
 
 
 def _split(value: Any) -> Any:
@@ -40,11 +47,29 @@ def _split(value: Any) -> Any:
     return value
 
 
+# crontab(5)'s nicknames (@reboot has no place in a daemon's schedule)
+CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+def cron_fields(expr: str) -> str:
+    """The 5 fields of a schedule: a nickname (`@daily`) spelled out, else `expr` itself."""
+    return CRON_ALIASES.get(expr.lower(), expr)
+
+
 def validate_cron(expr: str) -> str:
-    """A standard 5-field crontab(5) expression, or empty (job disabled)."""
+    """A standard 5-field crontab(5) expression, a nickname (`@daily`), or empty (job off)."""
     expr = " ".join(expr.split())
     if not expr:
         return ""
+    if expr.startswith("@"):
+        if expr.lower() not in CRON_ALIASES:
+            raise ValueError(f"{expr!r} is not a crontab nickname (one of "
+                             f"{', '.join(CRON_ALIASES)})")
+        return expr.lower()
     if len(expr.split(" ")) != 5:
         raise ValueError(f"{expr!r} is not a 5-field crontab expression (minute hour day month weekday)")
     try:
@@ -63,6 +88,15 @@ def parse_size(text: str) -> int:
     if match is None:
         raise ValueError(f"{text!r} is not a size (e.g. 1GB, 512MB)")
     return int(match.group(1)) * 1024 ** "BKMGT".index((match.group(2) or "B").upper())
+
+
+def cron_problem(expr: str) -> str | None:
+    """Why `expr` is not a usable schedule (None: it is)."""
+    try:
+        validate_cron(expr)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class Settings(BaseSettings):
@@ -119,11 +153,12 @@ class Settings(BaseSettings):
     smtp_security: Literal["starttls", "ssl", "none"] = Field("starttls", alias="SMTP_SECURITY")
     smtp_timeout: int = Field(30, ge=1, alias="SMTP_TIMEOUT")
     smtp_ca_file: Path | None = Field(None, alias="SMTP_CA_FILE")
+    backup_host_name: str | None = Field(None, alias="BACKUP_HOST_NAME")
 
     # database
     postgres_host: str = Field("postgres", alias="POSTGRES_HOST")
     postgres_port: int = Field(5432, ge=1, le=65535, alias="POSTGRES_PORT")
-    postgres_db: str = Field(alias="POSTGRES_DB", min_length=1)
+    postgres_db: str = Field("", alias="POSTGRES_DB")
     postgres_user: str = Field("postgres", alias="POSTGRES_USER", min_length=1)
     postgres_password: SecretStr | None = Field(None, alias="POSTGRES_PASSWORD")
     postgres_password_file: Path | None = Field(None, alias="POSTGRES_PASSWORD_FILE")
@@ -154,7 +189,10 @@ class Settings(BaseSettings):
                      "pitr_base_schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
-        return validate_cron(value)
+        # a bad schedule does not stop start-up: it turns its own job off, and the daemon,
+        # `check` and `healthcheck` say so (jobs.Job.problem)
+        value = " ".join(value.split())
+        return validate_cron(value) if cron_problem(value) is None else value
 
     @field_validator("tz")
     @classmethod
@@ -225,7 +263,7 @@ class Settings(BaseSettings):
         "smtp_password", "postgres_password", "smtp_password_file", "postgres_password_file",
         "smtp_ca_file", "s3_endpoint_url", "s3_region", "aws_access_key_id",
         "aws_secret_access_key", "aws_secret_access_key_file", "offsite_keep_days",
-        "age_identity_file", mode="before",
+        "age_identity_file", "backup_host_name", mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -291,6 +329,15 @@ class Settings(BaseSettings):
                 return getattr(self, name)
         raise KeyError(f"no setting {var}")
 
+    def schedule_problems(self) -> list[str]:
+        """One line per schedule that is not a crontab(5) expression (its job is off)."""
+        lines = []
+        for var in SCHEDULE_VARS:
+            why = cron_problem(str(self.value(var)))
+            if why:
+                lines.append(f"{var}: {why}")
+        return lines
+
     def compression_level(self) -> int:
         if self.volume_compression_level is not None:
             return self.volume_compression_level
@@ -299,6 +346,9 @@ class Settings(BaseSettings):
     def problems(self) -> list[str]:
         """Cross-field problems that do not belong to one variable's value."""
         problems = []
+        if self.pgdump_schedule and not self.postgres_db.strip():
+            problems.append("POSTGRES_DB: required while the logical tier is on (PGDUMP_SCHEDULE "
+                            "is set); for volume backups only, set PGDUMP_SCHEDULE= (empty)")
         if self.notify_email_to and not self.smtp_host:
             problems.append("SMTP_HOST: required when NOTIFY_EMAIL_TO is set")
         if self.notify_email_to and not self.smtp_from:
@@ -313,6 +363,9 @@ class Settings(BaseSettings):
         if self.pitr and not self.pg_container:
             problems.append("PG_CONTAINER: required with PITR=on (the WAL streamer and base "
                             "backups run from the database container's image, beside it)")
+        if self.pitr and not self.postgres_db.strip():
+            problems.append("POSTGRES_DB: required with PITR=on (the database `restore db --at` "
+                            "brings back, and the name of its WAL archive)")
         problems += self._offsite_problems()
         level = self.volume_compression_level
         if level is not None:
@@ -355,15 +408,48 @@ def _field_var(loc: tuple[Any, ...]) -> str:
 def load(env_file: str | os.PathLike[str] | None = ".env", *, strict: bool = True) -> Settings:
     """Load and validate; raise SettingsError with one line per problem.
 
-    With `strict`, cross-field problems (Settings.problems) are errors too.
+    With `strict`, cross-field problems (Settings.problems) are errors too. A bad schedule is
+    not an error here: it turns its job off (jobs.Job.problem), but when something else is
+    wrong it is listed with the rest, so that one round of edits fixes everything.
     """
     try:
         settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        problems = _describe(exc)
+        fallback = _fallback(env_file, exc)
+        if fallback is not None:  # what else is wrong, named once per variable
+            named = {line.split(":", 1)[0] for line in problems}
+            problems += [line for line in fallback.problems() + fallback.schedule_problems()
+                         if line.split(":", 1)[0] not in named]
+        raise SettingsError(problems, fallback) from None
     if strict and (problems := settings.problems()):
-        raise SettingsError(problems)
+        raise SettingsError(problems + settings.schedule_problems(), settings)
     return settings
+
+
+def _fallback(env_file: str | os.PathLike[str] | None, exc: ValidationError) -> Settings | None:
+    """The settings with every value named in `exc` at its default (None if still unusable)."""
+    defaults: dict[str, Any] = {}
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = tuple(error.get("loc", ()))
+        fields = [f for name, f in Settings.model_fields.items() if loc and loc[0] in (name, f.alias)]
+        if not fields or fields[0].alias is None or fields[0].is_required():
+            return None
+        defaults[fields[0].alias] = fields[0].get_default(call_default_factory=True)
+    try:
+        return Settings(_env_file=env_file, **defaults)  # type: ignore[call-arg]
+    except ValidationError:
+        return None
+
+
+def where(env_file: str | os.PathLike[str] | None) -> str:
+    """Where the settings came from, as the operator knows it: the file if there is one, else
+    the environment (which docker compose fills from `.env` through env_file)."""
+    if env_file is not None and Path(env_file).is_file():
+        return f"{env_file} and the environment"
+    if os.environ.get("TOYBOX_ENV_FILE") == str(env_file):  # the sidecar image
+        return "the environment: .env beside docker-compose.yml (env_file)"
+    return "the environment" + (f" ({env_file} does not exist)" if env_file else "")
 
 
 def _describe(exc: ValidationError) -> list[str]:
@@ -388,7 +474,8 @@ def _describe(exc: ValidationError) -> list[str]:
 # the README's settings table is generated from here (python -m toybox_backupd.settings) ----------
 DESCRIPTIONS: dict[str, str] = {
     "TZ": "IANA time zone the schedules, file names and emails use",
-    "PGDUMP_SCHEDULE": "crontab(5) schedule of the logical dump; empty turns it off",
+    "PGDUMP_SCHEDULE": "crontab(5) schedule of the logical dump (or `@daily`, `@weekly`...); "
+                       "empty turns it off",
     "PGDUMP_KEEP_DAYS": "days logical dumps are kept (the newest is always kept)",
     "PGDUMP_FORMAT": "`custom` (pg_restore, single tables) or `plain` (`.sql.gz`)",
     "VOLUME_FULL_SCHEDULE": "crontab(5) schedule of the full volume archives; empty turns it off",
@@ -436,9 +523,11 @@ DESCRIPTIONS: dict[str, str] = {
     "SMTP_SECURITY": "`starttls`, `ssl` (implicit TLS) or `none`",
     "SMTP_TIMEOUT": "seconds before an SMTP conversation is given up (retried later)",
     "SMTP_CA_FILE": "extra CA bundle to trust for the mail server's certificate",
+    "BACKUP_HOST_NAME": "the host's name in emails; empty: the Docker host's name (from the "
+                        "engine), so it survives recreating the sidecar",
     "POSTGRES_HOST": "database host as seen from the sidecar",
     "POSTGRES_PORT": "database port",
-    "POSTGRES_DB": "the database to back up (required)",
+    "POSTGRES_DB": "the database to back up (required while PGDUMP_SCHEDULE is set)",
     "POSTGRES_USER": "database user (a superuser also saves role passwords)",
     "POSTGRES_PASSWORD": "database password (secret)",
     "POSTGRES_PASSWORD_FILE": "file holding POSTGRES_PASSWORD (Docker secrets)",

@@ -10,7 +10,7 @@ from cronsim import CronSim
 from .. import jobs
 from ..basics import ago, local_time, parse_iso, utcnow
 from ..jobs import Job
-from ..settings import Settings
+from ..settings import Settings, cron_fields
 from ..store import Store
 from .keys import (
     HEARTBEAT_STALE,
@@ -19,6 +19,7 @@ from .keys import (
     STATE_PITR_DOWN,
     STATE_PITR_ERROR,
     STATE_STOPPED,
+    STATE_UNUSABLE,
 )
 
 MIN_MARGIN = timedelta(hours=1)
@@ -34,7 +35,7 @@ class Due:
 def required_slot(expr: str, zone: tzinfo, now: datetime, limit: int = 5000) -> Due | None:
     """The latest scheduled time `slot` with slot + margin <= now, where the margin is
     max(1 h, 25 % of the gap between `slot` and the scheduled time before it)."""
-    times = iter(CronSim(expr, now.astimezone(zone), reverse=True))
+    times = iter(CronSim(cron_fields(expr), now.astimezone(zone), reverse=True))
     try:
         later = next(times)
         for _ in range(limit):
@@ -63,6 +64,8 @@ def healthcheck(settings: Settings, now: datetime | None = None) -> tuple[bool, 
         for job in jobs.all_jobs():
             if job.enabled(settings):
                 _job_health(settings, store, job, now, first, problems, good)
+            elif problem := job.problem(settings):
+                problems.append(problem)
         _offsite_health(settings, store, now, first, problems, good)
         _pitr_health(settings, store, now, problems, good)
     if problems:
@@ -74,8 +77,12 @@ def _heartbeat(settings: Settings, store: Store, now: datetime, problems: list[s
                good: list[str]) -> None:
     beat = parse_iso(store.get_state(STATE_HEARTBEAT))
     stopped = parse_iso(store.get_state(STATE_STOPPED))
+    unusable = store.get_state(STATE_UNUSABLE)
     zone = settings.zone
-    if beat is None:
+    if unusable:
+        problems.append("daemon: runs no backup until its settings are fixed: "
+                        + "; ".join(unusable.splitlines()))
+    elif beat is None:
         problems.append(f"daemon: no heartbeat in {store.path}; the daemon has not run "
                         "with this STATE_DIR")
     elif now - beat > HEARTBEAT_STALE:

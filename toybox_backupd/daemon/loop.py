@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from .. import __version__, jobs, locks, logs, notify, redact, runner, schedule
+from .. import __version__, jobs, locks, logs, notify, redact, report, runner, schedule
 from ..basics import Cancelled, describe_unexpected, iso, local_time, parse_iso, utcnow
 from ..settings import Settings
 from ..store import Store
@@ -33,6 +33,7 @@ from .keys import (
     STATE_PID,
     STATE_STARTED,
     STATE_STOPPED,
+    STATE_UNUSABLE,
 )
 from .recovery import recover
 
@@ -54,8 +55,9 @@ def _job_id(name: str) -> str:
 
 
 class Daemon:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, source: str = ".env"):
         self.settings = settings
+        self.source = source  # where the settings came from, for the operator
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._signals = 0
@@ -153,7 +155,6 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
-        logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)
         settings = self.settings
         scheduler = BackgroundScheduler(
             jobstores={"default": MemoryJobStore()},
@@ -176,8 +177,9 @@ class Daemon:
             scheduler.add_job(self.execute, schedule.CrontabTrigger(job.schedule(settings),
                                                                     settings.zone),
                               args=[job.name], id=_job_id(job.name), name=job.name, **options)
+        # first at once: what start-up queued (recovery, a broken schedule) goes out now
         scheduler.add_job(self.flush_outbox, IntervalTrigger(seconds=OUTBOX_SECONDS),
-                          id="outbox", name="email outbox", executor="mail")
+                          id="outbox", name="email outbox", executor="mail", next_run_time=now)
         if settings.pitr:
             self._add_streamer(scheduler)
         if settings.offsite_url:
@@ -208,7 +210,8 @@ class Daemon:
         for job in jobs.all_jobs():
             why = job.disabled_reason(settings)
             if why:
-                log.info(f"{job.name}: disabled ({why})")
+                if not job.problem(settings):  # a broken schedule: report_problems says it
+                    log.info(f"{job.name}: disabled ({why})")
                 continue
             expr = job.schedule(settings)
             upcoming = schedule.next_times(expr, settings.zone, now, 1)[0]
@@ -225,6 +228,22 @@ class Daemon:
             log.info(f"off-site: every restore point is copied to {settings.offsite_url}, {how}")
         else:
             log.info("off-site: off (OFFSITE_URL is empty): the backups live on this host only")
+
+    def report_problems(self, store: Store) -> None:
+        """A job whose schedule is broken does not run; the others do. Say so in the log and
+        by email (`healthcheck` fails for it too): a typo never silently stops backups."""
+        settings = self.settings
+        problems = [problem for job in jobs.all_jobs() if (problem := job.problem(settings))]
+        for problem in problems:
+            log.error(f"NOT SCHEDULED: {problem} (in {self.source}); check an edit with "
+                      f"`{report.CHECK_AN_EDIT}`, apply it with `docker compose up -d`")
+        if problems:
+            notify.enqueue_problem(settings, store, problems, source=self.source, what=(
+                "Until it is fixed, that job does not run; the other jobs run as scheduled, "
+                "and `toybox-backupd healthcheck` fails (the container shows as unhealthy)."))
+        if not any(job.enabled(settings) for job in jobs.all_jobs()):
+            log.warning("no job is enabled: set " + ", ".join(
+                job.schedule_var for job in jobs.all_jobs()) + " (and their targets)")
 
     # main loop ---------------------------------------------------------------------------------
     def heartbeat(self, store: Store) -> None:
@@ -316,6 +335,7 @@ class Daemon:
                 if first is None:
                     store.set_state(STATE_FIRST_STARTED, iso(started))
                 store.set_state(STATE_STARTED, iso(started))
+                store.set_state(STATE_UNUSABLE, "")  # the settings are usable now
                 store.set_state(STATE_PID, str(os.getpid()))
                 self.heartbeat(store)
                 try:
@@ -330,9 +350,7 @@ class Daemon:
                     missed = missed_jobs(settings, store, now, first)
                 self.scheduler = self.build_scheduler(now, missed)
                 self.log_summary(now, missed)
-                if not any(job.enabled(settings) for job in jobs.all_jobs()):
-                    log.warning("no job is enabled: set " + ", ".join(
-                        job.schedule_var for job in jobs.all_jobs()) + " (and their targets)")
+                self.report_problems(store)
                 self._serve(store)
                 log.info("toybox-backupd stopped", aborted=self._aborted)
         return 0
@@ -353,6 +371,6 @@ class Daemon:
 
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, source: str = ".env") -> int:
     """`toybox-backupd run`: the daemon, until SIGTERM/SIGINT. Returns the exit code."""
-    return Daemon(settings).run()
+    return Daemon(settings, source).run()

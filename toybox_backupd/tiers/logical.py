@@ -7,6 +7,7 @@ import gzip
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,12 +53,17 @@ def _free_stem(directory: Path, stem: str) -> str:
 
 
 # backup --------------------------------------------------------------------------------------
+NO_DATABASE = "POSTGRES_DB is empty: set it to the database to back up and restore"
+
+
 def backup(ctx: RunContext) -> TierResult:
     """Dump the database (and the cluster's roles) into BACKUP_DIR/logical/<database>/.
 
     Given a run whose target is the database; returns the dump's size and path; raises JobError
     (or DatabaseError, DiskFullError) with nothing cataloged when any step fails.
     """
+    if not ctx.targets:
+        raise JobError(NO_DATABASE)
     settings, dbname = ctx.settings, ctx.targets[0]
     try:
         server_version = database.check_reachable(settings)
@@ -65,7 +71,6 @@ def backup(ctx: RunContext) -> TierResult:
         raise JobError(str(exc)) from None
     tools = PgTools(settings)
     tools.check_version(server_version)
-    tools.check_same_server(dbname)
     ctx.check()
     created = utcnow()
     directory = settings.backup_dir / TIER / dbname
@@ -74,11 +79,23 @@ def backup(ctx: RunContext) -> TierResult:
     path = directory / (stem + (".dump" if custom else ".sql.gz"))
     ctx.log.info("dumping database", database=dbname, server=server_version, where=tools.where,
                  file=str(path))
-    with Batch() as batch:  # the dump, its roles, its manifest and its row, or none of them
-        size, digest = _dump_to(ctx, tools, "pg_dump", ["-Fc" if custom else "-Fp", "-d", dbname],
-                                batch, path, gzip_it=not custom,
-                                check=_check_custom if custom else _check_plain)
-        globals_info = _dump_globals(ctx, tools, batch, directory / f"{stem}.globals.sql.gz")
+    with Batch() as batch, ThreadPoolExecutor(2, "pgdump-side") as pool:
+        # the dump, its roles, its manifest and its row, or none of them. Beside the dump (each
+        # a docker exec and a start-up of its own, ~0.1-0.2 s): the proof that PG_CONTAINER is
+        # the server psycopg checked (pg_dump only reads: a dump of another server is dropped
+        # before anything is kept), and the roles
+        same = pool.submit(tools.check_same_server, dbname)
+        roles = pool.submit(_dump_globals, ctx, tools, batch,
+                            directory / f"{stem}.globals.sql.gz")
+        try:
+            size, digest = _dump_to(ctx, tools, "pg_dump",
+                                    ["-Fc" if custom else "-Fp", "-d", dbname], batch, path,
+                                    gzip_it=not custom,
+                                    check=_check_custom if custom else _check_plain)
+        finally:
+            wait([same, roles])  # the roles file is part of `batch`: never undone mid-write
+            same.result()  # another server's dump is never kept: this error comes first
+        globals_info = roles.result()
         extra = {"format": settings.pgdump_format, "server_version": server_version,
                  "database": dbname, "globals": globals_info}
         relative = _rel(settings, path)
@@ -218,6 +235,8 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     live database is replaced only once the dump was restored completely beside it.
     Raises CatalogError (no such dump) or JobError (nothing changed, or the old state back).
     """
+    if not settings.postgres_db:
+        raise JobError(NO_DATABASE)
     with Store(settings.state_dir) as store:
         item = restore_point(store, (TIER,), settings.postgres_db, at)
         path = local_copy(settings, store, item, say)
@@ -242,10 +261,11 @@ def restore_dump(settings: Settings, item: Artifact, path: Path, *, tables: Iter
                        local_time(item.created_at, settings.zone))
     if tables:
         names = _resolve_tables(request, list(tables))
-        _ask(request, confirm, f"This replaces table(s) {', '.join(n for n, _ in names)} in")
+        shown = ", ".join(n for n, _, _ in names)
+        _ask(request, confirm, f"This replaces table(s) {shown} in")
         with hold():
-            _restore_tables(request, [pattern for _, pattern in names])
-        say(f"restored {', '.join(n for n, _ in names)} into {request.target}")
+            _restore_tables(request, names)
+        say(f"restored {shown} into {request.target}")
     elif into:
         if database.database_exists(settings, into):
             raise JobError(f"database {into!r} already exists; --into needs a new name")
@@ -332,19 +352,26 @@ def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str) -> Non
         raise JobError(tool_error(tool, result, where))
 
 
-def _load(request: _Restore, dbname: str) -> None:
+def _load(request: _Restore, dbname: str, toc: bytes | None = None) -> None:
+    """The dump into `dbname`: all of it, or the entries of `toc` (a pg_restore -L list)."""
     tools = request.tools
     if request.fmt == "plain":
         proc = tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dbname],
                            stdin=True)
         _run_into(proc, request.chunks(), "psql", tools.where)
-    else:
-        proc = tools.start("pg_restore", ["--exit-on-error", "-d", dbname], stdin=True)
+        return
+    with tools.temp_file(toc) if toc is not None else nullcontext(None) as listed:
+        listing = ["-L", listed] if listed else []
+        proc = tools.start("pg_restore", ["--exit-on-error", *listing, "-d", dbname],
+                           stdin=True)
         _run_into(proc, request.chunks(), "pg_restore", tools.where)
 
 
-def _resolve_tables(request: _Restore, wanted: list[str]) -> list[tuple[str, str]]:
-    """[(schema.table, exact pg_dump -t pattern)] for the names asked for.
+Table = tuple[str, str, tuple[str, str]]  # schema.table, its exact pg_dump -t pattern, (schema, table)
+
+
+def _resolve_tables(request: _Restore, wanted: list[str]) -> list[Table]:
+    """[(schema.table, exact pg_dump -t pattern, (schema, table))] for the names asked for.
 
     A name is a table of the dump, exactly: `orders` (in whichever schema has it, if only one
     does) or `schema.orders`. Raises JobError naming the close names for one that is not.
@@ -360,12 +387,12 @@ def _resolve_tables(request: _Restore, wanted: list[str]) -> list[tuple[str, str
     return [_match_table(name, known) for name in wanted]
 
 
-def _match_table(name: str, known: list[tuple[str, str]]) -> tuple[str, str]:
+def _match_table(name: str, known: list[tuple[str, str]]) -> Table:
     schema, _, table = name.rpartition(".")
     found = [(s, t) for s, t in known if t == table and (not schema or s == schema)]
     if len(found) == 1:
         s, t = found[0]
-        return f"{s}.{t}", f"{quote_ident(s)}.{quote_ident(t)}"
+        return f"{s}.{t}", f"{quote_ident(s)}.{quote_ident(t)}", (s, t)
     if found:
         raise JobError(f"--table {name}: more than one table has that name; name one of "
                        f"{', '.join(f'{s}.{t}' for s, t in found)}")
@@ -377,24 +404,66 @@ def _match_table(name: str, known: list[tuple[str, str]]) -> tuple[str, str]:
                    f"patterns){hint}")
 
 
-def _restore_tables(request: _Restore, patterns: list[str]) -> None:
-    """Restore the whole dump into a scratch database, then move just these tables over.
+def _restore_tables(request: _Restore, names: list[Table]) -> None:
+    """Restore the dump into a scratch database, then move just these tables over.
 
     pg_dump -t brings each table's indexes, constraints, triggers and sequences with it, which
-    pg_restore -t alone would leave out. The move is one transaction per restore: on any error
-    the target keeps its tables as they were.
+    pg_restore -t alone would leave out. The scratch database gets the whole schema but only
+    the data these tables need (see `_scratch_toc`). The move is one transaction per restore:
+    on any error the target keeps its tables as they were.
     """
     scratch = f"{request.target}__tables_{secrets.token_hex(3)}"
     try:
         database.create(request.settings, scratch, like=request.target)
-        _load(request, scratch)
-        _move_tables(request.tools, scratch, patterns, request.target)
+        _load(request, scratch, _scratch_toc(request, [table for _, _, table in names]))
+        _move_tables(request.tools, scratch, [pattern for _, pattern, _ in names],
+                     request.target)
     except BaseException:
         # a pg_restore cut off here (time limit, Ctrl-C) must not commit later on its own
         database.end_sessions(request.settings, [request.target])
         raise
     finally:
         database.drop_quietly(request.settings, scratch)
+
+
+TOC_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA ")
+TOC_FOREIGN_KEY = re.compile(r"^\d+; \d+ \d+ FK CONSTRAINT ")
+NAME = r'(?:"(?:[^"]|"")*"|[^\s(".]+)'  # an identifier as pg_dump writes it, quoted if need be
+REFERENCES = re.compile(rf"\bREFERENCES ({NAME}\.{NAME})\(")
+IDENTIFIER = re.compile(r'"((?:[^"]|"")*)"|([^".]+)')
+
+
+def _scratch_toc(request: _Restore, tables: list[tuple[str, str]]) -> bytes | None:
+    """The dump's table of contents for a table restore's scratch database: every entry but
+    the rows of other tables (those its foreign keys reference excepted) and other tables'
+    foreign keys (their referenced rows are not there). None (load it all) when an entry of
+    these tables cannot be told apart for sure: slower, never wrong."""
+    tools = request.tools
+    lines = tools.output("pg_restore", ["-l"], request.chunks()).splitlines()
+    ours = [line for line in lines if TOC_FOREIGN_KEY.match(line)
+            and any(f" FK CONSTRAINT {s} {t} " in line for s, t in tables)]
+    keep = set(tables)
+    if ours:
+        with tools.temp_file("\n".join(ours).encode("utf-8", "surrogateescape")) as listed:
+            sql = tools.output("pg_restore", ["-L", listed, "-f", "-"], request.chunks())
+        referenced = REFERENCES.findall(sql)
+        if len(referenced) != len(ours):
+            return None
+        keep |= {_split_name(name) for name in referenced}
+    marks = [f" TABLE DATA {s} {t} " for s, t in keep]
+    toc = [line for line in lines
+           if not (TOC_DATA.match(line) and not any(mark in line for mark in marks))
+           and not (TOC_FOREIGN_KEY.match(line) and line not in ours)]
+    if not all(any(mark in line for line in toc) for mark in marks):
+        return None  # e.g. a partitioned table: its rows are in its partitions' entries
+    return "\n".join(toc).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def _split_name(qualified: str) -> tuple[str, str]:
+    """(schema, table) of pg_dump's `schema.table`, each part quoted only where it must be."""
+    schema, table = (quoted.replace('""', '"') if quoted else plain
+                     for quoted, plain in IDENTIFIER.findall(qualified))
+    return schema, table
 
 
 def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str) -> None:
@@ -410,8 +479,12 @@ def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str)
     if dumped.exit_code != 0:
         raise JobError(tool_error("pg_dump", dumped, tools.where).replace(scratch, "the dump"))
     if loaded.exit_code != 0:
-        raise JobError(tool_error("pg_restore", loaded, tools.where)
-                       + "; the target database was left as it was")
+        text = tool_error("pg_restore", loaded, tools.where) + "; the target database was left as it was"
+        if "other objects depend on it" in loaded.stderr:
+            text += (". Views or other tables' foreign keys depend on the table; PostgreSQL's "
+                     "hint, DROP ... CASCADE, would drop them too. Restore with --into a new "
+                     "database and copy the rows from there instead (README: runbook 3)")
+        raise JobError(text)
 
 
 # verify --------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import select
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ POLL_MS = 200
 
 @dataclass
 class Fifo:
-    """A named pipe here (`local`) that a helper mounting `mounts()` sees at `inside`."""
+    """A named pipe here (`local`) that a helper mounting its spool's `mounts()` sees at
+    `inside`."""
 
     local: Path
     inside: str
@@ -53,38 +55,84 @@ class Fifo:
         return {self.source: (SPOOL, "ro")}
 
 
-def mounts(channel: Fifo | None) -> dict[str, tuple[str, str]]:
+def mounts(channel: Fifo | Spool | None) -> dict[str, tuple[str, str]]:
     """The helper's extra mounts for `channel` (none for the exec stream)."""
     return channel.mounts() if channel is not None else {}
 
 
-@contextmanager
-def fifo(state_dir: Path, helper_writes: bool) -> Iterator[Fifo | None]:
-    """A new FIFO in a private directory under `state_dir`/spool, removed afterwards; None
-    (and a log line) when the engine cannot mount it. `helper_writes`: the helper opens it
-    for writing, with no capability but DAC_READ_SEARCH, so others may write it (only
-    through this 0700 directory, which only root and this user can enter)."""
+@dataclass
+class Spool:
+    """`STATE_DIR/spool` as the engine can mount it into a helper (`source`, with `sub` the
+    spool's path inside that source): one helper mounting it sees every FIFO made in it,
+    before or after the helper started."""
+
+    root: Path
+    source: str
+    sub: str
+
+    def mounts(self) -> dict[str, tuple[str, str]]:
+        """What to add to the helper's volumes."""
+        return {self.source: (SPOOL, "ro")}
+
+    @contextmanager
+    def fifo(self, helper_writes: bool) -> Iterator[Fifo]:
+        """A new FIFO in a private directory of the spool, removed afterwards. `helper_writes`:
+        the helper opens it for writing, with no capability but DAC_READ_SEARCH, so others may
+        write it (only through this 0700 directory, which only root and this user can enter)."""
+        directory = Path(tempfile.mkdtemp(prefix="fifo-", dir=self.root))
+        try:
+            path = directory / "stream"
+            os.mkfifo(path)
+            os.chmod(path, 0o602 if helper_writes else 0o600)
+            inside = "/".join(part for part in (SPOOL, self.sub, directory.name, path.name)
+                              if part)
+            yield Fifo(path, inside, self.source)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def checked_in_background(where: Spool | None, helper: Any) -> Callable[[], Spool | None]:
+    """Whether `helper` sees FIFOs made in the spool `where`, found out on a thread (a probe
+    FIFO and a `docker exec`, ~70 ms) while the caller goes on; call the result for the answer:
+    `where`, or None (with a log line) when the exec stream has to carry the data."""
+    if where is None:
+        return lambda: None
+    pool = ThreadPoolExecutor(1, "fifo-probe")
+    seen = pool.submit(_probe, where, helper)
+    pool.shutdown(wait=False)  # no more tasks; this one runs on
+    return lambda: where if seen.result() else None
+
+
+def _probe(where: Spool, helper: Any) -> bool:
+    with where.fifo(helper_writes=False) as probe:
+        return seen_by(probe, helper) is not None
+
+
+def spool(state_dir: Path) -> Spool | None:
+    """The spool under `state_dir`, or None (and a log line) when the engine cannot mount it or
+    TOYBOX_BACKUPD_TRANSPORT=exec."""
     root = state_dir.resolve() / "spool"
     if os.environ.get(FORCE, "") == "exec":
         log.info(FALLBACK, reason=f"{FORCE}=exec")
-        yield None
-        return
+        return None
     root.mkdir(mode=0o700, exist_ok=True)
     where = docker_api.mountable(root)
     if where is None:
         log.info(FALLBACK, reason=f"the Docker engine cannot mount {root}")
+        return None
+    return Spool(root, *where)
+
+
+@contextmanager
+def fifo(state_dir: Path, helper_writes: bool) -> Iterator[Fifo | None]:
+    """A new FIFO in the spool under `state_dir` (see Spool.fifo), or None when the engine
+    cannot mount it."""
+    where = spool(state_dir)
+    if where is None:
         yield None
         return
-    directory = Path(tempfile.mkdtemp(prefix="fifo-", dir=root))
-    try:
-        path = directory / "stream"
-        os.mkfifo(path)
-        os.chmod(path, 0o602 if helper_writes else 0o600)
-        source, sub = where
-        inside = "/".join(part for part in (SPOOL, sub, directory.name, path.name) if part)
-        yield Fifo(path, inside, source)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with where.fifo(helper_writes) as channel:
+        yield channel
 
 
 def seen_by(channel: Fifo | None, helper: Any) -> Fifo | None:

@@ -29,7 +29,6 @@ from typing import Any
 from .. import docker_api
 from ..basics import JobError
 from ..logs import get
-from ..pgtools import tool_error
 from ..settings import Settings
 from ..store import Store
 from . import transfer
@@ -155,7 +154,7 @@ def run_step_fifo(helper: Any, channel: transfer.Fifo, cmd: list[str], what: str
 def _step_failed(cmd: list[str], what: str, result: docker_api.ExecResult) -> None:
     if result.exit_code != 0:
         error = NoRoom if NO_ROOM in result.stderr else JobError
-        raise error(f"{what}: " + tool_error(cmd[0], result, "the helper container"))
+        raise error(f"{what}: " + docker_api.tool_error(cmd[0], result, "the helper container"))
 
 
 def prepare(helper: Any, staging: str) -> None:

@@ -14,15 +14,15 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, docker_api, tarstream
-from ..atomic import CHUNK, AtomicFile, Batch
+from .. import __version__, docker_api, hints, tarstream
+from ..atomic import CHUNK, AtomicFile, Batch, write_behind
 from ..basics import (
     Cancelled,
     CatalogError,
@@ -38,7 +38,6 @@ from ..basics import (
 )
 from ..compression import EXTENSIONS, compressor, decompressed, kind_of
 from ..manifests import TOOL, write_index, write_manifest
-from ..pgtools import tool_error
 from ..restore_points import check_file
 from ..settings import Settings
 from ..store import Artifact
@@ -54,17 +53,23 @@ FIND_FORMAT = r"%P\0%y\0%s\0%T@\0%C@\0%i\0%m\0%U\0%G\0%l\0"
 # -ignore_readdir_race: a file deleted between readdir and stat is skipped silently; a directory
 # deleted before find opens it is still reported (findutils 4.9), in these words under LC_ALL=C
 # a restore's staging dir (left by a killed restore until it is settled) is not volume data
-FIND_LIST = ["find", MOUNT, "-ignore_readdir_race", "-path", f"{MOUNT}/{STAGING_PREFIX}*",
-             "-prune", "-o", "-printf", FIND_FORMAT]
+def find_list(mount: str) -> list[str]:
+    """find over the volume mounted at `mount`, one record per path (FIND_FORMAT)."""
+    return ["find", mount, "-ignore_readdir_race", "-path", f"{mount}/{STAGING_PREFIX}*",
+            "-prune", "-o", "-printf", FIND_FORMAT]
+
+
 FIND_VANISHED = re.compile(r"^find: '(.*)': No such file or directory$")
 FIELDS = 10
 # the pax headers' names without tar's pid (`%d/PaxHeaders.%p/%f` by default): the same
 # volume gives the same archive, byte for byte, whatever ran in the helper before
-TAR_CREATE = [
-    "tar", "--create", "--format=posix", "--numeric-owner", "--no-recursion",
-    "--ignore-failed-read", "--pax-option=delete=atime,exthdr.name=%d/PaxHeaders/%f", "--xattrs",
-    "--directory=" + MOUNT, "--null", "--verbatim-files-from", "--files-from=-",
-]
+def tar_create(mount: str) -> list[str]:
+    """GNU tar archiving the paths named on stdin, relative to the volume mounted at `mount`."""
+    return [
+        "tar", "--create", "--format=posix", "--numeric-owner", "--no-recursion",
+        "--ignore-failed-read", "--pax-option=delete=atime,exthdr.name=%d/PaxHeaders/%f",
+        "--xattrs", "--directory=" + mount, "--null", "--verbatim-files-from", "--files-from=-",
+    ]
 
 
 @dataclass
@@ -91,57 +96,71 @@ class Steps:
         self.seconds[step] = round(self.seconds.get(step, 0.0) + now - self._since, 3)
         self._since = now
 
+    def since_now(self) -> None:
+        """The next lap counts from now (what passed since the last one is not a step)."""
+        self._since = time.monotonic()
+
 
 def backup(ctx: RunContext) -> TierResult:
     """Archive every target volume (`ctx.job.name`: "full" or "diff").
 
-    Each volume is archived on its own: one volume's failure is reported and the others still
-    run. Returns the archives; raises JobError naming every volume that failed.
+    One helper container reads them all. Each volume is archived on its own: one volume's
+    failure is reported and the others still run. Returns the archives; raises JobError naming
+    every volume that failed.
     """
     if not ctx.targets:
         raise JobError("no volumes to archive: set BACKUP_VOLUMES")
-    missing = [v for v in ctx.targets if not docker_api.volume_exists(v)]
+    missing = hints.missing_volumes(ctx.targets)
     if missing:
-        raise JobError(f"no such Docker volume: {', '.join(missing)} (check BACKUP_VOLUMES)")
-    result = TierResult()
-    downtime: dict[str, float] = {}
-    warnings: list[str] = []
-    errors: list[str] = []
-    steps: dict[str, Any] = {}
+        raise JobError(missing)
+    result, archives, errors = TierResult(), [], []
+    steps = Steps()
     left_to_base = _left_to_base(ctx)
-    for volume in ctx.targets:
-        ctx.check()
-        if volume in left_to_base:
-            continue
-        try:
-            archived = archive_volume(ctx, volume, ctx.job.name)
-        except Cancelled:
-            raise
-        except Exception as exc:  # one volume's failure, foreseen or not, never skips the others
-            ctx.check()  # unless the run itself was ended
-            text = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
-            errors.append(f"{volume}: {text}")
-            ctx.log.error("volume archive failed", volume=volume, error=text,
-                          **({} if isinstance(exc, ToyboxError) else {"exc_info": True}))
-            continue
+    targets = [volume for volume in ctx.targets if volume not in left_to_base]
+    with ExitStack() as stack:
+        reader = _reader(ctx, stack, targets) if targets else None
+        steps.lap("start")
+        for volume in targets:
+            assert reader is not None
+            ctx.check()
+            try:
+                archives.append((volume, archive_volume(ctx, volume, ctx.job.name, reader)))
+            except Cancelled:
+                raise
+            except Exception as exc:  # one volume's failure, foreseen or not, never skips others
+                ctx.check()  # unless the run itself was ended
+                text = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
+                errors.append(f"{volume}: {text}")
+                ctx.log.error("volume archive failed", volume=volume, error=text,
+                              **({} if isinstance(exc, ToyboxError) else {"exc_info": True}))
+        steps.since_now()
+    steps.lap("remove")
+    result.details = {**_details(archives, steps), **_pitr_note(left_to_base)}
+    for _, archived in archives:
         result.bytes += archived.size
         result.artifacts.append(archived.path)
-        for name, seconds in archived.downtime.items():
-            downtime[name] = downtime.get(name, 0.0) + seconds
-        warnings += [f"{volume}: {w}" for w in archived.warnings]
-        steps[volume] = archived.steps
-    result.details = {
-        "downtime": {k: round(v, 2) for k, v in downtime.items()},
-        "downtime_seconds": round(sum(downtime.values()), 2),
-        "warnings": warnings[:200],
-        "warnings_total": len(warnings),
-        "volumes": steps,
-        **_pitr_note(left_to_base),
-    }
     ctx.note(**result.details)
     if errors:
         raise JobError("; ".join(errors))
     return result
+
+
+def _details(archives: list[tuple[str, Archived]], helper: Steps) -> dict[str, Any]:
+    """The run's details: downtime per container, warnings, and the steps' seconds."""
+    downtime: dict[str, float] = {}
+    warnings: list[str] = []
+    for volume, archived in archives:
+        for name, seconds in archived.downtime.items():
+            downtime[name] = downtime.get(name, 0.0) + seconds
+        warnings += [f"{volume}: {w}" for w in archived.warnings]
+    return {
+        "downtime": {k: round(v, 2) for k, v in downtime.items()},
+        "downtime_seconds": round(sum(downtime.values()), 2),
+        "warnings": warnings[:200],
+        "warnings_total": len(warnings),
+        "helper": {"seconds": helper.seconds},
+        "volumes": {volume: archived.steps for volume, archived in archives},
+    }
 
 
 # one volume ----------------------------------------------------------------------------------
@@ -162,7 +181,31 @@ def _pitr_note(left_to_base: list[str]) -> dict[str, str]:
             "WAL are its physical backup (`restore cluster --at` rebuilds it)"}
 
 
-def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
+@dataclass
+class Reader:
+    """The run's helper container: each target volume mounted read-only at its own path, and
+    the spool where FIFOs carry the archives (None: the exec stream carries them)."""
+
+    helper: Any
+    mounts: dict[str, str]
+    spool: Callable[[], transfer.Spool | None]  # waits for the check that the helper sees it
+
+
+def _reader(ctx: RunContext, stack: ExitStack, volumes: list[str]) -> Reader:
+    """One helper for the whole run (its start-up paid once), removed when `stack` closes."""
+    settings = ctx.settings
+    image = docker_api.helper_image(settings.helper_image)
+    spool = transfer.spool(settings.state_dir)
+    mounts = {volume: f"{MOUNT}/{number}" for number, volume in enumerate(volumes)}
+    helper = stack.enter_context(docker_api.helper(
+        image, {volume: (path, "ro") for volume, path in mounts.items()}
+        | transfer.mounts(spool), "backup", ctx.store.instance_id(),
+        lifetime=ctx.job.time_limit_seconds(settings) + 60))
+    stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
+    return Reader(helper, mounts, transfer.checked_in_background(spool, helper))
+
+
+def archive_volume(ctx: RunContext, volume: str, kind: str, reader: Reader) -> Archived:
     """Archive one volume (a full, or a differential against its newest full)."""
     settings, store = ctx.settings, ctx.store
     steps = Steps()
@@ -170,43 +213,30 @@ def archive_volume(ctx: RunContext, volume: str, kind: str) -> Archived:
     created = utcnow()
     path = _new_path(settings, volume, kind, created)
     store.scan_reset()
+    mount = reader.mounts[volume]
     with Batch() as batch:  # the archive, its index, its manifest and its rows, or none of them
         out = batch.open(path)
-        with ExitStack() as stack:
-            helper, channel = _helper(ctx, stack, volume)
-            steps.lap("helper")
-            with stopped_for(ctx, volume) as downtime:
-                steps.lap("stop")
-                listing_warnings = _list_volume(ctx, helper, volume)
-                steps.lap("scan")
-                deleted = store.scan_select_changed(base.id) if base else []
-                if base is None:
-                    store.scan_select_all()
-                steps.lap("select")
-                tar_warnings = _tar(ctx, helper, out, channel)
-                steps.lap("tar")
-        steps.lap("release")  # the stopped containers started again, the helper removed
+        with ExitStack() as stack, stopped_for(ctx, volume) as downtime:
+            steps.lap("stop")
+            listing_warnings = _list_volume(ctx, reader.helper, volume, mount)
+            steps.lap("scan")
+            deleted = store.scan_select_changed(base.id) if base else []
+            if base is None:
+                store.scan_select_all()
+            steps.lap("select")
+            spool = reader.spool()
+            channel = stack.enter_context(spool.fifo(helper_writes=True)) if spool else None
+            steps.lap("fifo")
+            tar_warnings = _tar(ctx, reader.helper, mount, out, channel)
+            steps.lap("tar")
+        steps.lap("start")  # the stopped containers started again
         archived = Archived(str(path.relative_to(settings.backup_dir)), out.size, downtime,
                             notes + listing_warnings + tar_warnings)
         vanished = store.scan_take_vanished()
         archived.warnings += [f"vanished while read: {p}" for p in vanished[:100]]
-        _catalog(ctx, batch, path, out, volume, kind, created, base, deleted, archived)
-        steps.lap("commit")  # index, manifest, fsync, rename, catalog rows
+        _catalog(ctx, batch, path, out, volume, kind, created, base, deleted, archived, steps)
     archived.steps = {"transport": "fifo" if channel else "exec", "seconds": steps.seconds}
     return archived
-
-
-def _helper(ctx: RunContext, stack: ExitStack, volume: str) -> tuple[Any, transfer.Fifo | None]:
-    """A helper that mounts `volume` read-only, and the FIFO it writes into (None: the exec
-    stream carries the archive), both removed when `stack` closes."""
-    settings = ctx.settings
-    image = docker_api.helper_image(settings.helper_image)
-    channel = stack.enter_context(transfer.fifo(settings.state_dir, helper_writes=True))
-    helper = stack.enter_context(docker_api.helper(
-        image, {volume: (MOUNT, "ro"), **transfer.mounts(channel)}, "backup",
-        ctx.store.instance_id(), lifetime=ctx.job.time_limit_seconds(settings) + 60))
-    stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
-    return helper, transfer.seen_by(channel, helper)
 
 
 def _base_for(ctx: RunContext, volume: str, kind: str) -> tuple[str, Artifact | None, list[str]]:
@@ -234,7 +264,7 @@ def _new_path(settings: Settings, volume: str, kind: str, created: datetime) -> 
 
 def _catalog(ctx: RunContext, batch: Batch, path: Path, out: AtomicFile, volume: str,
              kind: str, created: datetime, base: Artifact | None, deleted: list[str],
-             archived: Archived) -> None:
+             archived: Archived, steps: Steps) -> None:
     """The index and manifest beside the archive, all of them committed, then its rows."""
     store = ctx.store
     count = store.scan_count()
@@ -248,11 +278,14 @@ def _catalog(ctx: RunContext, batch: Batch, path: Path, out: AtomicFile, volume:
         "file": path.name, "base": base.path if base else None, "deleted": deleted,
         "extra": extra,
     }, batch)
+    steps.lap("index")  # the file index and the manifest written
     batch.commit()
+    steps.lap("fsync")  # the archive and its companions fsynced and renamed into place
     store.add_artifact(
         run_id=ctx.run_id, tier=kind, target=volume, path=archived.path, created_at=created,
         size=out.size, sha256=out.sha256, base_id=base.id if base else None, extra=extra,
         files=store.scan_index_rows(), deleted=deleted)
+    steps.lap("catalog")
     ctx.log.info("volume archived", volume=volume, kind=kind, file=archived.path, files=count,
                  deleted=len(deleted), size=human(out.size),
                  downtime_s=extra["downtime_seconds"])
@@ -299,13 +332,13 @@ def _ns(text: str) -> int:
     return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
 
 
-def _list_volume(ctx: RunContext, helper: Any, volume: str) -> list[str]:
+def _list_volume(ctx: RunContext, helper: Any, volume: str, mount: str) -> list[str]:
     """List every path of the volume with its metadata into the store's scan table.
 
     Returns warnings for paths that vanished while they were listed (a busy volume); any other
     error of find fails the run.
     """
-    proc = docker_api.Exec(helper, FIND_LIST, environment={"LC_ALL": "C"})
+    proc = docker_api.Exec(helper, find_list(mount), environment={"LC_ALL": "C"})
     batch: list[tuple[Any, ...]] = []
     pending = b""
     with ctx.on_cancel(proc.close):
@@ -320,13 +353,13 @@ def _list_volume(ctx: RunContext, helper: Any, volume: str) -> list[str]:
                 batch = []
         ctx.store.scan_add(batch)
         result = proc.wait()
-    vanished = _vanished(result.stderr) if result.exit_code == 1 else None
+    vanished = _vanished(result.stderr, mount) if result.exit_code == 1 else None
     if result.exit_code != 0 and vanished is None:
-        raise JobError(tool_error("find", result, f"the helper container for {volume}"))
+        raise JobError(docker_api.tool_error("find", result, f"the helper container for {volume}"))
     return [f"vanished while listed: {path}" for path in vanished or []]
 
 
-def _vanished(stderr: str) -> list[str] | None:
+def _vanished(stderr: str, mount: str) -> list[str] | None:
     """The paths of find's messages if each says a path is gone, else None (a real error)."""
     lines = stderr.splitlines()
     if len(stderr) >= docker_api.STDERR_KEEP and lines and not lines[0].startswith("find: "):
@@ -336,7 +369,7 @@ def _vanished(stderr: str) -> list[str] | None:
         match = FIND_VANISHED.match(line)
         if match is None:
             return None
-        paths.append(match.group(1).removeprefix(MOUNT).lstrip("/"))
+        paths.append(match.group(1).removeprefix(mount).lstrip("/"))
     return paths or None
 
 
@@ -347,8 +380,8 @@ def _scan_row(fields: list[bytes]) -> tuple[Any, ...]:
             int(uid), int(gid), link if kind == "l" else None)
 
 
-def _tar(ctx: RunContext, helper: Any, out: AtomicFile, channel: transfer.Fifo | None
-         ) -> list[str]:
+def _tar(ctx: RunContext, helper: Any, mount: str, out: AtomicFile,
+         channel: transfer.Fifo | None) -> list[str]:
     """Archive the selected paths into `out` (committed later, with its companions), through
     the FIFO `channel` or else the exec stream; return tar's warnings."""
     settings, store = ctx.settings, ctx.store
@@ -357,15 +390,15 @@ def _tar(ctx: RunContext, helper: Any, out: AtomicFile, channel: transfer.Fifo |
             names.write(name.encode("utf-8", "surrogateescape") + b"\0")
         names.seek(0)
         target = channel.inside if channel is not None else "-"
-        proc = docker_api.Exec(helper, [*TAR_CREATE, "--file=" + target], stdin=True)
+        proc = docker_api.Exec(helper, [*tar_create(mount), "--file=" + target], stdin=True)
         proc.feed(iter(lambda: names.read(CHUNK), b""))
         waiter = transfer.Waiter(proc) if channel is not None else None
         chunks = (transfer.chunks_from(channel, waiter.done) if channel and waiter
                   else proc.stdout())
         with ctx.on_cancel(proc.close):
             try:
-                with compressor(out, settings.volume_compression,
-                                settings.compression_level()) as sink:
+                with write_behind(out) as behind, compressor(
+                        behind, settings.volume_compression, settings.compression_level()) as sink:
                     _index_stream(ctx, tarstream.TeeReader(chunks, sink, ctx.check))
             except tarfile.TarError as exc:
                 ctx.check()
@@ -383,7 +416,7 @@ def _tar_failed(result: docker_api.ExecResult) -> None:
     """JobError in tar's words unless it succeeded: GNU tar exits 0 when all is well, 1 when
     "some files differ" (changed while read), 2 on a fatal error."""
     if result.exit_code not in (0, 1):
-        raise JobError(tool_error("tar", result, "the helper container"))
+        raise JobError(docker_api.tool_error("tar", result, "the helper container"))
 
 
 def _index_stream(ctx: RunContext, reader: tarstream.TeeReader) -> None:
