@@ -250,7 +250,8 @@ def start_pg(name: str, volume: str, password: str) -> int:
     subprocess.run(
         ["docker", "run", "-d", "--name", name, "-e", "POSTGRES_USER=toybox",
          "-e", f"POSTGRES_PASSWORD={password}", "-e", "POSTGRES_DB=toybox",
-         "-v", f"{volume}:/var/lib/postgresql/data", "-p", "127.0.0.1::5432", PG_IMAGE],
+         "-v", f"{volume}:/var/lib/postgresql/data", "-p", "127.0.0.1::5432",
+         "--shm-size=1g", PG_IMAGE],  # parallel index builds of the x10 table need > 64 MB
         check=True, capture_output=True)
     port = subprocess.run(["docker", "port", name, "5432/tcp"], check=True, capture_output=True,
                           text=True).stdout.strip().splitlines()[0].rsplit(":", 1)[1]
@@ -290,9 +291,11 @@ def pgbench_init(name: str, scale: int, rows: int) -> dict[str, object]:
     started = time.monotonic()
     subprocess.run(["docker", "exec", "-u", "postgres", name, "pgbench", "-i", "-q",
                     "-s", str(scale), "-U", "toybox", "toybox"], check=True, capture_output=True)
-    subprocess.run(["docker", "exec", "-i", "-u", "postgres", name, "psql", "-X", "-q",
-                    "-v", "ON_ERROR_STOP=1", "-U", "toybox", "-d", "toybox"],
-                   input=APP_TABLE.replace("{rows}", str(rows)).encode(), check=True, capture_output=True)
+    made = subprocess.run(["docker", "exec", "-i", "-u", "postgres", name, "psql", "-X", "-q",
+                           "-v", "ON_ERROR_STOP=1", "-U", "toybox", "-d", "toybox"],
+                          input=APP_TABLE.replace("{rows}", str(rows)).encode(), capture_output=True)
+    if made.returncode != 0:
+        raise RuntimeError(f"the app table could not be made: {made.stderr.decode()[-2000:]}")
     size = subprocess.run(
         ["docker", "exec", "-u", "postgres", name, "psql", "-X", "-A", "-t", "-U", "toybox",
          "-d", "toybox", "-c", "SELECT pg_database_size('toybox')"],

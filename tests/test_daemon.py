@@ -198,7 +198,9 @@ def test_kill_9_mid_run_then_recovery_and_catch_up(env: Env, pg: PG, make_volume
     first = daemons(env, "first", **settings)
     wait_for("the catch-up dump to hang", lambda: dump_waiting(pg), 30, lambda: first.log)
     assert "catching up now" in first.log
-    [partial] = wait_for("the partial file", lambda: partials(env), 10)
+    # the dump's partial (the roles, dumped alongside, wait as a partial too until the dump ends)
+    [partial] = wait_for("the partial dump", lambda: [
+        p for p in partials(env) if p.name.endswith(".dump.partial")], 10)
     [interrupted] = runs(env)
     assert (interrupted.job, interrupted.status, interrupted.trigger) == ("logical", "running",
                                                                           "catchup")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from toybox_backupd import cli, jobs, report, retention, runner, verify
 from toybox_backupd.basics import iso, utcnow
@@ -35,6 +35,7 @@ class SnapshotSettings(Settings):
     snapshot_keep_days: int = Field(2, alias="SNAPSHOT_KEEP_DAYS")
     snapshot_time_limit_min: int = Field(5, alias="SNAPSHOT_TIME_LIMIT_MIN")
     snapshot_dirs: str = Field("", alias="SNAPSHOT_DIRS")
+    ping_url_snapshot: SecretStr | None = Field(None, alias="PING_URL_SNAPSHOT")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import progress
 from .basics import DiskFullError
 
 PARTIAL = ".partial"
@@ -47,6 +48,7 @@ class AtomicFile:
             raise
         self._hash.update(data)
         self.size += len(data)
+        progress.advance(len(data))
         return len(data)
 
     def flush(self) -> None:
@@ -222,6 +224,7 @@ def sha256_of(path: Path) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
+            progress.advance(len(chunk))
     return digest.hexdigest()
 
 

@@ -110,9 +110,22 @@ def _pitr(settings: Settings) -> str:
     return wal.check_route(settings)
 
 
+def _optional_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
+    """The checks of what is configured only sometimes: volumes, email, chat, off-site."""
+    wanted = [
+        ("pitr route", settings.pitr, lambda: _pitr(settings)),
+        ("volumes", settings.backup_volumes, lambda: _volumes(settings)),
+        ("smtp", settings.notify_email_to, lambda: notify.check_smtp(settings)),
+        ("chat", settings.notify_url_list, lambda: notify.check_chat(settings)),
+        ("off-site", settings.offsite_url, lambda: _offsite(settings)),
+        ("age identity", settings.age_identity_file, lambda: _identity(settings)),
+    ]
+    return [(name, check) for name, configured, check in wanted if configured]
+
+
 def run_checks(settings: Settings) -> list[Outcome]:
     """Try each part in turn (settings, dirs, Docker, database, what a restore does to
-    databases, the database container, volumes, SMTP); never raises."""
+    databases, the database container, volumes, SMTP, chat, off-site); never raises."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("settings", lambda: _settings(settings)),
         ("backup dir", lambda: hints.require_writable(settings.backup_dir, settings.backup_dir)),
@@ -124,16 +137,9 @@ def run_checks(settings: Settings) -> list[Outcome]:
     if settings.postgres_db:  # volume backups only: no database to reach
         checks += [("database", lambda: _database(settings)),
                    ("restore", lambda: database.try_restore(settings))]
-    optional: list[tuple[object, str, Callable[[], str]]] = [
-        (settings.pg_container and settings.postgres_db, "db container",
-         lambda: _pg_container(settings)),
-        (settings.pitr, "pitr route", lambda: _pitr(settings)),
-        (settings.backup_volumes, "volumes", lambda: _volumes(settings)),
-        (settings.notify_email_to, "smtp", lambda: notify.check_smtp(settings)),
-        (settings.offsite_url, "off-site", lambda: _offsite(settings)),
-        (settings.age_identity_file, "age identity", lambda: _identity(settings)),
-    ]
-    checks += [(name, check) for wanted, name, check in optional if wanted]
+    if settings.pg_container and settings.postgres_db:
+        checks.append(("db container", lambda: _pg_container(settings)))
+    checks += _optional_checks(settings)
     outcomes = []
     for name, check in checks:
         try:

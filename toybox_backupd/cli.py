@@ -8,13 +8,22 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from . import __version__, jobs, logs, redact
+from . import __version__, jobs, logs, progress, redact
 from .atomic import use_file_mode
-from .basics import TimeLimitReached, ToyboxError, describe_unexpected, human, local_time
+from .basics import (
+    TimeLimitReached,
+    ToyboxError,
+    ago,
+    describe_unexpected,
+    duration_text,
+    human,
+    local_time,
+)
 from .settings import Settings, SettingsError, load, where
 from .store import Store
 
@@ -22,6 +31,7 @@ from .store import Store
 # (the Docker SDK, psycopg and APScheduler cost ~0.5 s to import).
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: a progress line at most this often
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,21 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the daemon: schedules, retention, emails (the sidecar's job)")
 
-    p = sub.add_parser("backup", help="run one backup now, through the scheduler's path")
-    p.add_argument("job", metavar="JOB",
-                   help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
-    p.add_argument("--volume", action="append", metavar="NAME",
-                   help="only this volume (full/diff; repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print where the time went (helper, scan, tar, fsync, ...)")
+    _add_backup(sub.add_parser("backup", help="run one backup now, through the scheduler's path"))
 
-    p = sub.add_parser("list", help="restore points of every tier")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--tier", choices=jobs.names())
-
-    p = sub.add_parser("history", help="recent runs and their outcome")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=20)
+    _add_reports(sub)
 
     _add_restore(sub.add_parser("restore", help="restore a database, a volume or some files"))
 
@@ -73,8 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("notify", help="email tools")
     nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
-    nsub.add_parser("test", help="send a test email and report how the SMTP server answered")
+    nsub.add_parser("test", help="send a test email and a test chat message (NOTIFY_URLS); "
+                                 "report how each was answered")
     return parser
+
+
+def _add_backup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB",
+                   help=f"{' | '.join(jobs.names())} (pgdump is another name for logical)")
+    p.add_argument("--volume", action="append", metavar="NAME",
+                   help="only this volume (full/diff; repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print where the time went (helper, scan, tar, fsync, ...)")
+def _add_reports(sub: Any) -> None:
+    """The read-only reports: list, history, status."""
+    p = sub.add_parser("list", help="restore points of every tier")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tier", choices=jobs.names())
+    p = sub.add_parser("history", help="recent runs and their outcome")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser("status", help="one screen: last and next runs, restore points, off-site "
+                                      "lag, free space, what needs attention")
+    p.add_argument("--json", action="store_true")
 
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
@@ -177,6 +196,39 @@ def say(line: str) -> None:
     logs.echo(line)
 
 
+class ProgressPrinter:
+    """Progress of restores, verify and manual backups on stderr: on a terminal one line that
+    updates in place (bytes done of the total, rate, ETA); otherwise (logs, pipes) a plain line
+    every PLAIN_PROGRESS_SECONDS and one when each piece of work ends."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._last = time.monotonic()
+
+    def __call__(self, item: progress.Progress) -> None:
+        text = progress_text(item)
+        if self.tty:
+            print("\r\x1b[K" + text, end="\n" if item.ended else "", file=sys.stderr, flush=True)
+            return
+        now = time.monotonic()
+        if item.ended or (item.done and now - self._last >= PLAIN_PROGRESS_SECONDS):
+            self._last = now
+            print(text, file=sys.stderr, flush=True)
+
+
+def progress_text(item: progress.Progress) -> str:
+    """"restoring X: 1.2 GiB of 3.4 GiB (35%), 85.0 MiB/s, 27 s left" (or how it ended)."""
+    rate = f"{human(item.rate)}/s"
+    if item.ended:
+        return f"{item.label}: {human(item.done)} in {duration_text(item.elapsed)} ({rate})"
+    if not item.total:
+        return f"{item.label}: {human(item.done)}, {rate}"
+    percent = min(100, 100 * item.done // item.total)
+    eta = item.eta
+    left = f", {duration_text(eta)} left" if eta is not None else ""
+    return f"{item.label}: {human(item.done)} of {human(item.total)} ({percent}%), {rate}{left}"
+
+
 def confirm(question: str) -> bool:
     """Ask on the terminal; without one, refuse (the caller says to pass --yes)."""
     if not sys.stdin.isatty():
@@ -203,7 +255,14 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"toybox-backupd backup: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    run_id = runner.run_job(settings, job.name, volumes=args.volume)
+    targets = job.targets(settings, args.volume)
+    with Store(settings.state_dir) as store:  # the last run's size: what this one may write
+        last = [store.artifacts(tier=job.name, target=target) for target in targets]
+    estimate = sum(items[-1].size for items in last if items) or None
+    label = f"{job.name} backup of {', '.join(targets)}" + (" (total: the last one's size)"
+                                                            if estimate else "")
+    with progress.listening(ProgressPrinter()), progress.task(label, estimate):
+        run_id = runner.run_job(settings, job.name, volumes=args.volume)
     with Store(settings.state_dir) as store:
         run = store.run(run_id)
     assert run is not None
@@ -230,11 +289,19 @@ def _print_steps(details: dict[str, Any]) -> None:
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     """`restore db|volume|files`: asks first, then holds the run lock, within its time limit."""
     from .restore_points import parse_when
-    from .tiers import logical, volumes
 
     at = parse_when(args.at, settings.zone) if args.at else None
     ask = None if getattr(args, "yes", False) else confirm
     what = f"restore {args.what}"
+    with progress.listening(ProgressPrinter()):
+        _restore(settings, args, at, ask, what)
+    return EXIT_OK
+
+
+def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None,
+             ask: Any, what: str) -> None:
+    from .tiers import logical, volumes
+
     if args.what == "db":
         # asks before it takes the lock: an unanswered prompt never holds up a backup
         restore = logical.restore_db
@@ -256,7 +323,6 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         with _restore_lock(settings, what):
             volumes.restore_files(settings, args.name, args.patterns, at=at, dest=args.dest,
                                   say=say)
-    return EXIT_OK
 
 
 @contextlib.contextmanager
@@ -289,7 +355,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """`verify`: every kept artifact re-read; exit 1 if any is bad."""
     from . import verify
 
-    with _restore_lock(settings, "verify", limit=False):
+    with _restore_lock(settings, "verify", limit=False), progress.listening(ProgressPrinter()):
         if args.offsite:
             results, unknown = verify.verify_offsite(settings), []
         else:
@@ -353,12 +419,16 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
-    """`notify test`: a test email, and how the server answered."""
+    """`notify test`: a test email and a test chat message to each NOTIFY_URLS entry, and how
+    each was answered."""
     from . import notify
 
-    ok, message = notify.send_test(settings)
-    print(message, file=sys.stdout if ok else sys.stderr)
-    return EXIT_OK if ok else EXIT_FAIL
+    said = notify.send_test_chat(settings)
+    if settings.notify_email_to or not said:
+        said.insert(0, notify.send_test(settings))
+    for ok, message in said:
+        print(message, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if all(ok for ok, _ in said) else EXIT_FAIL
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
@@ -443,6 +513,85 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """`status`: one screen of what an operator checks first."""
+    from .daemon import status as state
+
+    now = datetime.now(settings.zone)
+    found = state.gather(settings, now)
+    if args.json:
+        print(json.dumps(found.as_dict(), indent=2))
+        return EXIT_OK
+    zone = settings.zone
+    beat = found.daemon["heartbeat_age_s"]
+    print(f"toybox-backupd status at {local_time(now, zone, 'weekday')}: daemon "
+          + (f"heartbeat {ago(timedelta(seconds=beat))} ago" if beat is not None
+             else "has not run with this STATE_DIR"))
+    print()
+    _status_jobs(found, settings)
+    print()
+    _status_points(found, settings)
+    print()
+    _status_footer(found)
+    print()
+    if not found.attention:
+        print("nothing needs attention")
+    else:
+        print("NEEDS ATTENTION:")
+        for line in found.attention:
+            print(f"  - {line}")
+    return EXIT_OK
+
+
+def _status_footer(found: Any) -> None:
+    if found.offsite is not None:
+        off = found.offsite
+        lag = (f"newest copy {ago(timedelta(seconds=off['lag_s']))} old" if off["lag_s"] is not None
+               else "no copy yet")
+        print(f"off-site   {off['url']}: {lag} (limit {off['max_lag_hours']} h), "
+              f"{off['copies']} cop{'y' if off['copies'] == 1 else 'ies'}, {off['pending']} pending")
+    else:
+        print("off-site   off (OFFSITE_URL is empty)")
+    disk = found.disk
+    print("disk       " + (f"{disk['path']}: {disk['error']}" if "error" in disk else
+                           f"{human(disk['free'])} free of {human(disk['total'])} "
+                           f"({100 * disk['free'] / max(disk['total'], 1):.0f}%) in {disk['path']}"))
+    waiting = [row for row in found.outbox if row["status"] != "given_up"]
+    print(f"outbox     {len(waiting)} report(s) waiting to be sent")
+
+
+def _status_jobs(found: Any, settings: Settings) -> None:
+    zone = settings.zone
+    rows = [("JOB", "SCHEDULE", "LAST RUN", "RESULT", "TIME", "SIZE", "NEXT RUN")]
+    for entry in found.jobs:
+        last = entry.last_run
+        when, result, took, size = "-", "never run", "-", "-"
+        if last:
+            started = datetime.fromisoformat(last["started_at"])
+            when = (f"#{last['id']} {local_time(started, zone, 'table')} "
+                    f"({ago(timedelta(seconds=last['age_s']))} ago)")
+            result, size = last["status"], human(last["bytes"])
+            took = f"{last['duration_s']:.1f}s" if last["duration_s"] is not None else "-"
+        upcoming = (local_time(datetime.fromisoformat(entry.next_run), zone, "weekday")
+                    if entry.next_run else "(disabled)")
+        rows.append((entry.job, entry.schedule or "-", when, result, took, size, upcoming))
+    _table(rows)
+
+
+def _status_points(found: Any, settings: Settings) -> None:
+    if not found.restore_points:
+        print("no restore points yet")
+        return
+    zone = settings.zone
+    rows = [("TIER", "TARGET", "POINTS", f"OLDEST ({settings.tz})", "NEWEST", "SIZE", "OFF-SITE")]
+    for p in found.restore_points:
+        rows.append((p.tier, p.target, str(p.count),
+                     local_time(datetime.fromisoformat(p.oldest), zone, "table"),
+                     local_time(datetime.fromisoformat(p.newest), zone, "table"), human(p.bytes),
+                     str(p.offsite)))
+    _table(rows)
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -453,6 +602,7 @@ COMMANDS = {
     "run": cmd_run, "backup": cmd_backup, "list": cmd_list, "history": cmd_history,
     "restore": cmd_restore, "verify": cmd_verify, "schedule": cmd_schedule, "check": cmd_check,
     "healthcheck": cmd_healthcheck, "reindex": cmd_reindex, "notify": cmd_notify,
+    "status": cmd_status,
 }
 
 

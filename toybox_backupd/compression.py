@@ -12,6 +12,7 @@ from typing import IO, Any
 
 import zstandard
 
+from . import progress
 from .atomic import CHUNK, AtomicFile, WriteBehind
 
 EXTENSIONS = {"zstd": ".zst", "gzip": ".gz", "none": ""}
@@ -56,10 +57,22 @@ def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
 def decompressed(path: Path, kind: str) -> Iterator[bytes]:
     """Chunks of the decompressed contents of `path`."""
     with open(path, "rb") as raw:
-        yield from decompressed_from(raw, kind)
+        yield from decompressed_from(_Counted(raw), kind)
 
 
-def decompressed_from(raw: IO[bytes] | HashingReader, kind: str) -> Iterator[bytes]:
+class _Counted:
+    """A file whose reads count as progress."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        progress.advance(len(data))
+        return data
+
+
+def decompressed_from(raw: IO[bytes] | HashingReader | _Counted, kind: str) -> Iterator[bytes]:
     """Chunks of the decompressed contents of the open file `raw`."""
     if kind == "zstd":
         reader: Any = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
@@ -82,6 +95,7 @@ class HashingReader:
     def read(self, size: int = -1) -> bytes:
         data = self._file.read(size)
         self._digest.update(data)
+        progress.advance(len(data))
         return data
 
     def sha256(self) -> str:

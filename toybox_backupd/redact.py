@@ -10,11 +10,13 @@ secret is reported as weak instead (`weak`, shown by `check` and at start-up).
 from __future__ import annotations
 
 import threading
+import urllib.parse
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"
 MIN_LENGTH = 8
+TOKEN_LENGTH = 12  # parts of a secret URL this long are taken for tokens and masked on their own
 COMMON = frozenset({
     "postgres", "password", "passw0rd", "p@ssw0rd", "secret", "changeme", "changeit",
     "admin", "administrator", "toybox", "backup", "backups", "example", "default", "qwerty",
@@ -33,6 +35,18 @@ def register(*values: str | None) -> None:
         for value in values:
             if value and not weak(value):
                 _secrets.add(value)
+
+
+def register_url(*urls: str | None) -> None:
+    """Remember secret URLs (chat webhooks, ping URLs): each whole, its password, and its long
+    path and query parts (tokens), so a tool that quotes a piece of one leaks nothing either."""
+    for url in urls:
+        if not url:
+            continue
+        parts = urllib.parse.urlsplit(url)
+        pieces = [*parts.path.split("/"),
+                  *(value for _key, value in urllib.parse.parse_qsl(parts.query))]
+        register(url, parts.password, *(piece for piece in pieces if len(piece) >= TOKEN_LENGTH))
 
 
 def redact(text: str) -> str:

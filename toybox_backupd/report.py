@@ -481,6 +481,26 @@ def compose_run(settings: Settings, store: Store, run: Run, *, message_id: str,
                        ("X-Toybox-Job", run.job)])
 
 
+CHAT_FACTS = ("Host", "Job", "Started", "Duration", "Size", "Artifact", "Downtime", "Off-site")
+
+
+def compose_chat(settings: Settings, store: Store, run: Run, now: datetime | None = None
+                 ) -> tuple[str, str]:
+    """(title, body) of the short chat message about one run (NOTIFY_URLS): the email's
+    headline, error, main facts, warnings and next run, in plain text."""
+    register_secrets(settings)
+    report = gather(settings, store, run, now or utcnow())
+    lines = [report.headline]
+    if report.error:
+        lines += ["", f"Error: {report.error}"]
+    lines.append("")
+    lines += [f"{name}: {value.replace(chr(10), ', ')}" for name, value in report.facts
+              if name in CHAT_FACTS]
+    lines += [f"Warning: {warning}" for warning in report.warnings[:5]]
+    lines += [f"{name}: {value}" for name, value in report.overview]
+    return header_text(report.subject), body_text("\n".join(lines))
+
+
 def compose_fallback(settings: Settings, run: Run, *, message_id: str, now: datetime,
                      problem: str) -> EmailMessage:
     """A short email with the bare facts of a run, for when the full report cannot be built."""

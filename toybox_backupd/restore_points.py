@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, time, tzinfo
 from pathlib import Path
 
+from . import progress
 from .atomic import sha256_of
 from .basics import CatalogError, Say, silent
 from .offsite import fetch
@@ -127,7 +128,8 @@ def local_copy(settings: Settings, store: Store, item: Artifact, say: Say = sile
         if copy is None or copy.status != "ok":
             return path
     try:
-        return check_file(settings.backup_dir, item)
+        with progress.task(f"checking the sha256 of {item.path}", item.size):
+            return check_file(settings.backup_dir, item)
     except CatalogError as exc:
         copy = store.offsite_copy(item.id)
         if copy is None or copy.status != "ok":

@@ -127,6 +127,7 @@ def run_job(settings: Settings, job_name: str, *, trigger: str = "manual",
                         cancelled=stop_requested), Store(settings.state_dir) as store:
         run_id = store.open_run(job.name, ",".join(targets), trigger)
         run = Run(settings, store, run_id, job, trigger, targets=targets)
+        notify.run_started(settings, store, run_id)  # the `/start` ping, on its own thread
         if register:
             register(run)
         with structlog.contextvars.bound_contextvars(job=job.name, run_id=run_id):

@@ -58,6 +58,9 @@ CRON_ALIASES = {
 def cron_fields(expr: str) -> str:
     """The 5 fields of a schedule: a nickname (`@daily`) spelled out, else `expr` itself."""
     return CRON_ALIASES.get(expr.lower(), expr)
+def split_urls(value: str) -> list[str]:
+    """NOTIFY_URLS: URLs separated by commas or white space."""
+    return [part for part in re.split(r"[\s,]+", value) if part]
 
 
 def validate_cron(expr: str) -> str:
@@ -155,6 +158,13 @@ class Settings(BaseSettings):
     smtp_ca_file: Path | None = Field(None, alias="SMTP_CA_FILE")
     backup_host_name: str | None = Field(None, alias="BACKUP_HOST_NAME")
 
+    # chat and ping channels (through the same outbox as email)
+    notify_urls: SecretStr | None = Field(None, alias="NOTIFY_URLS")
+    ping_url: SecretStr | None = Field(None, alias="PING_URL")
+    ping_url_logical: SecretStr | None = Field(None, alias="PING_URL_LOGICAL")
+    ping_url_full: SecretStr | None = Field(None, alias="PING_URL_FULL")
+    ping_url_diff: SecretStr | None = Field(None, alias="PING_URL_DIFF")
+
     # database
     postgres_host: str = Field("postgres", alias="POSTGRES_HOST")
     postgres_port: int = Field(5432, ge=1, le=65535, alias="POSTGRES_PORT")
@@ -175,6 +185,9 @@ class Settings(BaseSettings):
     offsite_max_lag_hours: int = Field(36, ge=0, alias="OFFSITE_MAX_LAG_HOURS")
     offsite_age_recipients: CommaList = Field(default_factory=list, alias="OFFSITE_AGE_RECIPIENTS")
     age_identity_file: Path | None = Field(None, alias="AGE_IDENTITY_FILE")
+
+    # metrics
+    metrics_port: int | None = Field(None, ge=1, le=65535, alias="METRICS_PORT")
 
     # logs
     log_format: Literal["console", "json"] = Field("console", alias="LOG_FORMAT")
@@ -251,6 +264,20 @@ class Settings(BaseSettings):
             raise ValueError(f"not an email address: {', '.join(bad)}")
         return value
 
+    @field_validator("notify_urls", "ping_url", "ping_url_logical", "ping_url_full",
+                     "ping_url_diff")
+    @classmethod
+    def _urls(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        urls = split_urls(value.get_secret_value())
+        redact.register_url(*urls)
+        bad = sum(1 for url in urls if "://" not in url)
+        if bad:
+            raise ValueError(f"{bad} of the {len(urls)} entries are not URLs (scheme://…); "
+                             "separate URLs with commas or spaces")
+        return value
+
     @field_validator("smtp_from")
     @classmethod
     def _from(cls, value: str | None) -> str | None:
@@ -263,7 +290,8 @@ class Settings(BaseSettings):
         "smtp_password", "postgres_password", "smtp_password_file", "postgres_password_file",
         "smtp_ca_file", "s3_endpoint_url", "s3_region", "aws_access_key_id",
         "aws_secret_access_key", "aws_secret_access_key_file", "offsite_keep_days",
-        "age_identity_file", "backup_host_name", mode="before",
+        "age_identity_file", "backup_host_name", "notify_urls", "ping_url", "ping_url_logical",
+        "ping_url_full", "ping_url_diff", "metrics_port", mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -309,6 +337,22 @@ class Settings(BaseSettings):
     def aws_secret_access_key_value(self) -> str | None:
         secret = self.aws_secret_access_key
         return secret.get_secret_value() if secret else None
+
+    @property
+    def notify_url_list(self) -> list[str]:
+        """The Apprise URLs of NOTIFY_URLS (secrets: they hold tokens)."""
+        return split_urls(self.notify_urls.get_secret_value()) if self.notify_urls else []
+
+    def ping_url_for(self, job: str) -> tuple[str, str] | None:
+        """(variable, URL) that `job` pings: PING_URL_<JOB>, else PING_URL; None if neither."""
+        for var in (f"PING_URL_{job.upper()}", "PING_URL"):
+            try:
+                secret = self.value(var)
+            except KeyError:
+                continue
+            if secret is not None:
+                return var, secret.get_secret_value()
+        return None
 
     def weak_secrets(self) -> list[str]:
         """Lines naming each secret that is too short or too common to be one (or masked)."""
@@ -525,6 +569,14 @@ DESCRIPTIONS: dict[str, str] = {
     "SMTP_CA_FILE": "extra CA bundle to trust for the mail server's certificate",
     "BACKUP_HOST_NAME": "the host's name in emails; empty: the Docker host's name (from the "
                         "engine), so it survives recreating the sidecar",
+    "NOTIFY_URLS": "Apprise URLs (Slack, Teams, Discord, ntfy, Telegram, Matrix, `json://` "
+                   "webhooks…), separated by commas or spaces: each gets a short message per run "
+                   "(per NOTIFY_ON), retried like email (secret: they hold tokens)",
+    "PING_URL": "dead-man's-switch URL (healthchecks.io, Uptime Kuma push): scheduled runs "
+                "call `/start`, then the URL on success or `/fail` on failure (secret)",
+    "PING_URL_LOGICAL": "PING_URL for the logical job only (overrides PING_URL)",
+    "PING_URL_FULL": "PING_URL for the full job only (overrides PING_URL)",
+    "PING_URL_DIFF": "PING_URL for the diff job only (overrides PING_URL)",
     "POSTGRES_HOST": "database host as seen from the sidecar",
     "POSTGRES_PORT": "database port",
     "POSTGRES_DB": "the database to back up (required while PGDUMP_SCHEDULE is set)",
@@ -554,6 +606,8 @@ DESCRIPTIONS: dict[str, str] = {
                               "encrypted",
     "AGE_IDENTITY_FILE": "age identity (private key) file, needed only to restore encrypted "
                          "off-site copies; keep it off this host too",
+    "METRICS_PORT": "port the daemon serves Prometheus metrics on (`/metrics`: last success, "
+                    "duration and size per job, restore points, outbox, free space); empty: off",
     "LOG_FORMAT": "`console` (readable key=value lines) or `json` (one object a line)",
     "LOG_LEVEL": "`DEBUG`, `INFO`, `WARNING` or `ERROR`",
 }

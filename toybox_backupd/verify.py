@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import jobs, logs, reindex
+from . import jobs, logs, progress, reindex
 from .basics import CatalogError, Unverifiable, utcnow
 from .offsite.target import OffsiteError, Stored, Target, open_target
 from .settings import Settings
@@ -53,7 +53,11 @@ def verify_all(settings: Settings) -> list[Checked]:
     with Store(settings.state_dir) as store:
         items = store.artifacts(statuses=("ok", "corrupt"))
         run_id = store.open_run("verify", f"{len(items)} artifacts")
-        results = [_check(settings, store, item) for item in items]
+        results = []
+        for number, item in enumerate(items, 1):
+            # the checksum, then the tier reads it through: each byte is read twice
+            with progress.task(f"[{number}/{len(items)}] verifying {item.path}", 2 * item.size):
+                results.append(_check(settings, store, item))
         bad = [r for r in results if not r.ok]
         unchecked = [r for r in bad if not r.checked]
         error = "; ".join(f"{r.path}: {r.problem}" for r in bad)

@@ -244,6 +244,12 @@ class Daemon:
         if not any(job.enabled(settings) for job in jobs.all_jobs()):
             log.warning("no job is enabled: set " + ", ".join(
                 job.schedule_var for job in jobs.all_jobs()) + " (and their targets)")
+    def serve_metrics(self) -> Any:
+        """Prometheus metrics on METRICS_PORT, if set (a thread of its own); the server."""
+        if not self.settings.metrics_port:
+            return None
+        from . import metrics
+        return metrics.serve(self.settings, self.settings.metrics_port)
 
     # main loop ---------------------------------------------------------------------------------
     def heartbeat(self, store: Store) -> None:
@@ -351,6 +357,7 @@ class Daemon:
                 self.scheduler = self.build_scheduler(now, missed)
                 self.log_summary(now, missed)
                 self.report_problems(store)
+                self.serve_metrics()
                 self._serve(store)
                 log.info("toybox-backupd stopped", aborted=self._aborted)
         return 0

@@ -110,6 +110,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX offsite_status ON offsite_copies(status, next_try_at);
     """,
+    # 6: the outbox carries every channel: email, Apprise (chat), dead-man's-switch pings
+    """
+    ALTER TABLE outbox ADD COLUMN channel TEXT NOT NULL DEFAULT 'email';
+    CREATE INDEX outbox_channel_due ON outbox(channel, status, next_try_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

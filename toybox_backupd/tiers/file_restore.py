@@ -17,7 +17,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from .. import tarstream
+from .. import progress, tarstream
 from ..atomic import CHUNK
 from ..basics import JobError, Say, silent
 from ..compression import decompressed, kind_of
@@ -57,7 +57,8 @@ def restore_files(settings: Settings, name: str, patterns: list[str], *,
     written = refused = 0
     for item, path, names, kept in zip(chain, files, wanted, sources, strict=True):
         if names:
-            done, bad = _extract_some(item, path, names, kept, destination)
+            with progress.task(f"extracting from {item.path}", item.size):
+                done, bad = _extract_some(item, path, names, kept, destination)
             written, refused = written + done, refused + bad
     say(f"restored {written} path(s) of {name} into {destination}"
         + (f"; refused {refused} unsafe or unreadable member(s)" if refused else ""))

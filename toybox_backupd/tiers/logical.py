@@ -7,14 +7,14 @@ import gzip
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, database
+from .. import __version__, database, progress
 from ..atomic import Batch
 from ..basics import (
     CatalogError,
@@ -80,21 +80,8 @@ def backup(ctx: RunContext) -> TierResult:
     ctx.log.info("dumping database", database=dbname, server=server_version, where=tools.where,
                  file=str(path))
     with Batch() as batch, ThreadPoolExecutor(2, "pgdump-side") as pool:
-        # the dump, its roles, its manifest and its row, or none of them. Beside the dump (each
-        # a docker exec and a start-up of its own, ~0.1-0.2 s): the proof that PG_CONTAINER is
-        # the server psycopg checked (pg_dump only reads: a dump of another server is dropped
-        # before anything is kept), and the roles
-        same = pool.submit(tools.check_same_server, dbname)
-        roles = pool.submit(_dump_globals, ctx, tools, batch,
-                            directory / f"{stem}.globals.sql.gz")
-        try:
-            size, digest = _dump_to(ctx, tools, "pg_dump",
-                                    ["-Fc" if custom else "-Fp", "-d", dbname], batch, path,
-                                    gzip_it=not custom,
-                                    check=_check_custom if custom else _check_plain)
-        finally:
-            wait([same, roles])  # the roles file is part of `batch`: never undone mid-write
-            same.result()  # another server's dump is never kept: this error comes first
+        # the dump, its roles, its manifest and its row, or none of them
+        size, digest, roles = _dump_beside(ctx, tools, batch, pool, path, stem, custom)
         globals_info = roles.result()
         extra = {"format": settings.pgdump_format, "server_version": server_version,
                  "database": dbname, "globals": globals_info}
@@ -110,6 +97,25 @@ def backup(ctx: RunContext) -> TierResult:
     ctx.log.info("dump written", file=relative, size=human(size), sha256=digest)
     return TierResult(bytes=size + globals_info.get("size", 0), artifacts=[relative],
                       details={"sha256": digest, "format": settings.pgdump_format})
+
+
+def _dump_beside(ctx: RunContext, tools: PgTools, batch: Batch, pool: ThreadPoolExecutor,
+                 path: Path, stem: str, custom: bool) -> tuple[int, str, Future[dict[str, Any]]]:
+    """pg_dump into `path`; beside it (each a docker exec and a start-up of its own, ~0.1-0.2
+    s): the proof that PG_CONTAINER is the server psycopg checked (pg_dump only reads: a dump
+    of another server is dropped before anything is kept), and the roles (`*.globals.sql.gz`).
+    Returns the dump's size and sha256, and the roles' future (done)."""
+    dbname = ctx.targets[0]
+    same = pool.submit(tools.check_same_server, dbname)
+    roles = pool.submit(_dump_globals, ctx, tools, batch, path.with_name(f"{stem}.globals.sql.gz"))
+    try:
+        size, digest = _dump_to(ctx, tools, "pg_dump", ["-Fc" if custom else "-Fp", "-d", dbname],
+                                batch, path, gzip_it=not custom,
+                                check=_check_custom if custom else _check_plain)
+    finally:
+        wait([same, roles])  # the roles file is part of `batch`: never undone mid-write
+        same.result()  # another server's dump is never kept: this error comes first
+    return size, digest, roles
 
 
 def _dump_globals(ctx: RunContext, tools: PgTools, batch: Batch, path: Path) -> dict[str, Any]:
@@ -263,20 +269,20 @@ def restore_dump(settings: Settings, item: Artifact, path: Path, *, tables: Iter
         names = _resolve_tables(request, list(tables))
         shown = ", ".join(n for n, _, _ in names)
         _ask(request, confirm, f"This replaces table(s) {shown} in")
-        with hold():
+        with hold(), progress.task(f"restoring {item.path}", item.size):
             _restore_tables(request, names)
         say(f"restored {shown} into {request.target}")
     elif into:
         if database.database_exists(settings, into):
             raise JobError(f"database {into!r} already exists; --into needs a new name")
-        with hold():
+        with hold(), progress.task(f"restoring {item.path}", item.size):
             _restore_beside(request, into)
         say(f"restored the dump of {item.target} into the new database {into}")
     else:
         exists = database.database_exists(settings, request.target)
         if exists:
             _ask(request, confirm, "This replaces database")
-        with hold():
+        with hold(), progress.task(f"restoring {item.path}", item.size):
             _restore_replacing(request, exists)
         say(f"restored database {request.target} from the dump of {request.when}")
 
@@ -345,8 +351,9 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str) -> None:
-    proc.feed(chunks)
+def _run_into(proc: Proc, chunks: Iterable[bytes], tool: str, where: str,
+              partial_ok: bool = False) -> None:
+    proc.feed(chunks, partial_ok=partial_ok)
     result = proc.wait(timeout=600)
     if result.exit_code != 0:
         raise JobError(tool_error(tool, result, where))
@@ -364,7 +371,8 @@ def _load(request: _Restore, dbname: str, toc: bytes | None = None) -> None:
         listing = ["-L", listed] if listed else []
         proc = tools.start("pg_restore", ["--exit-on-error", *listing, "-d", dbname],
                            stdin=True)
-        _run_into(proc, request.chunks(), "pg_restore", tools.where)
+        # with a list, pg_restore rightly stops reading after the last entry it restores
+        _run_into(proc, request.chunks(), "pg_restore", tools.where, partial_ok=bool(listed))
 
 
 Table = tuple[str, str, tuple[str, str]]  # schema.table, its exact pg_dump -t pattern, (schema, table)

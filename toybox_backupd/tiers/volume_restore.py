@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import docker_api
+from .. import docker_api, progress
 from ..atomic import sha256_of
 from ..basics import Confirm, JobError, Say, ToyboxError, describe_unexpected, local_time, silent
 from ..compression import HashingReader, decompressed_from, kind_of
@@ -168,7 +168,7 @@ def _extract(helper: Any, channel: transfer.Fifo | None, path: Path, item: Artif
     source = channel.inside if channel is not None else "-"
     cmd = [*TAR_EXTRACT, "--file=" + source, "--directory=" + new_dir(staging)]
     what = f"extracting {path.name}"
-    with HashingReader(path) as raw:
+    with progress.task(f"restoring {item.path}", item.size), HashingReader(path) as raw:
         try:
             if channel is not None:
                 run_step_fifo(helper, channel, cmd, what, decompressed_from(raw, kind))
