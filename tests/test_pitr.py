@@ -26,6 +26,17 @@ from toybox_backupd.store import Store
 PITR = {"PITR": "on"}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_docker_caches() -> Iterator[None]:
+    """Some tests here call the package in-process: what docker_api caches (this process's own
+    container, seen as root) must not leak into later tests of the session."""
+    yield
+    from toybox_backupd import docker_api
+
+    docker_api.own_container.cache_clear()
+    docker_api.client.cache_clear()
+
+
 def artifacts(env: Env, tier: str) -> list[Any]:
     with Store(env.state_dir) as history:
         return history.artifacts(tier=tier)
