@@ -53,6 +53,9 @@ def test_the_test_image_has_the_official_defaults(pg: PG) -> None:
 
 
 def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
+    assert env.cli("backup", "logical").returncode == 0
+    [dump] = artifacts(env, "logical")
+    time.sleep(1.5)
     result = env.cli("backup", "base", **PITR)
     assert result.returncode == 0, result.stderr
     [item] = artifacts(env, "base")
@@ -66,6 +69,13 @@ def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
         run = history.runs(limit=1)[0]
     assert run.status == "ok" and run.details["downtime_seconds"] == 0.0
     assert env.cli("verify", **PITR).returncode == 0
+    # a moment before the first base backup: the newest dump at or before it, said so
+    when = (dump.created_at + timedelta(seconds=1)).astimezone(ZoneInfo("Asia/Tokyo"))
+    result = env.cli("restore", "db", "--at", when.strftime("%Y-%m-%dT%H:%M:%S"), "--into",
+                     "before", "--yes", **PITR)
+    assert result.returncode == 0, result.stderr
+    assert "no base backup finished at or before it; using the newest dump" in result.stdout
+    assert pg.snapshot("before") == pg.snapshot()
 
 
 # the streamer ----------------------------------------------------------------------------------
