@@ -510,3 +510,20 @@ def test_pg_wal_stays_bounded_while_the_streamer_is_down(env: Env, pg: PG, docke
         daemon.kill()
         for container in wal_helpers(docker_engine, env):
             container.remove(force=True)
+
+
+def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None:
+    """pg_receivewal SIGKILLed while it zero-fills a new segment leaves a short file of zeros,
+    which it refuses at its next start: that file (no WAL in it) is removed first; a short one
+    with data in it is left alone."""
+    from toybox_backupd.tiers import wal
+
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db")
+    root = wal.wal_dir(settings)
+    root.mkdir(parents=True)
+    (root / "000000010000000000000003").write_bytes(b"\1" * wal.SEGMENT_SIZE)
+    (root / "000000010000000000000004.partial").write_bytes(bytes(11 * 1024 * 1024))
+    assert wal.remove_unpadded(settings) == ["000000010000000000000004.partial"]
+    assert sorted(p.name for p in root.iterdir()) == ["000000010000000000000003"]
+    (root / "000000010000000000000004.partial").write_bytes(b"\0" * 1000 + b"\1")
+    assert wal.remove_unpadded(settings) == []

@@ -250,6 +250,7 @@ class Receiver:
     def run(self, on_started: Any = None) -> str:
         """Stream until pg_receivewal ends; return why it ended (its last words)."""
         s = self.settings
+        remove_unpadded(s)
         created = database.ensure_slot(s, SLOT)
         port = database.server_port(s)
         local = wal_dir(s)
@@ -273,6 +274,32 @@ class Receiver:
         if self.proc is not None:
             self.proc.kill()
             self.proc.close()
+
+
+def remove_unpadded(settings: Settings) -> list[str]:
+    """pg_receivewal opens a new segment by writing 16 MiB of zeros, then the WAL into it: one
+    killed while padding leaves a shorter file of zeros, which it then refuses ("should be 0 or
+    16777216" bytes). Such a file holds no WAL: remove it, so the segment is streamed again.
+    A short file that is not all zeros is left for the operator (and the error says so)."""
+    removed = []
+    for segment in segments(settings):
+        path = segment.path
+        if not segment.partial or path.parent != wal_dir(settings):
+            continue
+        size = path.stat().st_size
+        if size in (0, SEGMENT_SIZE) or not _all_zeros(path):
+            continue
+        path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def _all_zeros(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
 
 
 def close_chain(settings: Settings, stamp: str) -> Path | None:
