@@ -322,7 +322,8 @@ def test_plan_keeps_a_schedules_worth_of_newest(cat: Catalog) -> None:
 
 
 def test_keep_counts_follow_the_schedules(scheduled: Catalog, plain_env) -> None:  # type: ignore[no-untyped-def]
-    assert retention.keep_counts(scheduled.settings, NOW) == {"logical": 7, "full": 2, "diff": 14}
+    assert retention.keep_counts(scheduled.settings, NOW) == {"logical": 7, "full": 2, "diff": 14,
+                                                            "base": 7}
     manual = plain_env.settings(PGDUMP_SCHEDULE="", PGDUMP_KEEP_DAYS="7")
     assert retention.keep_counts(manual, NOW)["logical"] == 1
 

@@ -104,9 +104,16 @@ def _identity(settings: Settings) -> str:
                  "it OFF this host as well (a lost host must not take the only key with it)")
 
 
+def _pitr(settings: Settings) -> str:
+    from .tiers import wal
+
+    return wal.check_route(settings)
+
+
 def _optional_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
     """The checks of what is configured only sometimes: volumes, email, chat, off-site."""
     wanted = [
+        ("pitr route", settings.pitr, lambda: _pitr(settings)),
         ("volumes", settings.backup_volumes, lambda: _volumes(settings)),
         ("smtp", settings.notify_email_to, lambda: notify.check_smtp(settings)),
         ("chat", settings.notify_url_list, lambda: notify.check_chat(settings)),

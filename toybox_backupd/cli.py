@@ -99,7 +99,8 @@ def _add_reports(sub: Any) -> None:
 def _add_restore(p: argparse.ArgumentParser) -> None:
     rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     r = rsub.add_parser("db", help="restore the database from a pg_dump")
-    r.add_argument("--at", metavar="WHEN", help="newest dump at or before WHEN (ISO, in TZ)")
+    r.add_argument("--at", metavar="WHEN", help="newest dump at or before WHEN (ISO, in TZ); "
+                   "with PITR=on the database as it was at that second")
     r.add_argument("--table", action="append", metavar="NAME", help="only this table (repeatable)")
     r.add_argument("--into", metavar="DBNAME", help="restore into this (new) database instead")
     r.add_argument("--yes", action="store_true", help="do not ask before replacing")
@@ -107,6 +108,15 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     r.add_argument("name")
     r.add_argument("--at", metavar="WHEN")
     r.add_argument("--to", metavar="OTHER", help="restore into this volume instead")
+    r.add_argument("--yes", action="store_true", help="do not ask before replacing")
+    r.add_argument("--stop-containers", action="store_true",
+                   help="stop running containers that use the volume, start them after")
+    r = rsub.add_parser("cluster", help="with PITR: rebuild the database's data volume as the "
+                        "cluster was at a moment (base backup + WAL)")
+    r.add_argument("--at", metavar="WHEN", help="that moment (ISO, in TZ); default: the newest "
+                   "moment the WAL reaches")
+    r.add_argument("--volume", metavar="NAME", help="the data volume (default: the one at "
+                   "PG_CONTAINER's PGDATA)")
     r.add_argument("--yes", action="store_true", help="do not ask before replacing")
     r.add_argument("--stop-containers", action="store_true",
                    help="stop running containers that use the volume, start them after")
@@ -294,8 +304,17 @@ def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None,
 
     if args.what == "db":
         # asks before it takes the lock: an unanswered prompt never holds up a backup
-        logical.restore_db(settings, at=at, tables=args.table or [], into=args.into,
-                           confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
+        restore = logical.restore_db
+        if at is not None and settings.pitr:  # to the moment: base backup + WAL, else a dump
+            from .tiers.pitr_restore import restore_db_at as restore  # type: ignore[assignment]
+        restore(settings, at=at, tables=args.table or [], into=args.into,
+                confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
+    elif args.what == "cluster":
+        from .tiers.pitr_restore import restore_cluster_at
+
+        restore_cluster_at(settings, at, volume=args.volume, confirm=ask,
+                           stop_containers=args.stop_containers, say=say,
+                           hold=lambda: _restore_lock(settings, what))
     elif args.what == "volume":
         volumes.restore_volume(settings, args.name, at=at, to=args.to, confirm=ask,
                                stop_containers=args.stop_containers, say=say,
@@ -435,6 +454,12 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
                      item.sha256[:12], status, str(item.base_id) if item.base_id else "-",
                      where(item, copy)))
     _table(rows)
+    if settings.pitr and args.tier in (None, "base"):
+        from .tiers.pitr_restore import window
+
+        reach = window(settings)
+        print(f"point in time ({settings.postgres_db}): "
+              + (reach.text(settings.zone) if reach else "no base backup yet"))
     return EXIT_OK
 
 

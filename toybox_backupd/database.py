@@ -286,3 +286,69 @@ def end_sessions(settings: Settings, databases: list[str]) -> int:
         return len(rows)
     except (psycopg.Error, DatabaseError):
         return 0
+
+
+# point in time: the replication slot of the WAL streamer -------------------------------------
+def server_port(settings: Settings) -> int:
+    """The port the server listens on inside its own container (`SHOW port`)."""
+    with admin(settings) as conn:
+        row = conn.execute("SHOW port").fetchone()
+    return int(row[0]) if row else 5432
+
+
+def ensure_slot(settings: Settings, slot: str) -> bool:
+    """Create the physical replication slot `slot` (WAL reserved at once) unless it exists.
+
+    True if it was created now (the WAL before this moment is not held for us).
+    """
+    with admin(settings) as conn:
+        if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,)).fetchone():
+            return False
+        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        return True
+
+
+def slot_retained(settings: Settings, slot: str) -> int | None:
+    """Bytes of WAL the server keeps for `slot` (None: no such slot)."""
+    with admin(settings) as conn:
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) FROM pg_replication_slots"
+            " WHERE slot_name = %s", (slot,)).fetchone()
+    return None if row is None else int(row[0] or 0)
+
+
+def drop_slot(settings: Settings, slot: str) -> None:
+    """End the session using `slot` (if any) and drop it, so the server frees its WAL."""
+    with admin(settings) as conn:
+        conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE "
+                     "slot_name = %s AND active_pid IS NOT NULL", (slot,))
+        for _ in range(100):  # else the next watch tries again
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (slot,)).fetchone()
+            if row is None:
+                return
+            if not row[0]:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                return
+            time.sleep(0.1)
+        raise DatabaseError(f"replication slot {slot} is still in use; it was not dropped")
+
+
+def mark_and_flush(settings: Settings, application: str, wait: float = 10.0) -> bool:
+    """Commit a transaction now (a WAL commit record stamped with this moment), then wait up to
+    `wait` s until the WAL receiver `application` has flushed it. True if it has."""
+    with admin(settings) as conn:
+        row = conn.execute("SELECT txid_current(), pg_current_wal_insert_lsn()").fetchone()
+        if row is None:
+            return False
+        lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]  # type: ignore[index]
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            done = conn.execute(
+                "SELECT bool_or(flush_lsn >= %s::pg_lsn) FROM pg_stat_replication "
+                "WHERE application_name = %s", (str(lsn), application)).fetchone()
+            if done and done[0]:
+                return True
+            time.sleep(0.1)
+    return False

@@ -137,6 +137,24 @@ def containers_using_volume(volume: str) -> list[Container]:
     return result
 
 
+def mounted_volumes(container: Container) -> list[str]:
+    """The names of the Docker volumes `container` mounts."""
+    return [str(m["Name"]) for m in container.attrs.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Name")]
+
+
+def data_volume(container: Container) -> str | None:
+    """The named volume mounted at the container's PGDATA (the official image's default
+    /var/lib/postgresql/data), if any."""
+    env = dict(item.split("=", 1) for item in container.attrs.get("Config", {}).get("Env") or []
+               if "=" in item)
+    pgdata = env.get("PGDATA", "/var/lib/postgresql/data").rstrip("/")
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Type") == "volume" and str(mount.get("Destination", "")).rstrip("/") == pgdata:
+            return str(mount["Name"])
+    return None
+
+
 def wants_stop(container: Container, names: Iterable[str]) -> bool:
     """Whether `container` is stopped while its volume is read: labelled, or named in `names`."""
     names = set(names)
@@ -306,6 +324,74 @@ def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
             # v=True: also the anonymous volumes of the image's VOLUME lines (the sidecar's own
             # image declares two); the named volumes it mounted are never removed by this
             container.remove(force=True, v=True)
+
+
+STREAMER_LABEL = "toybox-backupd.beside"  # helpers that share the database's network
+
+
+def image_of(container: Container) -> str:
+    """The id of the image `container` runs (its tools match its server's version)."""
+    return str(container.attrs.get("Image") or container.image.id)
+
+
+@contextlib.contextmanager
+def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], purpose: str, *,
+           user: str, owner: str = "", caps: Iterable[str] = (),
+           command: list[str] | None = None, lifetime: int = DEFAULT_HELPER_LIFETIME,
+           writable_root: bool = False) -> Iterator[Container]:
+    """A container from the database's own `image`, in the network namespace of the database
+    container `db_id` (it reaches the server at 127.0.0.1 and its local pg_hba rules), or with
+    no network when `db_id` is None (a throwaway server for a recovery).
+
+    It runs `command` (default: sleep `lifetime` seconds, for exec'd commands) as `user`, with
+    every capability dropped but `caps`, no new privileges, and is removed on exit. Raises
+    DockerError.
+    """
+    _require_image(image)
+    binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
+    tmpfs = {"/tmp": "rw,noexec,nosuid,size=64m"}
+    try:
+        container = client().containers.run(
+            image, command or ["sleep", str(max(1, int(lifetime)))], detach=True,
+            network_mode=f"container:{db_id}" if db_id else "none", volumes=binds,
+            labels={STREAMER_LABEL: purpose, OWNER_LABEL: owner}, cap_drop=["ALL"],
+            cap_add=list(caps), read_only=not writable_root, tmpfs=tmpfs,
+            security_opt=["no-new-privileges"], entrypoint=[], user=user,
+            name=f"toybox-backupd-{purpose}-{uuid.uuid4().hex[:10]}",
+        )
+    except APIError as exc:
+        raise DockerError(f"cannot start a {purpose} container from {image!r}: {_short(exc)}") from None
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(DockerException):
+            container.remove(force=True, v=True)
+
+
+def remove_beside(owner: str, purpose: str) -> int:
+    """Remove the `purpose` containers beside the database that this instance (`owner`) left
+    running (a WAL streamer outlives a killed daemon: its exec'd pg_receivewal goes on)."""
+    count = 0
+    for container in client().containers.list(
+            all=True, filters={"label": [f"{STREAMER_LABEL}={purpose}", f"{OWNER_LABEL}={owner}"]}):
+        with contextlib.suppress(DockerException):
+            container.remove(force=True, v=True)
+            count += 1
+    return count
+
+
+def logs_tail(container: Container, lines: int = 20) -> str:
+    """The last `lines` of a container's output (empty if it cannot be had)."""
+    try:
+        return bytes(container.logs(tail=lines)).decode("utf-8", "replace").strip()
+    except DockerException:
+        return ""
+
+
+def remove_volume(name: str) -> None:
+    """Remove a named volume this tool created (a recovery's scratch volume)."""
+    with contextlib.suppress(NotFound):
+        client().volumes.get(name).remove(force=True)
 
 
 def remove_stale_helpers(owner: str) -> int:

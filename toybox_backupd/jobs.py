@@ -33,6 +33,7 @@ class Job:
     targets_var: str               # what it backs up: a name or a comma-separated list
     family: tuple[str, ...]        # tiers retained together (a differential needs its full)
     aliases: tuple[str, ...] = ()  # other names the CLI accepts
+    requires_var: str = ""         # a setting that must be on for the job to run (PITR)
 
     @property
     def tier(self) -> ModuleType:
@@ -67,6 +68,8 @@ class Job:
 
     def disabled_reason(self, settings: Settings) -> str | None:
         """Why the job does not run on schedule (None: it does)."""
+        if self.requires_var and not settings.value(self.requires_var):
+            return f"{self.requires_var} is off"
         if not self.schedule(settings):
             return f"{self.schedule_var} is empty"
         if cron_problem(self.schedule(settings)):
@@ -131,3 +134,6 @@ register(Job("full", "full volume backup", _TIERS + "volumes", "VOLUME_FULL_SCHE
              "VOLUME_KEEP_DAYS", "VOLUME_FULL_TIME_LIMIT_MIN", "BACKUP_VOLUMES", ("full", "diff")))
 register(Job("diff", "differential volume backup", _TIERS + "volumes", "VOLUME_DIFF_SCHEDULE",
              "VOLUME_KEEP_DAYS", "VOLUME_DIFF_TIME_LIMIT_MIN", "BACKUP_VOLUMES", ("full", "diff")))
+register(Job("base", "online base backup (pg_basebackup)", _TIERS + "basebackup",
+             "PITR_BASE_SCHEDULE", "PITR_KEEP_DAYS", "PITR_BASE_TIME_LIMIT_MIN", "POSTGRES_DB",
+             ("base",), requires_var="PITR"))

@@ -64,6 +64,9 @@ def companion_paths(tier: str, path: str, extra: dict[str, Any]) -> list[str]:
     its manifest, its file index and, for a dump, its roles file (and that file's manifest,
     which older versions may have written)."""
     paths = [path + MANIFEST_SUFFIX, path + INDEX_SUFFIX]
+    if tier == "base":  # a base backup's other files, in its own directory
+        folder = path.rsplit("/", 1)[0]
+        paths += [f"{folder}/{name}" for name in ("pg_wal.tar.gz", "backup_manifest")]
     globals_info: Any = extra.get("globals") if tier == "logical" else None
     if isinstance(globals_info, dict) and isinstance(globals_info.get("path"), str):
         gpath = globals_info["path"]

@@ -136,6 +136,8 @@ def _facts(settings: Settings, store: Store, run: Run, host: str) -> list[tuple[
     downtime = downtime_text(details)
     if downtime:
         facts.append(("Downtime", downtime))
+    if details.get("pitr"):
+        facts.append(("Point in time", str(details["pitr"])))
     offsite = offsite_text(details)
     if offsite:
         facts.append(("Off-site", offsite))

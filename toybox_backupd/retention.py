@@ -188,9 +188,29 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
         removed = delete_artifact(settings, store, item, decided.reasons[item.id])
         if removed:
             deleted.append(item.path)
+    if job == "base":
+        deleted += _prune_wal(settings, store, targets)
     if deleted:
         log.info("retention done", job=job, deleted=len(deleted))
     return deleted
+
+
+def _prune_wal(settings: Settings, store: Store, targets: list[str]) -> list[str]:
+    """The WAL no kept base backup needs (chain-aware: everything from the oldest kept base
+    backup's start on stays)."""
+    from .tiers import wal
+
+    gone: list[str] = []
+    for target in targets:
+        kept = store.artifacts(tier="base", target=target, statuses=("ok",))
+        if kept:
+            oldest = min(int(item.extra.get("start_segment", 0)) for item in kept)
+            gone += wal.prune(settings, oldest, target)
+    if not gone:
+        return []
+    log.info("retention: WAL segments no kept base backup needs deleted", count=len(gone),
+             first=gone[0], last=gone[-1])
+    return [f"{len(gone)} WAL segment(s) {gone[0]} … {gone[-1]}"]
 
 
 def check_clock(settings: Settings, store: Store, job: str, now: datetime,

@@ -82,6 +82,17 @@ def validate_cron(expr: str) -> str:
     return expr
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)I?B?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """"1GB", "512MB", "1073741824" → bytes (binary units: 1GB = 1024³ bytes, as PostgreSQL)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (e.g. 1GB, 512MB)")
+    return int(match.group(1)) * 1024 ** "BKMGT".index((match.group(2) or "B").upper())
+
+
 def cron_problem(expr: str) -> str | None:
     """Why `expr` is not a usable schedule (None: it is)."""
     try:
@@ -119,6 +130,14 @@ class Settings(BaseSettings):
     volume_diff_time_limit_min: int = Field(120, ge=1, alias="VOLUME_DIFF_TIME_LIMIT_MIN")
     restore_time_limit_min: int = Field(240, ge=1, alias="RESTORE_TIME_LIMIT_MIN")
     disk_margin_percent: int = Field(20, ge=0, alias="DISK_MARGIN_PERCENT")
+
+    # point in time (WAL streaming and online base backups)
+    pitr: bool = Field(False, alias="PITR")
+    pitr_base_schedule: str = Field("0 3 * * *", alias="PITR_BASE_SCHEDULE")
+    pitr_keep_days: int = Field(7, ge=1, alias="PITR_KEEP_DAYS")
+    pitr_alert_minutes: int = Field(10, ge=1, alias="PITR_ALERT_MINUTES")
+    pitr_max_slot_wal: int = Field(1024**3, ge=64 * 1024**2, alias="PITR_MAX_SLOT_WAL")
+    pitr_base_time_limit_min: int = Field(240, ge=1, alias="PITR_BASE_TIME_LIMIT_MIN")
 
     # where things live
     backup_dir: Path = Field(Path("/backups"), alias="BACKUP_DIR")
@@ -174,7 +193,13 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = Field("console", alias="LOG_FORMAT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
 
-    @field_validator("pgdump_schedule", "volume_full_schedule", "volume_diff_schedule")
+    @field_validator("pitr_max_slot_wal", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("pgdump_schedule", "volume_full_schedule", "volume_diff_schedule",
+                     "pitr_base_schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
         # a bad schedule does not stop start-up: it turns its own job off, and the daemon,
@@ -379,6 +404,12 @@ class Settings(BaseSettings):
                 "BACKUP_VOLUMES: empty, so the full and differential jobs have nothing to archive "
                 "(name the volumes, or set VOLUME_FULL_SCHEDULE= and VOLUME_DIFF_SCHEDULE= to turn them off)"
             )
+        if self.pitr and not self.pg_container:
+            problems.append("PG_CONTAINER: required with PITR=on (the WAL streamer and base "
+                            "backups run from the database container's image, beside it)")
+        if self.pitr and not self.postgres_db.strip():
+            problems.append("POSTGRES_DB: required with PITR=on (the database `restore db --at` "
+                            "brings back, and the name of its WAL archive)")
         problems += self._offsite_problems()
         level = self.volume_compression_level
         if level is not None:
@@ -509,6 +540,18 @@ DESCRIPTIONS: dict[str, str] = {
                               "it is stopped)",
     "DISK_MARGIN_PERCENT": "a run is refused early unless BACKUP_DIR has the last artifact's size "
                            "plus this margin free",
+    "PITR": "point-in-time recovery: stream the WAL (pg_receivewal) and take online base "
+            "backups (pg_basebackup) beside the database container (needs PG_CONTAINER; see "
+            "Point-in-time recovery)",
+    "PITR_BASE_SCHEDULE": "crontab(5) schedule of the online base backup (with PITR)",
+    "PITR_KEEP_DAYS": "days base backups are kept, with the WAL they need (the newest is always "
+                      "kept)",
+    "PITR_ALERT_MINUTES": "the WAL streamer down this long: healthcheck fails and an email goes "
+                          "out",
+    "PITR_MAX_SLOT_WAL": "WAL the database may keep for the streamer's replication slot (`1GB`, "
+                         "`512MB`); past it the slot is dropped (an alert, then a base backup) "
+                         "so the database's disk never fills",
+    "PITR_BASE_TIME_LIMIT_MIN": "time limit of a base backup run, minutes",
     "BACKUP_DIR": "where backups are written (plain files; OFFSITE_URL copies them off the host)",
     "BACKUP_FILE_MODE": "`0600` (files only the sidecar's user reads, directories 0700) or "
                         "`0640` (also its group: directories 0750; see Backup files)",

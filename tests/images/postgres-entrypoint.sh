@@ -9,10 +9,12 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   # POSTGRES_INITDB_ARGS as in the official image, e.g. "--encoding=SQL_ASCII --locale=C":
   # given after the defaults, so they win
   eval "initdb_args=(${POSTGRES_INITDB_ARGS:-})"
-  as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" -A scram-sha-256 \
-    --auth-local=trust -E UTF8 --locale=C.UTF-8 "${initdb_args[@]}" >/dev/null
+  # like the official image: initdb without -A (trust for the local socket and 127.0.0.1/::1,
+  # the replication lines included), then password authentication for everyone else
+  as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" \
+    -E UTF8 --locale=C.UTF-8 "${initdb_args[@]}" >/dev/null
   rm -f "$pwfile"
-  echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+  printf '\nhost all all all scram-sha-256\n' >>"$PGDATA/pg_hba.conf"
   echo "listen_addresses = '*'" >>"$PGDATA/postgresql.auto.conf"
   as_pg pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
   if [ "$POSTGRES_DB" != postgres ]; then

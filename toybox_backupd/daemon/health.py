@@ -16,6 +16,8 @@ from .keys import (
     HEARTBEAT_STALE,
     STATE_FIRST_STARTED,
     STATE_HEARTBEAT,
+    STATE_PITR_DOWN,
+    STATE_PITR_ERROR,
     STATE_STOPPED,
     STATE_UNUSABLE,
 )
@@ -65,6 +67,7 @@ def healthcheck(settings: Settings, now: datetime | None = None) -> tuple[bool, 
             elif problem := job.problem(settings):
                 problems.append(problem)
         _offsite_health(settings, store, now, first, problems, good)
+        _pitr_health(settings, store, now, problems, good)
     if problems:
         return False, problems
     return True, ["healthy: " + "; ".join(good)]
@@ -140,3 +143,19 @@ def _offsite_health(settings: Settings, store: Store, now: datetime, first: date
         f"OFFSITE_MAX_LAG_HOURS={settings.offsite_max_lag_hours}; {len(pending)} cop"
         f"{'y' if len(pending) == 1 else 'ies'} pending" + (f", last error: {errors[-1][:200]}"
                                                           if errors else ""))
+
+
+def _pitr_health(settings: Settings, store: Store, now: datetime, problems: list[str],
+                 good: list[str]) -> None:
+    """With PITR: the WAL streamer must not have been down for PITR_ALERT_MINUTES."""
+    if not settings.pitr:
+        return
+    down = parse_iso(store.get_state(STATE_PITR_DOWN))
+    if down is None:
+        good.append("WAL streaming")
+    elif now - down < timedelta(minutes=settings.pitr_alert_minutes):
+        good.append(f"WAL streamer starting ({ago(now - down)})")
+    else:
+        error = store.get_state(STATE_PITR_ERROR) or "-"
+        problems.append(f"pitr: the WAL streamer has been down for {ago(now - down)} (since "
+                        f"{local_time(down, settings.zone, 'weekday')}): {error[:300]}")

@@ -9,6 +9,12 @@ STATE_STARTED = "daemon_started"
 STATE_STOPPED = "daemon_stopped"
 STATE_HEARTBEAT = "heartbeat"
 STATE_PID = "daemon_pid"
+# with PITR=on: the WAL streamer (daemon/streamer.py)
+STATE_PITR_DOWN = "pitr.down_since"     # since when it has not streamed ("" while it does)
+STATE_PITR_ERROR = "pitr.error"         # why it stopped last
+STATE_PITR_ALERTED = "pitr.alerted"     # "yes" once the down alert went out
+STATE_PITR_STREAMING = "pitr.streaming_since"
+STATE_PITR_GAP = "pitr.gap"             # the last gap (or dropped slot), in words
 STATE_UNUSABLE = "settings_unusable"  # the problems `run` waits for (empty: none)
 
 HEARTBEAT_SECONDS = 30.0

@@ -69,6 +69,7 @@ class Daemon:
         self._cancelled_seen: float | None = None
         self._last_signal = "signal"
         self.scheduler: Any = None
+        self.streamer: Any = None
 
     # signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -159,7 +160,8 @@ class Daemon:
             jobstores={"default": MemoryJobStore()},
             executors={"default": ThreadPoolExecutor(max_workers=1),
                        "mail": ThreadPoolExecutor(max_workers=1),
-                       "offsite": ThreadPoolExecutor(max_workers=1)},
+                       "offsite": ThreadPoolExecutor(max_workers=1),
+                       "pitr": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=settings.zone,
         )
@@ -178,10 +180,30 @@ class Daemon:
         # first at once: what start-up queued (recovery, a broken schedule) goes out now
         scheduler.add_job(self.flush_outbox, IntervalTrigger(seconds=OUTBOX_SECONDS),
                           id="outbox", name="email outbox", executor="mail", next_run_time=now)
+        if settings.pitr:
+            self._add_streamer(scheduler)
         if settings.offsite_url:
             scheduler.add_job(self.retry_offsite, IntervalTrigger(seconds=OFFSITE_SECONDS),
                               id="offsite", name="off-site copy queue", executor="offsite")
         return scheduler
+
+    def _add_streamer(self, scheduler: Any) -> None:
+        """PITR=on: the supervised WAL streamer (started with the scheduler) and its watch."""
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        from .streamer import WATCH_SECONDS, Streamer
+
+        self.streamer = Streamer(self.settings, self.request_base)
+        scheduler.add_job(self.streamer.watch, IntervalTrigger(seconds=WATCH_SECONDS),
+                          id="pitr", name="WAL streamer watch", executor="pitr")
+
+    def request_base(self, why: str) -> None:
+        """Run a base backup as soon as the worker is free (a gap in the WAL archive)."""
+        if self.scheduler is None or self.stopping.is_set():
+            return
+        log.warning("base backup requested", reason=why)
+        self.scheduler.add_job(self.execute, args=["base"], id=f"base-now-{time.monotonic_ns()}",
+                               name="base")
 
     def log_summary(self, now: datetime, missed: dict[str, datetime]) -> None:
         settings = self.settings
@@ -336,15 +358,23 @@ class Daemon:
                 self.log_summary(now, missed)
                 self.report_problems(store)
                 self.serve_metrics()
-                self.scheduler.start()
-                try:
-                    self.loop(store)
-                finally:
-                    with contextlib.suppress(Exception):
-                        self.scheduler.shutdown(wait=True)
-                    store.set_state(STATE_STOPPED, iso())
+                self._serve(store)
                 log.info("toybox-backupd stopped", aborted=self._aborted)
         return 0
+
+    def _serve(self, store: Store) -> None:
+        """The scheduler (and the WAL streamer) until the loop ends, then both stopped."""
+        self.scheduler.start()
+        if self.streamer is not None:
+            self.streamer.start()
+        try:
+            self.loop(store)
+        finally:
+            if self.streamer is not None:
+                self.streamer.shutdown()
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=True)
+            store.set_state(STATE_STOPPED, iso())
 
 
 

@@ -95,6 +95,12 @@ def _put_file(settings: Settings, target: Target, relative: str,
             "encrypted": bool(recipients), "verified_by": stored.verified_by}
 
 
+def put_file(settings: Settings, target: Target, relative: str) -> dict[str, Any]:
+    """Copy one file of BACKUP_DIR (e.g. a WAL segment) to the same path off-site, encrypted
+    when OFFSITE_AGE_RECIPIENTS is set and verified; its object's description."""
+    return _put_file(settings, target, relative, None)
+
+
 def _local_manifest(settings: Settings, item: Artifact) -> dict[str, Any]:
     """The artifact's manifest as written beside it (rebuilt from the catalog if missing)."""
     path = manifests.manifest_path(settings.backup_dir / item.path)

@@ -246,6 +246,17 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     with Store(settings.state_dir) as store:
         item = restore_point(store, (TIER,), settings.postgres_db, at)
         path = local_copy(settings, store, item, say)
+    say(f"using {item.path} ({local_time(item.created_at, settings.zone)}, {human(item.size)}, "
+        "sha256 ok)")
+    restore_dump(settings, item, path, tables=tables, into=into, confirm=confirm, say=say,
+                 hold=hold)
+
+
+def restore_dump(settings: Settings, item: Artifact, path: Path, *, tables: Iterable[str] = (),
+                 into: str | None = None, confirm: Confirm = None, say: Say = silent,
+                 hold: Hold = nullcontext) -> None:
+    """Restore the custom or plain dump at `path` (described by `item`) as `restore_db` does;
+    a point-in-time restore hands in the dump it made from a recovered server."""
     try:
         database.check_reachable(settings, "postgres", attempts=2)
     except database.DatabaseError as exc:
@@ -254,7 +265,6 @@ def restore_db(settings: Settings, *, at: datetime | None = None, tables: Iterab
     tools.check_same_server("postgres")
     request = _Restore(settings, item, path, tools, into or settings.postgres_db,
                        local_time(item.created_at, settings.zone))
-    say(f"using {item.path} ({request.when}, {human(item.size)}, sha256 ok)")
     if tables:
         names = _resolve_tables(request, list(tables))
         shown = ", ".join(n for n, _, _ in names)

@@ -45,6 +45,10 @@ class Plan:
     running: list[Any]
     staging: str = field(default_factory=volume_swap.staging_name)
     stopped: list[Any] = field(default_factory=list)
+    # instead of the chain: fill(helper, staging) writes the new tree into new_dir(staging),
+    # from what `mounts` adds to the helper (a point-in-time restore's recovered cluster)
+    fill: Callable[[Any, str], None] | None = None
+    mounts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
@@ -67,13 +71,31 @@ def restore_volume(settings: Settings, name: str, *, at: datetime | None = None,
     running = _check_target(target, name, when, confirm, stop_containers)
     plan = Plan(name, target, when, chain, files, deleted, running)
     with hold():
-        _settle_earlier(settings, target, say)
         say(f"restoring {target} from {' + '.join(item.path for item in chain)} ({when})")
-        try:
-            _stop_and_restore(settings, plan)
-        except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit
-            raise _failed(settings, plan, exc) from None
-        _succeeded(settings, plan, say)
+        carry_out(settings, plan, say)
+
+
+def restore_filled(settings: Settings, target: str, *, what: str, when: str,
+                   fill: Callable[[Any, str], None], mounts: dict[str, tuple[str, str]],
+                   confirm: Confirm = None, stop_containers: bool = False,
+                   say: Say = silent) -> None:
+    """Replace volume `target` with the tree `fill(helper, staging)` writes, with the safety
+    of a volume restore (beside, swapped in when complete, the old tree back on failure).
+    The caller holds the run lock."""
+    running = _check_target(target, what, when, confirm, stop_containers)
+    plan = Plan(what, target, when, [], [], [], running, fill=fill, mounts=mounts)
+    say(f"restoring {target} from {what} ({when})")
+    carry_out(settings, plan, say)
+
+
+def carry_out(settings: Settings, plan: Plan, say: Say) -> None:
+    """Settle earlier restores, stop, restore, swap; the old tree back on any failure."""
+    _settle_earlier(settings, plan.target, say)
+    try:
+        _stop_and_restore(settings, plan)
+    except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit
+        raise _failed(settings, plan, exc) from None
+    _succeeded(settings, plan, say)
 
 
 def _settle_earlier(settings: Settings, target: str, say: Say) -> None:
@@ -122,10 +144,14 @@ def _stop_and_restore(settings: Settings, plan: Plan) -> None:
     image = docker_api.helper_image(settings.helper_image)
     lifetime = settings.restore_time_limit_min * 60 + 60
     with transfer.fifo(settings.state_dir, helper_writes=False) as channel, docker_api.helper(
-            image, {plan.target: (MOUNT, "rw"), **transfer.mounts(channel)}, "restore", owner,
-            lifetime=lifetime) as helper:
+            image, {plan.target: (MOUNT, "rw"), **transfer.mounts(channel), **plan.mounts},
+            "restore", owner, lifetime=lifetime) as helper:
         channel = transfer.seen_by(channel, helper)
         volume_swap.prepare(helper, plan.staging)
+        if plan.fill is not None:
+            plan.fill(helper, plan.staging)
+            volume_swap.swap(helper, plan.staging)
+            return
         _extract(helper, channel, plan.files[0], plan.chain[0], plan.staging)
         if len(plan.chain) > 1:
             _delete_paths(helper, plan.deleted, plan.staging)

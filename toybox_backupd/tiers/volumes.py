@@ -115,10 +115,13 @@ def backup(ctx: RunContext) -> TierResult:
         raise JobError(missing)
     result, archives, errors = TierResult(), [], []
     steps = Steps()
+    left_to_base = _left_to_base(ctx)
+    targets = [volume for volume in ctx.targets if volume not in left_to_base]
     with ExitStack() as stack:
-        reader = _reader(ctx, stack, ctx.targets)
+        reader = _reader(ctx, stack, targets) if targets else None
         steps.lap("start")
-        for volume in ctx.targets:
+        for volume in targets:
+            assert reader is not None
             ctx.check()
             try:
                 archives.append((volume, archive_volume(ctx, volume, ctx.job.name, reader)))
@@ -132,7 +135,7 @@ def backup(ctx: RunContext) -> TierResult:
                               **({} if isinstance(exc, ToyboxError) else {"exc_info": True}))
         steps.since_now()
     steps.lap("remove")
-    result.details = _details(archives, steps)
+    result.details = {**_details(archives, steps), **_pitr_note(left_to_base)}
     for _, archived in archives:
         result.bytes += archived.size
         result.artifacts.append(archived.path)
@@ -161,6 +164,23 @@ def _details(archives: list[tuple[str, Archived]], helper: Steps) -> dict[str, A
 
 
 # one volume ----------------------------------------------------------------------------------
+def _left_to_base(ctx: RunContext) -> list[str]:
+    """With PITR=on, the target volumes of the database container: its base backups are their
+    physical backup, so the database is never stopped for them."""
+    if not ctx.settings.pitr or not ctx.settings.pg_container:
+        return []
+    mounted = docker_api.mounted_volumes(docker_api.find_container(ctx.settings.pg_container))
+    return [volume for volume in ctx.targets if volume in mounted]
+
+
+def _pitr_note(left_to_base: list[str]) -> dict[str, str]:
+    if not left_to_base:
+        return {}
+    return {"pitr": f"{', '.join(left_to_base)}: the database's data, not stopped and not "
+            "archived by this run: with PITR=on the online base backups (tier base) and the "
+            "WAL are its physical backup (`restore cluster --at` rebuilds it)"}
+
+
 @dataclass
 class Reader:
     """The run's helper container: each target volume mounted read-only at its own path, and

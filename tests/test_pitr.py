@@ -1,0 +1,529 @@
+"""Point in time (issue 16): the route beside the database, WAL streaming, online base
+backups and restores to a moment, against a real PostgreSQL 15 set up like the official image
+(initdb's default pg_hba.conf: local and 127.0.0.1 trusted, replication included)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from conftest import PG, Env, start_pg
+from test_daemon import Daemon, wait_for
+
+from toybox_backupd.store import Store
+
+PITR = {"PITR": "on"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_docker_caches() -> Iterator[None]:
+    """Some tests here call the package in-process: what docker_api caches (this process's own
+    container, seen as root) must not leak into later tests of the session."""
+    yield
+    from toybox_backupd import docker_api
+
+    docker_api.own_container.cache_clear()
+    docker_api.client.cache_clear()
+
+
+def artifacts(env: Env, tier: str) -> list[Any]:
+    with Store(env.state_dir) as history:
+        return history.artifacts(tier=tier)
+
+
+def test_the_test_image_has_the_official_defaults(pg: PG) -> None:
+    assert pg.psql("SHOW wal_level") == "replica"
+    assert pg.psql("SHOW max_wal_senders") == "10"
+    rules = pg.psql("SELECT type, database[1], address, auth_method FROM pg_hba_file_rules "
+                    "WHERE database = '{replication}'").splitlines()
+    assert "host|replication|127.0.0.1|trust" in rules
+    assert pg.psql("SELECT auth_method FROM pg_hba_file_rules WHERE address = 'all'") == \
+        "scram-sha-256"
+
+
+def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
+    assert env.cli("backup", "logical").returncode == 0
+    [dump] = artifacts(env, "logical")
+    time.sleep(1.5)
+    result = env.cli("backup", "base", **PITR)
+    assert result.returncode == 0, result.stderr
+    [item] = artifacts(env, "base")
+    folder = (env.backup_dir / item.path).parent
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "backup_manifest", "base.tar.gz", "base.tar.gz.manifest.json", "pg_wal.tar.gz"]
+    manifest = json.loads((folder / "backup_manifest").read_text())
+    assert manifest["Files"] and manifest["Files"][0]["Checksum-Algorithm"] == "SHA256"
+    assert item.extra["start_lsn"] and item.extra["end_lsn"]
+    with Store(env.state_dir) as history:
+        run = history.runs(limit=1)[0]
+    assert run.status == "ok" and run.details["downtime_seconds"] == 0.0
+    assert env.cli("verify", **PITR).returncode == 0
+    # a moment before the first base backup: the newest dump at or before it, said so
+    when = (dump.created_at + timedelta(seconds=1)).astimezone(ZoneInfo("Asia/Tokyo"))
+    result = env.cli("restore", "db", "--at", when.strftime("%Y-%m-%dT%H:%M:%S"), "--into",
+                     "before", "--yes", **PITR)
+    assert result.returncode == 0, result.stderr
+    assert "no base backup finished at or before it; using the newest dump" in result.stdout
+    assert pg.snapshot("before") == pg.snapshot()
+
+
+# the streamer ----------------------------------------------------------------------------------
+NO_JOBS = {"PGDUMP_SCHEDULE": "", "PITR_BASE_SCHEDULE": "", "CATCH_UP": "false"}
+
+
+def wal_helpers(docker_engine: Any, env: Env) -> list[Any]:
+    """The WAL streamer containers of this test's history."""
+    with Store(env.state_dir) as history:
+        owner = history.instance_id()
+    return docker_engine.containers.list(filters={"label": [
+        "toybox-backupd.beside=wal", f"toybox-backupd.owner={owner}"]})
+
+
+def segments(env: Env) -> list[Any]:
+    from toybox_backupd.tiers import wal
+
+    return wal.segments(env.settings(**PITR))
+
+
+@pytest.fixture
+def streaming(env: Env, pg: PG, docker_engine: Any) -> Iterator[Daemon]:
+    """The daemon with PITR on and no scheduled jobs, its streamer running."""
+    daemon = Daemon(env, **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: daemon.log)
+        yield daemon
+    finally:
+        daemon.kill()
+    for container in wal_helpers(docker_engine, env):
+        container.remove(force=True)
+
+
+def streamer_pid(helper: Any) -> int:
+    out = helper.exec_run(["sh", "-c", "for p in /proc/[0-9]*; do "
+                           "grep -qa '^pg_receivewal' $p/cmdline 2>/dev/null && basename $p; done"])
+    pids = [int(x) for x in out.output.decode().split()]
+    assert pids, out.output
+    return pids[0]
+
+
+def test_the_streamer_comes_back_after_sigkill_with_no_gap(env: Env, pg: PG, streaming: Any,
+                                                           docker_engine: Any) -> None:
+    from toybox_backupd.tiers import wal
+
+    pg.psql("CREATE TABLE ticks (n int, at timestamptz DEFAULT clock_timestamp())")
+    [helper] = wal_helpers(docker_engine, env)
+    first = streamer_pid(helper)
+    for n in range(3):  # a few switched segments before and after the kill
+        pg.psql(f"INSERT INTO ticks(n) VALUES ({n}); SELECT pg_switch_wal();")
+    assert helper.exec_run(["kill", "-KILL", str(first)]).exit_code == 0
+    wait_for("the supervisor to see it", lambda: "WAL streamer down" in streaming.log, 30)
+    for n in range(3, 6):
+        pg.psql(f"INSERT INTO ticks(n) VALUES ({n}); SELECT pg_switch_wal();")
+    current = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+
+    def caught_up() -> bool:
+        names = {s.name for s in segments(env)}
+        return current in names and any(s.partial and s.name == current for s in segments(env))
+
+    wait_for("the streamer to come back and catch up", caught_up, 120, lambda: streaming.log)
+    assert "killed (signal 9" in streaming.log or "exit status 137" in streaming.log
+    found = segments(env)
+    assert wal.gaps(found) == []
+    assert len([s for s in found if not s.partial]) >= 6
+    assert pg.psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'") \
+        == "t"
+
+
+# restore to a moment ---------------------------------------------------------------------------
+# The issue asks for three minutes of writes; the suite must stay within its CI budget, so the
+# writer runs WRITER_SECONDS (60 by default; TOYBOX_PITR_WRITER_SECONDS=180 for the full length).
+WRITER_SECONDS = float(os.environ.get("TOYBOX_PITR_WRITER_SECONDS", "60"))
+TICK = 0.2
+
+
+class Writer:
+    """Inserts a row stamped with its commit time (clock_timestamp(), in its own one-statement
+    transaction) every 200 ms, on a thread, until stopped."""
+
+    def __init__(self, pg: PG):
+        import psycopg
+
+        self.conn = psycopg.connect(host=pg.host, port=pg.port, user=pg.user,
+                                    password=pg.password, dbname=pg.db, autocommit=True)
+        self.conn.execute("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz NOT NULL)")
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+        self.committed: list[tuple[int, datetime]] = []  # what the server said it committed
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.wait(TICK):
+                row = self.conn.execute("INSERT INTO stamps(at) VALUES (clock_timestamp()) "
+                                        "RETURNING id, at").fetchone()
+                self.committed.append((row[0], row[1].astimezone(UTC)))
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self, failing: bool = False) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        if not failing:
+            assert self.error is None, self.error
+
+
+def stamps(pg: PG, db: str | None = None) -> list[tuple[int, datetime]]:
+    out = pg.psql("SELECT id, extract(epoch FROM at) FROM stamps ORDER BY id", db=db)
+    return [(int(i), datetime.fromtimestamp(float(e), UTC))
+            for i, e in (line.split("|") for line in out.splitlines())]
+
+
+def random_moments(rows: list[tuple[int, datetime]], after: datetime, count: int,
+                   seed: int) -> list[datetime]:
+    """Whole seconds after `after` (and before the last row) with no row stamped within 0.1 s
+    before them: a row committed within a millisecond of T could fall on either side."""
+    last = rows[-1][1]
+    seconds = [after.replace(microsecond=0) + timedelta(seconds=n)
+               for n in range(2, int((last - after).total_seconds()) - 1)]
+    clear = [t for t in seconds
+             if not any(t - timedelta(seconds=0.1) < at <= t for _, at in rows)]
+    assert len(clear) >= count, (after, last)
+    return sorted(random.Random(seed).sample(clear, count))
+
+
+def test_restore_db_at_a_moment_gives_exactly_the_rows_committed_by_then(
+        env: Env, pg: PG, streaming: Daemon) -> None:
+    writer = Writer(pg)
+    try:
+        time.sleep(min(5.0, WRITER_SECONDS / 6))
+        result = env.cli("backup", "base", **PITR)  # online, while the writer writes
+        assert result.returncode == 0, result.stderr
+        [base] = artifacts(env, "base")
+        time.sleep(max(0.0, WRITER_SECONDS - (base.created_at - stamps(pg)[0][1]).total_seconds()))
+    finally:
+        writer.finish()
+    rows = stamps(pg)
+    assert len(rows) >= WRITER_SECONDS / TICK / 2
+    listed = env.cli("list", **PITR)
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none", listed.stdout), \
+        listed.stdout
+    moments = random_moments(rows, base.created_at, 3, seed=len(rows))
+    zone = ZoneInfo("Asia/Tokyo")
+    for number, moment in enumerate(moments):
+        when = moment.astimezone(zone).strftime("%Y-%m-%dT%H:%M:%S")
+        expected = [row for row in rows if row[1] <= moment]
+        last = number == len(moments) - 1
+        into = [] if last else ["--into", f"at_{number}"]  # the last one replaces the database
+        result = env.cli("restore", "db", "--at", when, *into, "--yes", **PITR)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "recovering base backup" in result.stdout
+        got = stamps(pg, db=None if last else f"at_{number}")
+        assert got == expected, (when, len(got), len(expected))
+    assert pg.rows("users") and len(stamps(pg)) < len(rows)  # the whole database came back
+    # one table, to the first moment, into the live database
+    when = moments[0].astimezone(zone).strftime("%Y-%m-%dT%H:%M:%S")
+    result = env.cli("restore", "db", "--at", when, "--table", "stamps", "--yes", **PITR)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert stamps(pg) == [row for row in rows if row[1] <= moments[0]]
+
+
+def test_with_pitr_a_full_run_keeps_the_database_running(env: Env, pg: PG,
+                                                         make_volume: Any) -> None:
+    from toybox_backupd import report
+
+    media = make_volume("mkdir uploads && echo hi > uploads/a.txt")
+    started = pg.container.attrs["State"]["StartedAt"]
+    values = {**PITR, "BACKUP_VOLUMES": f"{pg.volume},{media}", "STOP_DURING_BACKUP": pg.name}
+    result = env.cli("backup", "full", **values)
+    assert result.returncode == 0, result.stderr
+    pg.container.reload()
+    assert pg.container.attrs["State"]["StartedAt"] == started  # never stopped
+    with Store(env.state_dir) as history:
+        run = history.runs(limit=1)[0]
+        message = report.compose_run(env.settings(**values), history, run, message_id="<t@x>")
+    assert run.status == "ok" and run.details["downtime_seconds"] == 0
+    assert [item.target for item in artifacts(env, "full")] == [media]
+    text = message.get_body(("plain",)).get_content()
+    assert "Point in time" in text and "base backups" in text
+    # without PITR the same run stops the database for its volume, as before
+    result = env.cli("backup", "full", **{**values, "PITR": "off"})
+    assert result.returncode == 0, result.stderr
+    with Store(env.state_dir) as history:
+        assert history.runs(limit=1)[0].details["downtime_seconds"] > 0
+
+
+def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, streaming: Daemon,
+                                                          docker_engine: Any) -> None:
+    from toybox_backupd.tiers import wal
+
+    writer = Writer(pg)
+    try:
+        time.sleep(2)
+        result = env.cli("backup", "base", **PITR)
+        assert result.returncode == 0, result.stderr
+        time.sleep(8)
+        pg.container.kill(signal="SIGKILL")  # the server is lost mid-write...
+    finally:
+        writer.finish(failing=True)
+    pg.container.remove(force=True)
+    docker_engine.volumes.get(pg.volume).remove(force=True)  # ...and its disk with it
+    [base] = artifacts(env, "base")
+    newest = wal.last_commit(env.settings(**PITR), base.extra["image"])
+    last = writer.committed[-1][1]
+    assert newest is not None
+    rpo = max(0.0, (last - newest).total_seconds())
+    sys.stderr.write(f"\nRPO: last committed row {last.isoformat()}, newest recoverable moment "
+                     f"{newest.isoformat()}: {rpo:.3f} s of writes lost\n")
+    assert rpo <= 60, rpo  # the issue's bound (target 5 s)
+    # the whole cluster back from the base backup and the WAL, into a new volume
+    volume = pg.volume + "-back"
+    result = env.cli("restore", "cluster", "--volume", volume, "--yes", **PITR)
+    try:
+        assert result.returncode == 0, result.stderr + result.stdout
+        back = start_pg(docker_engine, volume=volume, seed=False)
+        try:
+            restored = stamps(back)
+            committed = writer.committed
+            assert restored[:len(committed)] == committed[:len(restored)]  # no row changed
+            # every row committed before the newest recoverable moment (and at most the one
+            # in flight when the server died beyond what the client saw committed)
+            settled = [row for row in committed if row[1] <= newest - timedelta(seconds=0.1)]
+            assert len(settled) <= len(restored) <= len(committed) + 1
+            assert back.rows("users")  # the seeded tables too
+        finally:
+            back.container.remove(force=True)
+    finally:
+        with contextlib.suppress(Exception):
+            docker_engine.volumes.get(volume).remove(force=True)
+
+
+def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
+        env: Env, pg: PG) -> None:
+    """The streamer is down (never started here) while the database writes: the slot would
+    keep every segment; past PITR_MAX_SLOT_WAL the watch drops it and asks for a base backup."""
+    from toybox_backupd import database
+    from toybox_backupd.daemon.streamer import Streamer
+    from toybox_backupd.tiers import wal
+
+    settings = env.settings(**PITR, PITR_MAX_SLOT_WAL="64MB", NOTIFY_EMAIL_TO="ops@example.com",
+                            SMTP_HOST="127.0.0.1", SMTP_FROM="backupd@example.com")
+    asked: list[str] = []
+    streamer = Streamer(settings, asked.append)
+    assert database.ensure_slot(settings, wal.SLOT)
+    pg.psql("CREATE TABLE filler (x text)")
+    streamer.watch()
+    assert asked == [] and database.slot_retained(settings, wal.SLOT) is not None
+    for _ in range(6):  # a little over 64 MiB of WAL the slot holds
+        pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 1000); "
+                "SELECT pg_switch_wal()")
+    assert database.slot_retained(settings, wal.SLOT) > 64 * 1024 * 1024
+    streamer.watch()
+    assert asked == ["replication slot dropped"]
+    assert database.slot_retained(settings, wal.SLOT) is None
+    pg.psql("CHECKPOINT")
+    # pg_wal is the server's own again: what min_wal_size keeps for reuse, and the current
+    # segment and the next (the slot no longer holds any)
+    kept = int(pg.psql("SELECT count(*) FROM pg_ls_waldir()"))
+    reuse = int(pg.psql("SELECT pg_size_bytes(current_setting('min_wal_size'))"))
+    assert kept * wal.SEGMENT_SIZE <= max(64 * 1024 * 1024, reuse) + 2 * wal.SEGMENT_SIZE
+    with Store(env.state_dir) as history:
+        assert "PITR_MAX_SLOT_WAL" in (history.get_state("pitr.gap") or "")
+        queued = history.db.execute("SELECT subject FROM outbox").fetchall()
+    assert any("replication slot dropped" in row[0] for row in queued)
+
+
+def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
+                                                            streaming: Daemon) -> None:
+    from toybox_backupd.tiers import wal
+
+    for _ in range(2):
+        pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1); "
+                "SELECT pg_switch_wal()")
+    current = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    wait_for("the switched segments", lambda: current in {s.name for s in segments(env)}, 60)
+    remote = env.tmp / "offsite"
+    remote.mkdir()
+    settings = env.settings(**PITR, OFFSITE_URL=f"file://{remote}")
+    with Store(env.state_dir) as history:
+        stamp = wal.copy_offsite(settings, history, float("-inf"), 100.0)
+        assert stamp == 100.0  # the segment being written went too
+        completed = [s for s in wal.segments(settings) if not s.partial]
+        assert history.get_state(wal.STATE_OFFSITE) == completed[-1].name
+        # a second pass copies nothing new, and not the partial again within the minute
+        assert wal.copy_offsite(settings, history, stamp, 130.0) == stamp
+    for segment in wal.segments(settings):
+        copy = remote / segment.path.relative_to(env.backup_dir)
+        assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
+        assert copy.stat().st_size == wal.SEGMENT_SIZE
+
+
+def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_engine: Any) -> None:
+    """The WAL the archive needs next is gone from the server (the streamer was away and its
+    slot dropped): the archive so far is set aside, streaming starts again at the server's
+    position, and a base backup is taken at once."""
+    first = Daemon(env, "first", **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: first.log)
+    finally:
+        first.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True)
+    pg.psql("SELECT pg_drop_replication_slot('toybox_backupd')")
+    pg.psql("CREATE TABLE filler (x text)")
+    for _ in range(8):  # the server moves on and recycles what the archive would need next
+        pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 1000); "
+                "SELECT pg_switch_wal()")
+    pg.psql("CHECKPOINT")
+    second = Daemon(env, "second", **PITR, **NO_JOBS)
+    try:
+        wait_for("a base backup after the gap", lambda: artifacts(env, "base"), 180,
+                 lambda: second.log)
+        assert "has already been removed" in second.log
+        root = env.backup_dir / "wal" / "toybox"
+        wait_for("streaming in a new chain", lambda: any(
+            s.partial and s.path.parent == root for s in segments(env)), 60, lambda: second.log)
+        with Store(env.state_dir) as history:
+            said = history.get_state("pitr.gap") or ""
+        assert "has a gap" in said and "/before-" in said
+        # the archive before the gap was set aside, and retention then deleted it: no kept
+        # base backup needs it (the only one came after the gap)
+        assert "retention: WAL segments no kept base backup needs deleted" in second.log
+        assert not list(root.glob("before-*"))
+    finally:
+        second.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True)
+
+
+def test_check_tries_the_route_and_says_what_fails(env: Env, pg: PG) -> None:
+    result = env.cli("check", **PITR)
+    line = next(x for x in result.stdout.splitlines() if "pitr route" in x)
+    assert "replication over 127.0.0.1:5432 allowed" in line, result.stdout
+    assert "pg_receivewal (PostgreSQL) 15" in line
+    # a stack whose pg_hba.conf has no replication rule for 127.0.0.1: said in plain words
+    pg.container.exec_run(["sh", "-c", "sed -i '/replication/d' \"$PGDATA/pg_hba.conf\""],
+                          user="postgres")
+    pg.psql("SELECT pg_reload_conf()")
+    result = env.cli("check", **PITR)
+    assert result.returncode != 0
+    line = next(x for x in (result.stdout + result.stderr).splitlines() if "pitr route" in x)
+    assert "does not work" in line and "pg_hba.conf" in line, line
+
+
+def test_a_streamer_down_too_long_fails_healthcheck_and_emails_once(plain_env: Env) -> None:
+    from toybox_backupd.basics import iso, utcnow
+    from toybox_backupd.daemon import health
+    from toybox_backupd.daemon.keys import STATE_HEARTBEAT, STATE_PITR_DOWN, STATE_PITR_ERROR
+    from toybox_backupd.daemon.streamer import Streamer
+
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db", PITR_ALERT_MINUTES="10",
+                                  NOTIFY_EMAIL_TO="ops@example.com", SMTP_HOST="127.0.0.1",
+                                  SMTP_FROM="backupd@example.com", POSTGRES_HOST="127.0.0.1",
+                                  POSTGRES_PORT="9")
+    streamer = Streamer(settings, lambda why: None)
+
+    def subjects() -> list[str]:
+        with Store(plain_env.state_dir) as history:
+            return [row[0] for row in history.db.execute("SELECT subject FROM outbox")]
+
+    with Store(plain_env.state_dir) as history:
+        history.set_state(STATE_HEARTBEAT, iso())
+        history.set_state(STATE_PITR_DOWN, iso(utcnow() - timedelta(minutes=9)))
+        history.set_state(STATE_PITR_ERROR, "pg_receivewal ended with exit status 1: no route")
+    streamer.watch()
+    assert subjects() == []
+    healthy, lines = health.healthcheck(settings)
+    assert "WAL streamer starting" in lines[0]
+    with Store(plain_env.state_dir) as history:
+        history.set_state(STATE_PITR_DOWN, iso(utcnow() - timedelta(minutes=11)))
+    streamer.watch()
+    streamer.watch()
+    assert [s for s in subjects() if "WAL streamer down" in s] == [subjects()[0]]
+    healthy, lines = health.healthcheck(settings)
+    assert not healthy
+    assert any("the WAL streamer has been down for 11 min" in line and "no route" in line
+               for line in lines), lines
+
+
+# The issue asks for a 10-minute outage; OUTAGE_SECONDS keeps the suite's budget (default 45).
+OUTAGE_SECONDS = float(os.environ.get("TOYBOX_PITR_OUTAGE_SECONDS", "45"))
+
+
+def test_pg_wal_stays_bounded_while_the_streamer_is_down(env: Env, pg: PG, docker_engine: Any
+                                                         ) -> None:
+    """The streamer is down (SIGKILLed twice in a row: the supervisor then waits a minute)
+    while the database writes a segment a second and checkpoints as a busy server does: the
+    slot would keep everything; the watch drops it past PITR_MAX_SLOT_WAL. pg_wal holds at most
+    that plus what one watch interval (5 s) writes, far less than the outage wrote, and
+    returns to the server's own size; the drop is said in the log, a base backup follows."""
+    assert OUTAGE_SECONDS < 60  # within the supervisor's one-minute backoff
+    limit, segment = 64 * 1024 * 1024, 16 * 1024 * 1024
+    daemon = Daemon(env, **PITR, **NO_JOBS, PITR_MAX_SLOT_WAL="64MB")
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: daemon.log)
+        for times in (1, 2):  # the second death within a minute: backoff of a minute
+            wait_for("the streamer", lambda: wal_helpers(docker_engine, env), 30)
+            helper = wal_helpers(docker_engine, env)[0]
+            wait_for("pg_receivewal", lambda h=helper: h.exec_run(["sh", "-c", "grep -lqa "
+                     "'^pg_receivewal' /proc/[0-9]*/cmdline"]).exit_code == 0, 30)
+            helper.exec_run(["kill", "-KILL", str(streamer_pid(helper))])
+            wait_for("the streamer down", lambda n=times: daemon.log.count(
+                "WAL streamer down") >= n, 30, lambda: daemon.log)
+        assert "in_s=60.0" in daemon.log
+        pg.psql("CREATE TABLE filler (x text)")
+        sizes, deadline = [], time.monotonic() + OUTAGE_SECONDS
+        while time.monotonic() < deadline:
+            pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 500); "
+                    "SELECT pg_switch_wal(); CHECKPOINT")
+            sizes.append(int(pg.psql("SELECT sum(size) FROM pg_ls_waldir()")))
+            time.sleep(1)
+        assert "replication slot dropped" in daemon.log
+        wait_for("a base backup", lambda: artifacts(env, "base"), 120, lambda: daemon.log)
+        sys.stderr.write(f"\npg_wal: at most {max(sizes) / 2**20:.0f} MiB while "
+                         f"{len(sizes) * segment / 2**20:.0f} MiB were written in "
+                         f"{OUTAGE_SECONDS:.0f} s (PITR_MAX_SLOT_WAL 64 MiB)\n")
+        reuse = int(pg.psql("SELECT pg_size_bytes(current_setting('min_wal_size'))"))
+        per_watch = 7 * segment  # a watch interval (5 s) at a segment a second, the current one
+        assert max(sizes) <= max(limit, reuse) + per_watch, [s // 2**20 for s in sizes]
+        # once dropped, only what the server keeps for itself (min_wal_size, the current one)
+        assert sizes[-1] <= max(limit, reuse) + 2 * segment, [s // 2**20 for s in sizes]
+    finally:
+        daemon.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True)
+
+
+def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None:
+    """pg_receivewal SIGKILLed while it zero-fills a new segment leaves a short file of zeros,
+    which it refuses at its next start: that file (no WAL in it) is removed first; a short one
+    with data in it is left alone."""
+    from toybox_backupd.tiers import wal
+
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db")
+    root = wal.wal_dir(settings)
+    root.mkdir(parents=True)
+    (root / "000000010000000000000003").write_bytes(b"\1" * wal.SEGMENT_SIZE)
+    (root / "000000010000000000000004.partial").write_bytes(bytes(11 * 1024 * 1024))
+    assert wal.remove_unpadded(settings) == ["000000010000000000000004.partial"]
+    assert sorted(p.name for p in root.iterdir()) == ["000000010000000000000003"]
+    (root / "000000010000000000000004.partial").write_bytes(b"\0" * 1000 + b"\1")
+    assert wal.remove_unpadded(settings) == []

@@ -1,0 +1,256 @@
+"""Restore to a moment: a base backup plus the WAL, recovered in a throwaway server.
+
+`restore db --at T` takes the newest base backup finished at or before T, and when the WAL
+archive reaches T it recovers them in a throwaway PostgreSQL container from the database's own
+image (no network, a scratch volume, `recovery_target_time = T`, promoted at the target), dumps
+the database from it with pg_dump, and restores that dump into the live database exactly as a
+dump restore does (logical.restore_dump: beside it, then swapped; single tables; --into).
+When T is outside what the WAL reaches, the newest dump at or before T is used, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .. import docker_api
+from ..atomic import AtomicFile
+from ..basics import CatalogError, Confirm, JobError, Say, iso, local_time, silent, utcnow
+from ..pgtools import OS_USER, tool_error
+from ..restore_points import check_file, restorable
+from ..settings import Settings
+from ..store import Artifact, Store
+from . import logical, wal
+from .logical import Hold
+
+BASE_TIER = "base"
+DATA = "/pgdata/data"
+ARCHIVE = "/pgdata/wal"
+SETUP_CAPS = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER"]
+MARK = "# toybox-backupd: recovery settings (removed when a cluster is restored)"
+SETUP = r"""
+set -eu
+MARK="# toybox-backupd: recovery settings (removed when a cluster is restored)"
+conf="$1"; base="$2"; shift 2
+mkdir -p /pgdata/data /pgdata/wal
+tar -xzf "$base/base.tar.gz" -C /pgdata/data
+tar -xzf "$base/pg_wal.tar.gz" -C /pgdata/data/pg_wal
+for f in "$@"; do name=$(basename "$f"); cp "$f" "/pgdata/wal/${name%.partial}"; done
+rm -f /pgdata/data/standby.signal /pgdata/data/postmaster.pid
+cp -p /pgdata/data/pg_hba.conf /pgdata/data/pg_hba.conf.toybox-backupd
+printf 'local all all trust\n' > /pgdata/data/pg_hba.conf
+printf '%s\n%s\n' "$MARK" "$conf" >> /pgdata/data/postgresql.auto.conf
+touch /pgdata/data/recovery.signal
+chown -R postgres:postgres /pgdata
+chmod 700 /pgdata/data
+"""
+
+
+def base_for(store: Store, dbname: str, at: datetime) -> Artifact | None:
+    """The newest intact base backup finished at or before `at` (None: there is none)."""
+    kept = [item for item in restorable(store, BASE_TIER, dbname)
+            if item.status == "ok" and item.created_at <= at]
+    return max(kept, key=lambda item: (item.created_at, item.id), default=None)
+
+
+def window_end(settings: Settings, image: str) -> datetime | None:
+    """The newest moment the WAL archive reaches (the database committing once more first, when
+    it is up, so that every moment up to now is recoverable)."""
+    wal.make_recent_recoverable(settings)
+    return wal.last_commit(settings, image)
+
+
+def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (),
+                  into: str | None = None, confirm: Confirm = None, say: Say = silent,
+                  hold: Hold = contextlib.nullcontext) -> None:
+    """Restore the database as it was at `at` (see the module's doc)."""
+    dbname = settings.postgres_db
+    with Store(settings.state_dir) as store:
+        base = base_for(store, dbname, at)
+    end = window_end(settings, str(base.extra["image"])) if base is not None else None
+    if base is None or end is None or at > end:
+        why = ("no base backup finished at or before it" if base is None else
+               f"the WAL archive reaches only {local_time(end, settings.zone)}" if end else
+               "the WAL archive holds no commit")
+        say(f"point in time: {why}; using the newest dump at or before "
+            f"{local_time(at, settings.zone)}")
+        logical.restore_db(settings, at=at, tables=tables, into=into, confirm=confirm, say=say,
+                           hold=hold)
+        return
+    check_file(settings.backup_dir, base)
+    say(f"recovering base backup {base.path} ({local_time(base.created_at, settings.zone)}) "
+        f"plus WAL to {local_time(at, settings.zone)}")
+    with recovered(settings, base, at) as done, dumped(settings, done.server, dbname, at) as item:
+        say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
+        logical.restore_dump(settings, item, settings.backup_dir / item.path, tables=tables,
+                             into=into, confirm=confirm, say=say, hold=hold)
+
+
+@dataclass
+class Recovery:
+    server: Any   # the throwaway server's container
+    scratch: str  # its data volume (the cluster in data/)
+
+
+@contextlib.contextmanager
+def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterator[Recovery]:
+    """A throwaway server recovered from `base` plus the WAL to `at` (None: to the end of the
+    archive), promoted; removed with its scratch volume afterwards."""
+    image = str(base.extra["image"])
+    scratch = f"toybox-backupd-recover-{secrets.token_hex(5)}"
+    docker_api.create_volume(scratch)
+    try:
+        _prepare(settings, base, at, image, scratch)
+        with docker_api.beside(image, None, {scratch: ("/pgdata", "rw")}, "recover",
+                               user=OS_USER, command=["postgres", "-D", DATA]) as server:
+            _wait_promoted(settings, server)
+            yield Recovery(server, scratch)
+    finally:
+        docker_api.remove_volume(scratch)
+
+
+def _prepare(settings: Settings, base: Artifact, at: datetime | None, image: str,
+             scratch: str) -> None:
+    """Unpack the base backup into the scratch volume, copy the WAL it needs beside it, and set
+    the recovery target (a root helper from the database's image, no network)."""
+    where = wal.shared(settings, settings.backup_dir, mode="ro")
+    needed = [s.path for s in wal.segments(settings, base.target)
+              if s.number >= int(base.extra.get("start_segment", 0))]
+    names = {p.name.removesuffix(".partial") for p in needed if not p.name.endswith(".partial")}
+    files = [where.path(p) for p in needed
+             if not (p.name.endswith(".partial") and p.name[:-8] in names)]
+    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'", "recovery_target_timeline = 'latest'",
+            "archive_mode = 'off'", "listen_addresses = ''", "hot_standby = 'on'",
+            "unix_socket_directories = '/pgdata'"]
+    if at is not None:
+        conf += [f"recovery_target_time = '{iso(at)}'", "recovery_target_action = 'promote'",
+                 "recovery_target_inclusive = 'on'"]
+    folder = where.path((settings.backup_dir / base.path).parent)
+    with docker_api.beside(image, None, {**where.mounts(), scratch: ("/pgdata", "rw")},
+                           "recover-setup", user="0:0", caps=SETUP_CAPS) as helper:
+        result, _ = docker_api.run(helper, ["sh", "-c", SETUP, "sh", "\n".join(conf), folder,
+                                            *files])
+    if result.exit_code != 0:
+        raise JobError(tool_error("the recovery set-up (tar, cp)", result,
+                                  "a helper from the database's image"))
+
+
+def _wait_promoted(settings: Settings, server: Any, timeout: float = 3600) -> None:
+    """Until the throwaway server has replayed to its target and left recovery."""
+    deadline = time.monotonic() + timeout
+    query = ["psql", "-X", "-A", "-t", "-h", "/pgdata", "-U", settings.postgres_user, "-d", "postgres", "-c",
+             "SELECT pg_is_in_recovery()"]
+    while time.monotonic() < deadline:
+        if docker_api.container_state(server.id) not in ("running", "created"):
+            break
+        with contextlib.suppress(docker_api.DockerError):
+            result, out = docker_api.run(server, query, user=OS_USER)
+            if result.exit_code == 0 and out.strip() == b"f":
+                return
+        time.sleep(0.5)
+    tail = docker_api.logs_tail(server, 12)
+    raise JobError("the recovery of the base backup plus WAL did not finish: "
+                   + ("; ".join(line for line in tail.splitlines() if line.strip())[-1500:]
+                      or "no message"))
+
+
+@contextlib.contextmanager
+def dumped(settings: Settings, server: Any, dbname: str, at: datetime) -> Iterator[Artifact]:
+    """pg_dump -Fc of `dbname` from the recovered server into a scratch file in BACKUP_DIR
+    (removed afterwards), as a dump restore point."""
+    path = settings.backup_dir / f".pitr-{secrets.token_hex(5)}.dump"
+    proc = docker_api.Exec(server, ["pg_dump", "-h", "/pgdata", "-U", settings.postgres_user, "-Fc",
+                                    "-d", dbname],
+                           user=OS_USER)
+    try:
+        with AtomicFile(path) as out:
+            for chunk in proc.stdout():
+                out.write(chunk)
+            result = proc.wait()
+            if result.exit_code != 0:
+                raise JobError(tool_error("pg_dump", result, "the recovered server"))
+            out.commit()
+            size, digest = out.size, out.sha256
+        yield Artifact(id=0, run_id=None, tier="logical", target=dbname, path=path.name,
+                       created_at=at, size=size, sha256=digest, status="ok", base_id=None,
+                       extra={"format": "custom", "database": dbname}, verified_at=None)
+    finally:
+        proc.close()
+        Path(path).unlink(missing_ok=True)
+
+
+def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
+    """What `restore db --at` can reach: from the oldest kept base backup to the newest commit
+    in the WAL archive, with the gaps between (None: no base backup yet)."""
+    dbname = dbname or settings.postgres_db
+    with Store(settings.state_dir) as store:
+        kept = [item for item in restorable(store, BASE_TIER, dbname) if item.status == "ok"]
+    if not kept:
+        return None
+    oldest = min(kept, key=lambda item: item.created_at)
+    newest = max(kept, key=lambda item: item.created_at)
+    found = wal.segments(settings, dbname)
+    end = wal.last_commit(settings, str(newest.extra["image"]), dbname) if found else None
+    return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
+                                                       newest.created_at),
+                      gaps=wal.gaps(found, wal.segment_of_lsn(str(oldest.extra["end_lsn"]))))
+
+
+# restore cluster ---------------------------------------------------------------------------------
+FILL = r"""
+set -eu
+cp -a /recovered/data/. "$1/"
+cd "$1"
+mv pg_hba.conf.toybox-backupd pg_hba.conf
+awk -v mark="$2" '$0 == mark { exit } { print }' postgresql.auto.conf > /tmp/auto.conf
+cat /tmp/auto.conf > postgresql.auto.conf
+rm -f postmaster.pid /tmp/auto.conf
+"""
+
+
+def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str | None = None,
+                       confirm: Confirm = None, stop_containers: bool = False,
+                       say: Say = silent, hold: Hold = contextlib.nullcontext) -> None:
+    """Rebuild the database's data volume as the cluster was at `at` (None: the newest moment
+    the WAL reaches): recovered in a throwaway server, shut down cleanly, then swapped into the
+    volume with the safety of `restore volume` (beside, complete, then swapped)."""
+    from .volume_restore import restore_filled
+    from .volume_swap import new_dir, run_step
+
+    target = volume or _data_volume(settings)
+    with Store(settings.state_dir) as store:
+        base = base_for(store, settings.postgres_db, at or utcnow())
+    if base is None:
+        raise CatalogError("no base backup finished at or before that moment (see `list`)")
+    check_file(settings.backup_dir, base)
+    moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
+    say(f"recovering base backup {base.path} plus WAL to {moment}")
+    with hold(), recovered(settings, base, at) as done:
+        docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
+
+        def fill(helper: Any, staging: str) -> None:
+            run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
+                     "copying the recovered cluster")
+
+        restore_filled(settings, target, what=f"the cluster recovered to {moment}", when=moment,
+                       fill=fill, mounts={done.scratch: ("/recovered", "ro")}, confirm=confirm,
+                       stop_containers=stop_containers, say=say)
+
+
+def _data_volume(settings: Settings) -> str:
+    """The volume at PG_CONTAINER's PGDATA; JobError naming --volume when it cannot be found."""
+    try:
+        container = docker_api.find_container(settings.pg_container or "")
+    except docker_api.DockerError:
+        container = None
+    name = docker_api.data_volume(container) if container is not None else None
+    if name is None:
+        raise JobError("cannot tell the database's data volume (PG_CONTAINER is gone or mounts "
+                       "no volume at its PGDATA): name it with --volume")
+    return name

@@ -1,0 +1,394 @@
+"""Point in time: the route to the database's replication rule, the WAL archive, its window.
+
+The route needs nothing from the stack's files. A helper container is made from the database
+container's own image (so pg_receivewal, pg_basebackup and pg_waldump are the server's own
+version) and joins the database container's network namespace (`--network container:<db>`):
+it reaches the server at 127.0.0.1, where the official image's pg_hba.conf (initdb's default)
+trusts `host replication all 127.0.0.1/32`. It runs as the sidecar's own uid/gid (the files it
+writes belong to the sidecar, 0600), with every capability dropped, a read-only root and no new
+privileges, and mounts only the backup directory (found as transfer.py finds the spool: the
+sidecar's own volume or bind mount, or the host path on the host).
+
+The WAL archive is BACKUP_DIR/wal/<db>/: completed segments (`000000010000000000000042`) and
+the one being written (`….partial`, fsynced at every commit by `--synchronous`). A gap the
+streamer could not close moves what came before it into `wal/<db>/before-<stamp>/`, so
+pg_receivewal starts a new chain; recovery looks in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .. import database, docker_api
+from ..basics import JobError
+from ..settings import Settings
+
+SLOT = "toybox_backupd"
+APPLICATION = "toybox-backupd-wal"
+MOUNT = "/backup"  # where a route helper mounts the backup directory's volume or host path
+SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
+SEGMENT_SIZE = 16 * 1024 * 1024
+COMMIT = re.compile(r"desc: (?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+def wal_dir(settings: Settings, dbname: str | None = None) -> Path:
+    """BACKUP_DIR/wal/<db>/."""
+    return settings.backup_dir / "wal" / (dbname or settings.postgres_db)
+
+
+def owner_user() -> str:
+    """uid:gid of this process: what route helpers run as, so their files are ours."""
+    return f"{os.getuid()}:{os.getgid()}"
+
+
+@dataclass
+class Shared:
+    """A directory here (`local`) that a route helper mounting `mounts()` sees at `inside`."""
+
+    local: Path
+    inside: str
+    source: str
+    mode: str = "rw"
+
+    def mounts(self) -> dict[str, tuple[str, str]]:
+        return {self.source: (MOUNT, self.mode)}
+
+    def path(self, local: Path) -> str:
+        """Where the helper sees `local`, a path below `self.local`."""
+        relative = local.relative_to(self.local)
+        return self.inside if str(relative) == "." else f"{self.inside}/{relative}"
+
+
+def shared(settings: Settings, local: Path, mode: str = "rw") -> Shared:
+    """`local` (created 0700 if missing) as a route helper can mount it; JobError if it cannot."""
+    local.mkdir(mode=0o700, parents=True, exist_ok=True)
+    where = docker_api.mountable(local.resolve())
+    if where is None:
+        raise JobError(
+            f"point-in-time recovery needs {local} on a Docker volume or bind mount the engine "
+            "can mount into a helper (BACKUP_DIR is on a tmpfs, or the engine is remote)")
+    source, sub = where
+    inside = "/".join(part for part in (MOUNT, sub) if part)
+    return Shared(local.resolve(), inside, source, mode)
+
+
+def db_container(settings: Settings) -> Any:
+    """The running database container (PG_CONTAINER); JobError when there is none."""
+    if not settings.pg_container:
+        raise JobError("PITR needs PG_CONTAINER (the database container): its image runs the "
+                       "WAL streamer and base backups beside it")
+    container = docker_api.find_container(settings.pg_container)
+    if not docker_api.is_running(container):
+        raise JobError(f"the database container {container.name} (PG_CONTAINER="
+                       f"{settings.pg_container}) is not running ({container.status})")
+    return container
+
+
+@contextlib.contextmanager
+def route(settings: Settings, local: Path, purpose: str, lifetime: int, owner: str = "",
+          ) -> Iterator[tuple[Any, Shared, str]]:
+    """A helper beside the database that sees `local`; yields (helper, shared dir, image)."""
+    container = db_container(settings)
+    image = docker_api.image_of(container)
+    where = shared(settings, local)
+    with docker_api.beside(image, container.id, where.mounts(), purpose, user=owner_user(),
+                           lifetime=lifetime, owner=owner) as helper:
+        yield helper, where, image
+
+
+def connection(settings: Settings, port: int) -> str:
+    """The libpq connection string of the route (the password is passed in PGPASSWORD)."""
+    return (f"host=127.0.0.1 port={port} user={settings.postgres_user} "
+            f"application_name={APPLICATION} connect_timeout=10")
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The environment of a tool on the route: the password for a stack that asks for one."""
+    env = {"PGCONNECT_TIMEOUT": "10", "TZ": "UTC"}
+    if settings.postgres_password_value:
+        env["PGPASSWORD"] = settings.postgres_password_value
+    return env
+
+
+def receivewal_command(settings: Settings, port: int, directory: str) -> list[str]:
+    """pg_receivewal into `directory`, through the slot, fsyncing every commit; no retry
+    loop of its own (the daemon supervises it)."""
+    return ["pg_receivewal", "-d", connection(settings, port), "-D", directory, "-S", SLOT,
+            "--synchronous", "--no-loop", "--no-password", "--verbose"]
+
+
+# the archive ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    timeline: int
+    number: int  # the segment's number in the WAL (log * 256 + seg for 16 MiB segments)
+    path: Path
+    partial: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name.removesuffix(".partial")
+
+
+def parse_segment(path: Path) -> Segment | None:
+    """The segment a WAL file name names (None for any other name)."""
+    match = SEGMENT.match(path.name)
+    if match is None:
+        return None
+    tli, log, seg, partial = match.groups()
+    per_log = 0x100000000 // SEGMENT_SIZE
+    return Segment(int(tli, 16), int(log, 16) * per_log + int(seg, 16), path, bool(partial))
+
+
+def segments(settings: Settings, dbname: str | None = None) -> list[Segment]:
+    """Every WAL segment kept (the chains before gaps too), in WAL order."""
+    root = wal_dir(settings, dbname)
+    found = []
+    for path in [*root.glob("*"), *root.glob("before-*/*")]:
+        segment = parse_segment(path)
+        if segment is not None and path.is_file():
+            found.append(segment)
+    return sorted(found, key=lambda s: (s.number, s.timeline, s.partial))
+
+
+def segment_of_lsn(lsn: str) -> int:
+    """The segment number that holds `lsn` ("0/3000028")."""
+    high, low = (int(part, 16) for part in lsn.split("/"))
+    return ((high << 32) + low) // SEGMENT_SIZE
+
+
+@dataclass
+class Window:
+    """What the WAL archive can recover: from `start` to `end`, with its gaps."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # missing segment numbers
+
+    def text(self, zone: Any) -> str:
+        from ..basics import local_time
+
+        gaps = ", ".join(f"segments {a:X}..{b:X}" for a, b in self.gaps) or "none"
+        return (f"from {local_time(self.start, zone)} to {local_time(self.end, zone)}, "
+                f"gaps: {gaps}")
+
+
+def gaps(found: list[Segment], first: int | None = None) -> list[tuple[int, int]]:
+    """Missing segment ranges from `first` (default: the oldest kept) to the newest."""
+    numbers = sorted({s.number for s in found})
+    if not numbers:
+        return []
+    missing, expected = [], numbers[0] if first is None else first
+    for number in numbers:
+        if number < expected:
+            continue
+        if number > expected:
+            missing.append((expected, number - 1))
+        expected = number + 1
+    return missing
+
+
+WALDUMP_SCRIPT = r"""
+cd "$1" || exit 3
+for f in $(ls -1 | grep -E '^[0-9A-F]{24}(\.partial)?$' | sort -r | head -n 4); do
+  cp "$f" "/tmp/${f%.partial}" || exit 4
+  out=$(pg_waldump -r Transaction "/tmp/${f%.partial}" 2>/dev/null \
+        | grep -E 'desc: (COMMIT|ABORT) ' | tail -n 1)
+  rm -f "/tmp/${f%.partial}"
+  if [ -n "$out" ]; then echo "$out"; exit 0; fi
+done
+exit 0
+"""
+
+
+def last_commit(settings: Settings, image: str, dbname: str | None = None) -> datetime | None:
+    """The time of the newest commit in the WAL archive (pg_waldump from the database's own
+    image, no network): the newest moment a recovery can reach. None when there is none."""
+    where = shared(settings, wal_dir(settings, dbname), mode="ro")
+    with docker_api.beside(image, None, where.mounts(), "waldump", user=owner_user(),
+                           lifetime=600) as helper:
+        result, out = docker_api.run(helper, ["sh", "-c", WALDUMP_SCRIPT, "sh", where.inside],
+                                     environment={"TZ": "UTC"})
+    if result.exit_code != 0:
+        raise JobError(f"pg_waldump could not read the WAL archive {wal_dir(settings, dbname)} "
+                       f"(exit status {result.exit_code}): {result.stderr[-300:]}")
+    match = COMMIT.search(out.decode("utf-8", "replace"))
+    if match is None:
+        return None
+    return datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
+
+
+def make_recent_recoverable(settings: Settings) -> bool:
+    """With the database up: commit now and wait until the streamer has it, so any moment up to
+    now is recoverable (recovery stops at the first commit after its target). Never raises."""
+    try:
+        return database.mark_and_flush(settings, APPLICATION)
+    except database.DatabaseError:
+        return False
+
+
+# the streamer ---------------------------------------------------------------------------------
+GAP_MARK = "has already been removed"  # the server no longer has the WAL we ask for
+
+
+class Receiver:
+    """One pg_receivewal on the route, until it ends (`run`) or is ended (`end`)."""
+
+    def __init__(self, settings: Settings, owner: str = ""):
+        self.settings = settings
+        self.owner = owner
+        self.proc: docker_api.Exec | None = None
+        self.ended = False
+
+    def run(self, on_started: Any = None) -> str:
+        """Stream until pg_receivewal ends; return why it ended (its last words)."""
+        s = self.settings
+        remove_unpadded(s)
+        created = database.ensure_slot(s, SLOT)
+        port = database.server_port(s)
+        local = wal_dir(s)
+        docker_api.remove_beside(self.owner, "wal")  # one a killed daemon left streaming
+        with route(s, local, "wal", lifetime=10 * 365 * 86400, owner=self.owner) as (
+                helper, where, _image):
+            self.proc = docker_api.Exec(helper, receivewal_command(s, port, where.path(local)),
+                                        environment=environment(s))
+            if self.ended:
+                self.proc.kill()
+            if on_started is not None:
+                on_started(created)
+            for _ in self.proc.stdout():
+                pass
+            result = self.proc.wait()
+        tail = "; ".join(line for line in result.stderr.splitlines()[-4:] if line.strip())
+        return f"pg_receivewal ended with exit status {result.exit_code}: {tail or 'no message'}"
+
+    def end(self) -> None:
+        self.ended = True
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.close()
+
+
+def remove_unpadded(settings: Settings) -> list[str]:
+    """pg_receivewal opens a new segment by writing 16 MiB of zeros, then the WAL into it: one
+    killed while padding leaves a shorter file of zeros, which it then refuses ("should be 0 or
+    16777216" bytes). Such a file holds no WAL: remove it, so the segment is streamed again.
+    A short file that is not all zeros is left for the operator (and the error says so)."""
+    removed = []
+    for segment in segments(settings):
+        path = segment.path
+        if not segment.partial or path.parent != wal_dir(settings):
+            continue
+        size = path.stat().st_size
+        if size in (0, SEGMENT_SIZE) or not _all_zeros(path):
+            continue
+        path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def _all_zeros(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
+
+
+def close_chain(settings: Settings, stamp: str) -> Path | None:
+    """Move the archive's files into before-<stamp>/ (a gap follows them), so pg_receivewal
+    starts a new chain at the server's current position. Returns the directory, if any."""
+    root = wal_dir(settings)
+    files = [path for path in root.glob("*") if parse_segment(path) is not None]
+    if not files:
+        return None
+    target = root / f"before-{stamp}"
+    target.mkdir(mode=0o700, exist_ok=True)
+    for path in files:
+        path.rename(target / path.name)
+    return target
+
+
+def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list[str]:
+    """Delete the archived WAL segments before segment `keep_from` (the start of the oldest kept
+    base backup: no kept base backup needs them); never the one being written. Returns the
+    deleted paths, relative to BACKUP_DIR."""
+    deleted = []
+    for segment in segments(settings, dbname):
+        if segment.number >= keep_from or (segment.partial and segment.path.parent == wal_dir(
+                settings, dbname)):
+            continue
+        segment.path.unlink(missing_ok=True)
+        deleted.append(str(segment.path.relative_to(settings.backup_dir)))
+    for folder in wal_dir(settings, dbname).glob("before-*"):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only once empty
+    return deleted
+
+
+STATE_OFFSITE = "pitr.offsite_upto"  # the newest completed segment copied off-site
+PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
+
+
+def verify_segment(segment: Segment) -> str | None:
+    """None if a completed segment is whole (16 MiB), else what is wrong."""
+    size = segment.path.stat().st_size
+    if not segment.partial and size != SEGMENT_SIZE:
+        return f"{segment.path.name} is {size} bytes, not a whole segment ({SEGMENT_SIZE})"
+    return None
+
+
+def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float) -> float:
+    """Copy the completed segments not yet off-site (each checked, then verified there), and the
+    one being written when `PARTIAL_EVERY` has passed since `last_partial`; returns the time of
+    the last partial copy. Raises ToyboxError (OffsiteError) when the target fails: the next
+    watch tries again from where this one stopped."""
+    from ..offsite.copy import put_file
+    from ..offsite.target import open_target
+
+    target = open_target(settings)
+    if target is None:
+        return last_partial
+    done = store.get_state(STATE_OFFSITE) or ""
+    for segment in segments(settings):
+        relative = str(segment.path.relative_to(settings.backup_dir))
+        if segment.partial:
+            if segment.path.parent == wal_dir(settings) and now - last_partial >= PARTIAL_EVERY:
+                put_file(settings, target, relative)
+                last_partial = now
+            continue
+        if segment.name <= done:
+            continue
+        problem = verify_segment(segment)
+        if problem:
+            raise JobError(f"not copied off-site: {problem}")
+        put_file(settings, target, relative)
+        store.set_state(STATE_OFFSITE, segment.name)
+        done = segment.name
+    return last_partial
+
+
+def check_route(settings: Settings) -> str:
+    """`check`: a helper beside the database opens a replication connection over 127.0.0.1
+    (IDENTIFY_SYSTEM) and sees the backup directory. One line, or JobError saying what fails."""
+    port = database.server_port(settings)
+    local = wal_dir(settings)
+    with route(settings, local, "check", lifetime=120) as (helper, where, _image):
+        result, out = docker_api.run(
+            helper, ["sh", "-c", 'test -w "$1" && pg_receivewal --version && psql -X -A -t -d '
+                     '"$2 replication=true" -c IDENTIFY_SYSTEM', "sh", where.path(local),
+                     connection(settings, port)], environment=environment(settings))
+    if result.exit_code != 0:
+        tail = "; ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
+        raise JobError("the route beside the database does not work (a replication connection "
+                       f"to 127.0.0.1:{port} from the database's network, and {local} "
+                       f"writable there): {tail or f'exit status {result.exit_code}'}")
+    version = out.decode("utf-8", "replace").splitlines()[0].strip()
+    return f"{version} beside the database; replication over 127.0.0.1:{port} allowed"
