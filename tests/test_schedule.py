@@ -187,7 +187,8 @@ def test_cli_schedule_json(plain_env) -> None:  # type: ignore[no-untyped-def]
     data = json.loads(result.stdout)
     assert data["timezone"] == "Asia/Tokyo"
     jobs = {job["job"]: job for job in data["jobs"]}
-    assert [job["job"] for job in data["jobs"]] == ["logical", "full", "diff"]
+    assert [job["job"] for job in data["jobs"]] == ["logical", "full", "diff", "base"]
+    assert not jobs["base"]["enabled"]  # the base backups of point-in-time recovery: PITR is off
     expected = {"logical": ("0 17 * * *", (17, 0), 1), "full": ("30 17 * * 0", (17, 30), 7),
                 "diff": ("45 17 * * *", (17, 45), 1)}
     for name, (expr, (hour, minute), days) in expected.items():

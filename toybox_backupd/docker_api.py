@@ -302,29 +302,41 @@ def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
     instance id) lets start-up recovery remove only its own leftovers. Raises DockerError
     (in plain words when the image is missing: it is never pulled from a registry).
     """
-    api = client()
-    _require_image(image)
-    binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
     writes = any(mode == "rw" for _, mode in volumes.values())
+    with _hardened(image, ["sleep", str(max(1, int(lifetime)))], volumes, "none",
+                   {HELPER_LABEL: purpose, OWNER_LABEL: owner},
+                   caps=WRITE_CAPS if writes else READ_CAPS, user="0:0",
+                   name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}", what="a helper",
+                   tmpfs_mb=16, auto_remove=True, log_config={"type": "none"}) as container:
+        yield container
+
+
+@contextlib.contextmanager
+def _hardened(image: str, command: list[str], volumes: dict[str, tuple[str, str]],
+              network: str, labels: dict[str, str], *, caps: Iterable[str], user: str,
+              name: str, what: str, tmpfs_mb: int, read_only: bool = True,
+              auto_remove: bool = False,
+              log_config: dict[str, str] | None = None) -> Iterator[Container]:
+    """A container running `command` with every capability dropped but `caps`, no new
+    privileges, a private /tmp, no entrypoint; removed on exit with its anonymous volumes
+    (the sidecar's own image declares two; the named volumes it mounted are never removed by
+    this). Raises DockerError (in plain words when the image is missing: it is never pulled)."""
+    _require_image(image)
+    binds = {volume: {"bind": path, "mode": mode} for volume, (path, mode) in volumes.items()}
     try:
-        container = api.containers.run(
-            image, ["sleep", str(max(1, int(lifetime)))], detach=True, auto_remove=True,
-            network_mode="none", volumes=binds, labels={HELPER_LABEL: purpose, OWNER_LABEL: owner},
-            cap_drop=["ALL"], cap_add=WRITE_CAPS if writes else READ_CAPS, read_only=True,
-            tmpfs={"/tmp": "rw,noexec,nosuid,size=16m"}, security_opt=["no-new-privileges"],
-            entrypoint=[], user="0:0", name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}",
-            log_config={"type": "none"},
-        )
+        container = client().containers.run(
+            image, command, detach=True, auto_remove=auto_remove, network_mode=network,
+            volumes=binds, labels=labels, cap_drop=["ALL"], cap_add=list(caps),
+            read_only=read_only, tmpfs={"/tmp": f"rw,noexec,nosuid,size={tmpfs_mb}m"},
+            security_opt=["no-new-privileges"], entrypoint=[], user=user, name=name,
+            log_config=log_config)
     except APIError as exc:
-        raise DockerError(f"cannot start a helper container from {image!r}: {_short(exc)}") from None
+        raise DockerError(f"cannot start {what} container from {image!r}: {_short(exc)}") from None
     try:
         yield container
     finally:
         with contextlib.suppress(DockerException):
-            # v=True: also the anonymous volumes of the image's VOLUME lines (the sidecar's own
-            # image declares two); the named volumes it mounted are never removed by this
             container.remove(force=True, v=True)
-
 
 STREAMER_LABEL = "toybox-backupd.beside"  # helpers that share the database's network
 
@@ -347,26 +359,12 @@ def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], p
     every capability dropped but `caps`, no new privileges, and is removed on exit. Raises
     DockerError.
     """
-    _require_image(image)
-    binds = {name: {"bind": path, "mode": mode} for name, (path, mode) in volumes.items()}
-    tmpfs = {"/tmp": "rw,noexec,nosuid,size=64m"}
-    try:
-        container = client().containers.run(
-            image, command or ["sleep", str(max(1, int(lifetime)))], detach=True,
-            network_mode=f"container:{db_id}" if db_id else "none", volumes=binds,
-            labels={STREAMER_LABEL: purpose, OWNER_LABEL: owner}, cap_drop=["ALL"],
-            cap_add=list(caps), read_only=not writable_root, tmpfs=tmpfs,
-            security_opt=["no-new-privileges"], entrypoint=[], user=user,
-            name=f"toybox-backupd-{purpose}-{uuid.uuid4().hex[:10]}",
-        )
-    except APIError as exc:
-        raise DockerError(f"cannot start a {purpose} container from {image!r}: {_short(exc)}") from None
-    try:
+    with _hardened(image, command or ["sleep", str(max(1, int(lifetime)))], volumes,
+                   f"container:{db_id}" if db_id else "none",
+                   {STREAMER_LABEL: purpose, OWNER_LABEL: owner}, caps=caps, user=user,
+                   name=f"toybox-backupd-{purpose}-{uuid.uuid4().hex[:10]}",
+                   what=f"a {purpose}", tmpfs_mb=64, read_only=not writable_root) as container:
         yield container
-    finally:
-        with contextlib.suppress(DockerException):
-            container.remove(force=True, v=True)
-
 
 def remove_beside(owner: str, purpose: str) -> int:
     """Remove the `purpose` containers beside the database that this instance (`owner`) left

@@ -104,8 +104,12 @@ def checked_in_background(where: Spool | None, helper: Any) -> Callable[[], Spoo
 
 
 def _probe(where: Spool, helper: Any) -> bool:
-    with where.fifo(helper_writes=False) as probe:
-        return seen_by(probe, helper) is not None
+    try:
+        with where.fifo(helper_writes=False) as probe:
+            return seen_by(probe, helper) is not None
+    except Exception as exc:  # the check itself failed: the exec stream is always there
+        log.info(FALLBACK, reason=f"the FIFO check failed: {exc}")
+        return False
 
 
 def spool(state_dir: Path) -> Spool | None:
