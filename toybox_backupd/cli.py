@@ -8,30 +8,21 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import __version__, jobs, logs, progress, redact
+from . import __version__, jobs, logs, manual, progress, redact
 from .atomic import use_file_mode
-from .basics import (
-    TimeLimitReached,
-    ToyboxError,
-    ago,
-    describe_unexpected,
-    duration_text,
-    human,
-    local_time,
-)
+from .basics import TimeLimitReached, ago, human, local_time
+from .manual import EXIT_CONFIG, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, progress_text
 from .settings import Settings, SettingsError, load, where
 from .store import Store
 
 # Each command imports what it needs when it runs: `healthcheck` and `--help` stay fast
 # (the Docker SDK, psycopg and APScheduler cost ~0.5 s to import).
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: a progress line at most this often
+__all__ = ["build_parser", "main", "progress_text"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +74,8 @@ def _add_backup(p: argparse.ArgumentParser) -> None:
                    help="only this volume (full/diff; repeatable)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print where the time went (helper, scan, tar, fsync, ...)")
+
+
 def _add_reports(sub: Any) -> None:
     """The read-only reports: list, history, status."""
     p = sub.add_parser("list", help="restore points of every tier")
@@ -153,14 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         logs.echo("manual command interrupted (Ctrl-C)")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `toybox-backupd list | head`
         sys.stderr.close()
         return EXIT_OK
     except Exception as exc:  # a clear line, never a traceback with secrets in it
-        message = str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)
-        print(f"toybox-backupd: {redact.redact(message)}", file=sys.stderr)
-        logs.echo("manual command failed", error=redact.redact(message))
+        message = manual.failure(exc)
+        print(f"toybox-backupd: {message}", file=sys.stderr)
+        logs.echo("manual command failed", error=message)
         return EXIT_FAIL
 
 
@@ -196,37 +189,21 @@ def say(line: str) -> None:
     logs.echo(line)
 
 
-class ProgressPrinter:
-    """Progress of restores, verify and manual backups on stderr: on a terminal one line that
-    updates in place (bytes done of the total, rate, ETA); otherwise (logs, pipes) a plain line
-    every PLAIN_PROGRESS_SECONDS and one when each piece of work ends."""
+class StdTerminal:
+    """This process's own stdout and stderr, as a manual.Terminal."""
+
+    progress = True
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
-        self._last = time.monotonic()
 
-    def __call__(self, item: progress.Progress) -> None:
-        text = redact.redact(progress_text(item))  # labels name volumes and files
-        if self.tty:
-            print("\r\x1b[K" + text, end="\n" if item.ended else "", file=sys.stderr, flush=True)
-            return
-        now = time.monotonic()
-        if item.ended or (item.done and now - self._last >= PLAIN_PROGRESS_SECONDS):
-            self._last = now
-            print(text, file=sys.stderr, flush=True)
+    def write(self, stream: str, text: str) -> None:
+        print(text, end="", file=sys.stdout if stream == "out" else sys.stderr, flush=True)
 
 
-def progress_text(item: progress.Progress) -> str:
-    """"restoring X: 1.2 GiB of 3.4 GiB (35%), 85.0 MiB/s, 27 s left" (or how it ended)."""
-    rate = f"{human(item.rate)}/s"
-    if item.ended:
-        return f"{item.label}: {human(item.done)} in {duration_text(item.elapsed)} ({rate})"
-    if not item.total:
-        return f"{item.label}: {human(item.done)}, {rate}"
-    percent = min(100, 100 * item.done // item.total)
-    eta = item.eta
-    left = f", {duration_text(eta)} left" if eta is not None else ""
-    return f"{item.label}: {human(item.done)} of {human(item.total)} ({percent}%), {rate}{left}"
+def progress_printer() -> manual.ProgressPrinter:
+    """Progress of restores, verify and manual backups on this process's stderr."""
+    return manual.ProgressPrinter(StdTerminal())
 
 
 def confirm(question: str) -> bool:
@@ -247,43 +224,11 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
-    """`backup JOB`: one run now; exit 1 unless it succeeded."""
+    """`backup JOB`: one run now, in this process; exit 1 unless it succeeded."""
     from . import runner
 
-    try:
-        job = jobs.get(args.job)
-    except ValueError as exc:
-        print(f"toybox-backupd backup: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    targets = job.targets(settings, args.volume)
-    with Store(settings.state_dir) as store:  # the last run's size: what this one may write
-        last = [store.artifacts(tier=job.name, target=target) for target in targets]
-    estimate = sum(items[-1].size for items in last if items) or None
-    label = f"{job.name} backup of {', '.join(targets)}" + (" (total: the last one's size)"
-                                                            if estimate else "")
-    with progress.listening(ProgressPrinter()), progress.task(label, estimate):
-        run_id = runner.run_job(settings, job.name, volumes=args.volume)
-    with Store(settings.state_dir) as store:
-        run = store.run(run_id)
-    assert run is not None
-    if args.verbose:
-        _print_steps(run.details or {})
-    if run.status == "ok":
-        print(f"run {run_id}: ok, {run.artifact}")
-        return EXIT_OK
-    print(f"run {run_id}: {run.status}: {run.error}", file=sys.stderr)
-    return EXIT_FAIL
-
-
-def _print_steps(details: dict[str, Any]) -> None:
-    """The seconds each step of a run took, as its details recorded them (`backup -v`)."""
-    def line(steps: dict[str, float]) -> str:
-        return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in steps.items())
-
-    if "helper" in details:
-        print(f"  helper container: {line(details['helper']['seconds'])}")
-    for volume, steps in details.get("volumes", {}).items():
-        print(f"  {volume} ({steps['transport']}): {line(steps['seconds'])}")
+    return manual.backup(settings, args.job, args.volume, args.verbose, StdTerminal(),
+                         run=lambda job: runner.run_job(settings, job, volumes=args.volume))
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
@@ -293,7 +238,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     at = parse_when(args.at, settings.zone) if args.at else None
     ask = None if getattr(args, "yes", False) else confirm
     what = f"restore {args.what}"
-    with progress.listening(ProgressPrinter()):
+    with progress.listening(progress_printer()):
         _restore(settings, args, at, ask, what)
     return EXIT_OK
 
@@ -355,7 +300,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """`verify`: every kept artifact re-read; exit 1 if any is bad."""
     from . import verify
 
-    with _restore_lock(settings, "verify", limit=False), progress.listening(ProgressPrinter()):
+    with _restore_lock(settings, "verify", limit=False), progress.listening(progress_printer()):
         if args.offsite:
             results, unknown = verify.verify_offsite(settings), []
         else:
