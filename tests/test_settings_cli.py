@@ -234,3 +234,26 @@ def test_local_pg_tools_get_no_other_secrets(tmp_path: Path, monkeypatch: pytest
     assert proc.wait().exit_code == 0
     assert "PGPASSWORD=db-pw" in seen and "PATH=" in seen
     assert "smtp-secret-value-123" not in seen and "aws-secret-value-456" not in seen
+
+
+def test_another_process_s_settings_are_built_from_what_it_sent_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_given (the daemon checking a command's settings): the command's environment and
+    env-file text, read as its own process reads them; none of this process's environment."""
+    monkeypatch.setenv("BACKUP_VOLUMES", "ours-only")
+    text = "export TZ=Asia/Tokyo\nBACKUP_VOLUMES='a,b'  # two\nSTATE_DIR=state\n"
+    env_file = write_env(tmp_path, text)
+    theirs = settings_mod.load_given({"tz": "UTC", "POSTGRES_PASSWORD": "s3cret"}, text)
+    assert (theirs.tz, theirs.backup_volumes) == ("UTC", ["a", "b"])  # the environment wins
+    monkeypatch.delenv("BACKUP_VOLUMES")
+    monkeypatch.setenv("tz", "UTC")
+    monkeypatch.setenv("POSTGRES_PASSWORD", "s3cret")
+    same = settings_mod.load(env_file, strict=False)
+    assert settings_mod.differences(theirs, "/x", same, "/x") == []
+    assert settings_mod.differences(theirs, "/x", same, "/y") == ["STATE_DIR"]  # relative
+    other = settings_mod.load_given({"tz": "UTC", "POSTGRES_PASSWORD": "other"}, text)
+    assert settings_mod.differences(theirs, "/x", other, "/x") == ["POSTGRES_PASSWORD"]
+    assert settings_mod.load_given({}, None).backup_volumes == []
+    with pytest.raises(settings_mod.SettingsError):
+        settings_mod.load_given({"TZ": "Mars/Olympus"}, None)
+    assert "HELPER_KEEP_SECONDS" in settings_mod.variable_names()

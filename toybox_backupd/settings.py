@@ -8,16 +8,28 @@ echoed. A bad schedule turns off only its own job (jobs.Job.problem); any other 
 
 from __future__ import annotations
 
+import io
 import os
 import re
+from collections.abc import Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from . import redact
 from .basics import ToyboxError
@@ -124,6 +136,7 @@ class Settings(BaseSettings):
     volume_compression_level: int | None = Field(None, alias="VOLUME_COMPRESSION_LEVEL")
     stop_during_backup: CommaList = Field(default_factory=list, alias="STOP_DURING_BACKUP")
     helper_image: str | None = Field(None, alias="HELPER_IMAGE")
+    helper_keep_seconds: int = Field(300, ge=0, alias="HELPER_KEEP_SECONDS")
     catch_up: bool = Field(True, alias="CATCH_UP")
     pgdump_time_limit_min: int = Field(60, ge=1, alias="PGDUMP_TIME_LIMIT_MIN")
     volume_full_time_limit_min: int = Field(240, ge=1, alias="VOLUME_FULL_TIME_LIMIT_MIN")
@@ -192,6 +205,21 @@ class Settings(BaseSettings):
     # logs
     log_format: Literal["console", "json"] = Field("console", alias="LOG_FORMAT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' own sources, or (load_given) another process's environment and
+        env file text in place of this process's."""
+        given = _GIVEN.get()
+        if given is None:
+            return init_settings, env_settings, dotenv_settings, file_secret_settings
+        environ, text = given
+        return (init_settings, _GivenEnv(settings_cls, environ), _GivenDotEnv(settings_cls, text),
+                file_secret_settings)
 
     @field_validator("pitr_max_slot_wal", mode="before")
     @classmethod
@@ -486,6 +514,65 @@ def _fallback(env_file: str | os.PathLike[str] | None, exc: ValidationError) -> 
         return None
 
 
+# another process's settings (a command handing its backup to the daemon) -----------------------
+_GIVEN: ContextVar[tuple[Mapping[str, str], str | None] | None] = ContextVar("given", default=None)
+
+
+class _GivenEnv(EnvSettingsSource):
+    """The environment variables another process sent, read as this process reads its own."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        self._given = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._given, self.case_sensitive, self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+
+class _GivenDotEnv(DotEnvSettingsSource):
+    """The text of another process's env file (None: it had none), read as a file is."""
+
+    def __init__(self, settings_cls: type[BaseSettings], text: str | None):
+        self._text = text
+        super().__init__(settings_cls, env_file=None)
+
+    def _read_env_files(self) -> Mapping[str, str | None]:
+        if self._text is None:
+            return {}
+        values = dotenv_values(stream=io.StringIO(self._text))
+        return parse_env_vars(values, self.case_sensitive, self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+
+def load_given(environ: Mapping[str, str], env_text: str | None) -> Settings:
+    """The settings another process loads with `load(its env file, strict=False)`, from its
+    environment variables `environ` and the text of its env file (None: no such file); raises
+    SettingsError as `load` does. This process's own environment plays no part."""
+    token = _GIVEN.set((environ, env_text))
+    try:
+        return load(None, strict=False)
+    finally:
+        _GIVEN.reset(token)
+
+
+def variable_names() -> list[str]:
+    """Every setting's variable name (the environment's are matched regardless of case)."""
+    return [field.alias or name.upper() for name, field in Settings.model_fields.items()]
+
+
+def differences(ours: Settings, our_cwd: str, theirs: Settings, their_cwd: str) -> list[str]:
+    """The variables whose values differ between two settings; a relative path is taken from
+    its own side's working directory."""
+    def values(settings: Settings, cwd: str) -> dict[str, Any]:
+        return {name: os.path.normpath(os.path.join(cwd, value)) if isinstance(value, Path)
+                else value for name, value in settings.model_dump().items()}
+
+    mine, other = values(ours, our_cwd), values(theirs, their_cwd)
+    return [field.alias or name.upper() for name, field in Settings.model_fields.items()
+            if mine[name] != other[name]]
+
+
 def where(env_file: str | os.PathLike[str] | None) -> str:
     """Where the settings came from, as the operator knows it: the file if there is one, else
     the environment (which docker compose fills from `.env` through env_file)."""
@@ -532,6 +619,9 @@ DESCRIPTIONS: dict[str, str] = {
                           "read, besides those labelled `toybox-backupd.stop-during-backup=true`",
     "HELPER_IMAGE": "image of the helper containers that read and write volumes (needs GNU tar); "
                     "default: the sidecar's own image",
+    "HELPER_KEEP_SECONDS": "the daemon keeps its helper container this long after a volume run "
+                           "and reuses it for the next one (a `docker exec` instead of a start); "
+                           "0: a new helper every run",
     "CATCH_UP": "run a job missed while the daemon was down, once, at start",
     "PGDUMP_TIME_LIMIT_MIN": "time limit of a logical run, minutes",
     "VOLUME_FULL_TIME_LIMIT_MIN": "time limit of a full run, minutes",
