@@ -62,6 +62,20 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+        remove_kept_helpers(self.env)
+
+
+def remove_kept_helpers(env: Env) -> None:
+    """The helper a killed daemon kept (start-up recovery would remove it), so that the test's
+    volumes can go."""
+    from toybox_backupd import docker_api
+
+    if not (env.state_dir / "history.sqlite3").exists():
+        return
+    with Store(env.state_dir) as history:
+        owner = history.instance_id()
+    with contextlib.suppress(Exception):
+        docker_api.remove_kept_helpers(owner)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from .basics import ToyboxError
 STOP_LABEL = "toybox-backupd.stop-during-backup"
 HELPER_LABEL = "toybox-backupd.helper"
 OWNER_LABEL = "toybox-backupd.owner"
+KEPT_LABEL = "toybox-backupd.kept"  # a helper the daemon keeps between runs
 COMPOSE_SERVICE = "com.docker.compose.service"
 STDERR_KEEP = 64 * 1024
 READ_SIZE = 1024 * 1024
@@ -293,38 +294,87 @@ WRITE_CAPS = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "M
 @contextlib.contextmanager
 def helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
            owner: str = "", lifetime: int = DEFAULT_HELPER_LIFETIME) -> Iterator[Container]:
-    """A short-lived container that mounts `volumes` ({volume: (path, 'ro'|'rw')}).
+    """A short-lived container that mounts `volumes` ({volume: (path, 'ro'|'rw')}), removed on
+    exit whatever happens (see `start_helper`)."""
+    container = start_helper(image, volumes, purpose, owner, lifetime)
+    try:
+        yield container
+    finally:
+        remove_helper(container)
+
+
+def start_helper(image: str, volumes: dict[str, tuple[str, str]], purpose: str,
+                 owner: str = "", lifetime: int = DEFAULT_HELPER_LIFETIME,
+                 kept: bool = False) -> Container:
+    """Start a helper container that mounts `volumes` ({volume: (path, 'ro'|'rw')}); the caller
+    removes it (`remove_helper`).
 
     It sleeps for `lifetime` seconds (the run's time limit) so commands can be exec'd into it,
     then ends and removes itself: a helper outlives a killed run by that much at most. It has
     no network, no logs, a read-only root and only READ_CAPS (WRITE_CAPS when a volume is
-    mounted rw), and is removed on exit whatever happens. `owner` (the history's
-    instance id) lets start-up recovery remove only its own leftovers. Raises DockerError
-    (in plain words when the image is missing: it is never pulled from a registry).
+    mounted rw). `owner` (the history's instance id) lets start-up recovery remove only its own
+    leftovers; `kept` marks one the daemon keeps between runs (remove_kept_helpers). Raises
+    DockerError (in plain words when the image is missing: it is never pulled from a registry).
     """
     writes = any(mode == "rw" for _, mode in volumes.values())
-    with _hardened(image, ["sleep", str(max(1, int(lifetime)))], volumes, "none",
-                   {HELPER_LABEL: purpose, OWNER_LABEL: owner},
+    labels = {HELPER_LABEL: purpose, OWNER_LABEL: owner} | ({KEPT_LABEL: "true"} if kept else {})
+    return _create(image, ["sleep", str(max(1, int(lifetime)))], volumes, "none", labels,
                    caps=WRITE_CAPS if writes else READ_CAPS, user="0:0",
                    name=f"toybox-backupd-helper-{uuid.uuid4().hex[:10]}", what="a helper",
-                   tmpfs_mb=16, auto_remove=True, log_config={"type": "none"}) as container:
-        yield container
+                   tmpfs_mb=16, auto_remove=True, log_config={"type": "none"})
+
+
+def remove_helper(container: Container) -> None:
+    """Remove a helper container (and its anonymous volumes); gone already is fine."""
+    with contextlib.suppress(DockerException):
+        container.remove(force=True, v=True)
+
+
+def helper_running(container: Container) -> bool:
+    """Whether a helper container is still there and running."""
+    try:
+        container.reload()
+    except DockerException:
+        return False
+    return container.status == "running"
+
+
+def remove_kept_helpers(owner: str, volume: str | None = None) -> int:
+    """Remove the helpers the daemon of this instance (`owner`) keeps between runs (those that
+    mount `volume`, if given): a restore of that volume wants nobody else looking at it. Call
+    it holding the run lock: then none of them is in use."""
+    labels = [KEPT_LABEL, f"{OWNER_LABEL}={owner}"]
+    filters: dict[str, Any] = {"label": labels} | ({"volume": volume} if volume else {})
+    found = client().containers.list(all=True, filters=filters)
+    for container in found:
+        remove_helper(container)
+    return len(found)
 
 
 @contextlib.contextmanager
 def _hardened(image: str, command: list[str], volumes: dict[str, tuple[str, str]],
-              network: str, labels: dict[str, str], *, caps: Iterable[str], user: str,
-              name: str, what: str, tmpfs_mb: int, read_only: bool = True,
-              auto_remove: bool = False,
-              log_config: dict[str, str] | None = None) -> Iterator[Container]:
+              network: str, labels: dict[str, str], **options: Any) -> Iterator[Container]:
+    """A container made by `_create`, removed on exit with its anonymous volumes."""
+    container = _create(image, command, volumes, network, labels, **options)
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(DockerException):
+            container.remove(force=True, v=True)
+
+
+def _create(image: str, command: list[str], volumes: dict[str, tuple[str, str]],
+            network: str, labels: dict[str, str], *, caps: Iterable[str], user: str,
+            name: str, what: str, tmpfs_mb: int, read_only: bool = True,
+            auto_remove: bool = False, log_config: dict[str, str] | None = None) -> Container:
     """A container running `command` with every capability dropped but `caps`, no new
-    privileges, a private /tmp, no entrypoint; removed on exit with its anonymous volumes
-    (the sidecar's own image declares two; the named volumes it mounted are never removed by
-    this). Raises DockerError (in plain words when the image is missing: it is never pulled)."""
+    privileges, a private /tmp, no entrypoint; remove it with its anonymous volumes (the
+    sidecar's own image declares two; the named volumes it mounted are never removed by
+    that). Raises DockerError (in plain words when the image is missing: it is never pulled)."""
     _require_image(image)
     binds = {volume: {"bind": path, "mode": mode} for volume, (path, mode) in volumes.items()}
     try:
-        container = client().containers.run(
+        return client().containers.run(
             image, command, detach=True, auto_remove=auto_remove, network_mode=network,
             volumes=binds, labels=labels, cap_drop=["ALL"], cap_add=list(caps),
             read_only=read_only, tmpfs={"/tmp": f"rw,noexec,nosuid,size={tmpfs_mb}m"},
@@ -332,11 +382,6 @@ def _hardened(image: str, command: list[str], volumes: dict[str, tuple[str, str]
             log_config=log_config)
     except APIError as exc:
         raise DockerError(f"cannot start {what} container from {image!r}: {_short(exc)}") from None
-    try:
-        yield container
-    finally:
-        with contextlib.suppress(DockerException):
-            container.remove(force=True, v=True)
 
 STREAMER_LABEL = "toybox-backupd.beside"  # helpers that share the database's network
 

@@ -7,6 +7,8 @@
 - SIGTERM/SIGINT: no new runs; the current run finishes, then exit 0. A second signal aborts
   the current run cleanly (it is recorded as interrupted).
 - A heartbeat in the store every 30 s; `healthcheck` (health.py) reads it.
+- The helper container of a volume run is kept for the next one for HELPER_KEEP_SECONDS
+  (tiers/kept_helper.py), and removed when the daemon stops.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .. import __version__, jobs, locks, logs, notify, redact, report, runner, s
 from ..basics import Cancelled, describe_unexpected, iso, local_time, parse_iso, utcnow
 from ..settings import Settings
 from ..store import Store
+from ..tiers import kept_helper
 from .catchup import missed_jobs
 from .keys import (
     HEARTBEAT_SECONDS,
@@ -363,8 +366,10 @@ class Daemon:
         return 0
 
     def _serve(self, store: Store) -> None:
-        """The scheduler (and the WAL streamer) until the loop ends, then both stopped."""
+        """The scheduler (and the WAL streamer) until the loop ends, then both stopped, and
+        the kept helper container removed."""
         self.scheduler.start()
+        kept_helper.enable(self.settings.helper_keep_seconds)
         if self.streamer is not None:
             self.streamer.start()
         try:
@@ -374,6 +379,7 @@ class Daemon:
                 self.streamer.shutdown()
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=True)
+            kept_helper.shutdown()
             store.set_state(STATE_STOPPED, iso())
 
 

@@ -91,6 +91,8 @@ def restore_filled(settings: Settings, target: str, *, what: str, when: str,
 def carry_out(settings: Settings, plan: Plan, say: Say) -> None:
     """Settle earlier restores, stop, restore, swap; the old tree back on any failure."""
     _settle_earlier(settings, plan.target, say)
+    with Store(settings.state_dir) as store:  # the daemon's kept helper lets go of the volume
+        docker_api.remove_kept_helpers(store.instance_id(), plan.target)
     try:
         _stop_and_restore(settings, plan)
     except BaseException as exc:  # Ctrl-C too: the old tree comes back before we exit

@@ -41,7 +41,7 @@ from ..manifests import TOOL, write_index, write_manifest
 from ..restore_points import check_file
 from ..settings import Settings
 from ..store import Artifact
-from . import transfer
+from . import kept_helper, transfer
 from .file_restore import restore_files
 from .volume_restore import restore_volume
 from .volume_swap import MOUNT
@@ -133,9 +133,11 @@ def backup(ctx: RunContext) -> TierResult:
                 errors.append(f"{volume}: {text}")
                 ctx.log.error("volume archive failed", volume=volume, error=text,
                               **({} if isinstance(exc, ToyboxError) else {"exc_info": True}))
+        if errors and reader is not None:
+            reader.lease.discard()  # a helper that saw a failure is not kept
         steps.since_now()
     steps.lap("remove")
-    result.details = {**_details(archives, steps), **_pitr_note(left_to_base)}
+    result.details = {**_details(archives, steps, reader), **_pitr_note(left_to_base)}
     for _, archived in archives:
         result.bytes += archived.size
         result.artifacts.append(archived.path)
@@ -145,7 +147,8 @@ def backup(ctx: RunContext) -> TierResult:
     return result
 
 
-def _details(archives: list[tuple[str, Archived]], helper: Steps) -> dict[str, Any]:
+def _details(archives: list[tuple[str, Archived]], helper: Steps,
+             reader: Reader | None) -> dict[str, Any]:
     """The run's details: downtime per container, warnings, and the steps' seconds."""
     downtime: dict[str, float] = {}
     warnings: list[str] = []
@@ -158,7 +161,8 @@ def _details(archives: list[tuple[str, Archived]], helper: Steps) -> dict[str, A
         "downtime_seconds": round(sum(downtime.values()), 2),
         "warnings": warnings[:200],
         "warnings_total": len(warnings),
-        "helper": {"seconds": helper.seconds},
+        "helper": {"seconds": helper.seconds,
+                   **({"kept": reader.lease.reused} if reader is not None else {})},
         "volumes": {volume: archived.steps for volume, archived in archives},
     }
 
@@ -189,20 +193,40 @@ class Reader:
     helper: Any
     mounts: dict[str, str]
     spool: Callable[[], transfer.Spool | None]  # waits for the check that the helper sees it
+    lease: kept_helper.Lease
 
 
 def _reader(ctx: RunContext, stack: ExitStack, volumes: list[str]) -> Reader:
-    """One helper for the whole run (its start-up paid once), removed when `stack` closes."""
+    """One helper for the whole run (its start-up paid once; in the daemon, the one kept from
+    the last run when it fits), removed or kept when `stack` closes."""
     settings = ctx.settings
     image = docker_api.helper_image(settings.helper_image)
     spool = transfer.spool(settings.state_dir)
     mounts = {volume: f"{MOUNT}/{number}" for number, volume in enumerate(volumes)}
-    helper = stack.enter_context(docker_api.helper(
+    lease = stack.enter_context(kept_helper.helper(
         image, {volume: (path, "ro") for volume, path in mounts.items()}
         | transfer.mounts(spool), "backup", ctx.store.instance_id(),
         lifetime=ctx.job.time_limit_seconds(settings) + 60))
-    stack.enter_context(ctx.on_cancel(lambda: helper.remove(force=True)))
-    return Reader(helper, mounts, transfer.checked_in_background(spool, helper))
+    helper = lease.container
+    stack.enter_context(ctx.on_cancel(lambda: docker_api.remove_helper(helper)))
+    return Reader(helper, mounts, _spool_check(spool, lease), lease)
+
+
+def _spool_check(spool: transfer.Spool | None,
+                 lease: kept_helper.Lease) -> Callable[[], transfer.Spool | None]:
+    """Whether the helper sees the spool's FIFOs: found out in the background, or known from
+    an earlier run of a kept helper."""
+    if spool is not None and lease.facts.get("sees_spool") == spool.source:
+        return lambda: spool
+    check = transfer.checked_in_background(spool, lease.container)
+
+    def answer() -> transfer.Spool | None:
+        seen = check()
+        if seen is not None:
+            lease.facts["sees_spool"] = seen.source
+        return seen
+
+    return answer
 
 
 def archive_volume(ctx: RunContext, volume: str, kind: str, reader: Reader) -> Archived:
