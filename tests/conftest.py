@@ -222,11 +222,12 @@ class Env:
 
     def cli(self, *args: str, input: str | None = None, timeout: float = 600,
             **overrides: str) -> subprocess.CompletedProcess[str]:
-        """Run the real `toybox-backupd` command in a subprocess with these settings."""
+        """Run the real `toybox-backupd` command in a subprocess with these settings (its
+        console script's entry point: a backup goes to a daemon of these settings if one runs)."""
         environ = {**os.environ, **self.values, **overrides}
         environ.pop("TOYBOX_ENV_FILE", None)
         return subprocess.run(
-            ["python", "-m", "toybox_backupd.cli", "--env-file", str(self.tmp / "none.env"),
+            ["python", "-m", "toybox_backupd.launcher", "--env-file", str(self.tmp / "none.env"),
              *args], capture_output=True, text=True, input=input, timeout=timeout, env=environ,
             cwd=str(self.tmp))
 

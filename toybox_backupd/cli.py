@@ -74,6 +74,9 @@ def _add_backup(p: argparse.ArgumentParser) -> None:
                    help="only this volume (full/diff; repeatable)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print where the time went (helper, scan, tar, fsync, ...)")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="run it in this process even when the daemon could (also: "
+                        "TOYBOX_NO_DAEMON=1)")
 
 
 def _add_reports(sub: Any) -> None:

@@ -6,9 +6,12 @@ the context bound with `structlog.contextvars` (job, run_id), and secrets are ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -88,6 +91,27 @@ def _handler(stream: Any, log_format: str) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     return handler
+
+
+_COPY: ContextVar[object | None] = ContextVar("log_copy", default=None)
+
+
+@contextlib.contextmanager
+def copied_to(stream: Any, log_format: str) -> Iterator[None]:
+    """While inside, the lines this thread logs also go to `stream` in `log_format` (console
+    lines in colour when `stream.isatty()`): the daemon shows a command the lines of the run it
+    carries out for it, and nothing else of its own."""
+    mark = object()
+    handler = _handler(stream, log_format)
+    handler.addFilter(lambda _record: _COPY.get() is mark)
+    root = logging.getLogger()
+    token = _COPY.set(mark)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        _COPY.reset(token)
 
 
 def terminal_format(log_format: str, stream: Any = None) -> str:

@@ -7,8 +7,10 @@
 - SIGTERM/SIGINT: no new runs; the current run finishes, then exit 0. A second signal aborts
   the current run cleanly (it is recorded as interrupted).
 - A heartbeat in the store every 30 s; `healthcheck` (health.py) reads it.
-- The helper container of a volume run is kept for the next one for HELPER_KEEP_SECONDS
-  (tiers/kept_helper.py), and removed when the daemon stops.
+- `toybox-backupd backup` by hand is handed to the daemon over STATE_DIR/daemon.sock when it is
+  safe (handoff_server.py): it runs like a command's own run, under the same run lock, and a
+  stop waits for it as for a scheduled run. The helper container of a volume run is kept for
+  the next one for HELPER_KEEP_SECONDS (tiers/kept_helper.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -28,6 +31,7 @@ from ..basics import Cancelled, describe_unexpected, iso, local_time, parse_iso,
 from ..settings import Settings
 from ..store import Store
 from ..tiers import kept_helper
+from . import handoff_server
 from .catchup import missed_jobs
 from .keys import (
     HEARTBEAT_SECONDS,
@@ -66,6 +70,7 @@ class Daemon:
         self._signals = 0
         self._state_lock = threading.Lock()
         self._active: str | None = None  # the job the worker is running
+        self._manual = 0  # runs handed over by commands, started or waiting for the lock
         self._ctx: runner.Run | None = None
         self._catchup: set[str] = set()
         self._aborted = False
@@ -73,6 +78,7 @@ class Daemon:
         self._last_signal = "signal"
         self.scheduler: Any = None
         self.streamer: Any = None
+        self.handoff: handoff_server.Server | None = None
 
     # signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -94,6 +100,51 @@ class Daemon:
         if ctx is None:
             self._cancelled_seen = None
 
+    @contextlib.contextmanager
+    def _registration(self) -> Iterator[Callable[[runner.Run | None], None]]:
+        """runner.run_job's `register` for one run; on the way out the daemon forgets that run
+        if it still holds it (and never another run that has the lock by then)."""
+        mine: list[runner.Run] = []
+
+        def register(ctx: runner.Run | None) -> None:
+            if ctx is not None:
+                mine.append(ctx)
+            self._register(ctx)
+
+        try:
+            yield register
+        finally:
+            with self._state_lock:
+                if any(self._ctx is ctx for ctx in mine):
+                    self._register(None)
+
+    def accepting(self) -> bool:
+        """Whether a command may hand its run over (handoff_server)."""
+        return not self.stopping.is_set()
+
+    def run_manual(self, job: str, volumes: list[str] | None,
+                   handle: handoff_server.Handle) -> int:
+        """Run `job` for a command that handed it over, on the calling thread, as the command
+        would (trigger manual, the run lock); its run id. Raises Cancelled if the daemon stops
+        or the command cancels before the run starts, and what runner.run_job raises."""
+        with self._state_lock:
+            if self.stopping.is_set():
+                raise Cancelled("the daemon is stopping", "interrupted")
+            self._manual += 1
+        try:
+            with self._registration() as register:
+                def both(ctx: runner.Run | None) -> None:
+                    register(ctx)
+                    handle.register(ctx)
+
+                return runner.run_job(self.settings, job, volumes=volumes, register=both,
+                                      stop_requested=lambda: self.stopping.is_set()
+                                      or handle.wanted)
+        finally:
+            with self._state_lock:
+                self._manual -= 1
+            self._wake.set()
+
     def execute(self, job: str) -> int | None:
         """Run `job` now on the calling thread (the scheduler's single worker). Never raises."""
         with self._state_lock:
@@ -106,8 +157,9 @@ class Daemon:
             self._catchup.discard(job)
             trigger = "catchup"
         try:
-            run_id = runner.run_job(self.settings, job, trigger=trigger, register=self._register,
-                                    stop_requested=self.stop_requested)
+            with self._registration() as register:
+                run_id = runner.run_job(self.settings, job, trigger=trigger, register=register,
+                                        stop_requested=self.stop_requested)
             self._log_next(job)
             return run_id
         except Cancelled as exc:
@@ -118,7 +170,6 @@ class Daemon:
         finally:
             with self._state_lock:
                 self._active = None
-                self._ctx = None
             self._wake.set()
         return None
 
@@ -264,7 +315,9 @@ class Daemon:
     def _begin_stop(self) -> None:
         with self._state_lock:
             self.stopping.set()
-            active = self._active
+            active = self._active or ("manual" if self._manual else None)
+        if self.handoff is not None:  # commands run their backups themselves from now on
+            self.handoff.stop()
         with contextlib.suppress(Exception):
             self.scheduler.pause()
         if active:
@@ -311,7 +364,7 @@ class Daemon:
             if self._signals >= 2 and not self._aborted:
                 self._abort()
             with self._state_lock:
-                idle = self._active is None
+                idle = self._active is None and not self._manual
             if self.stopping.is_set() and idle:
                 return
             now = time.monotonic()
@@ -332,6 +385,7 @@ class Daemon:
                           state_dir=str(settings.state_dir), holder=holder or "?")
                 return 1
             self.install_signals()
+            handoff_server.remove_stale(settings.state_dir)  # a killed daemon's socket
             log.info("toybox-backupd starting", version=__version__, pid=os.getpid(),
                      tz=settings.tz, backup_dir=str(settings.backup_dir),
                      state_dir=str(settings.state_dir), catch_up=settings.catch_up)
@@ -366,21 +420,36 @@ class Daemon:
         return 0
 
     def _serve(self, store: Store) -> None:
-        """The scheduler (and the WAL streamer) until the loop ends, then both stopped, and
-        the kept helper container removed."""
+        """The scheduler, the WAL streamer and the socket for manual backups until the loop
+        ends, then all stopped, and the kept helper container removed."""
         self.scheduler.start()
         kept_helper.enable(self.settings.helper_keep_seconds)
         if self.streamer is not None:
             self.streamer.start()
+        self.handoff = self._listen()
         try:
             self.loop(store)
         finally:
+            if self.handoff is not None:
+                self.handoff.stop()
             if self.streamer is not None:
                 self.streamer.shutdown()
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=True)
             kept_helper.shutdown()
             store.set_state(STATE_STOPPED, iso())
+
+    def _listen(self) -> handoff_server.Server | None:
+        """The socket for manual backups; None (and the commands run them themselves) if it
+        cannot be made."""
+        server = handoff_server.Server(self)
+        try:
+            server.start()
+        except OSError as exc:
+            log.warning("manual backups cannot be handed to the daemon: no socket in STATE_DIR; "
+                        "`toybox-backupd backup` runs them itself", error=str(exc))
+            return None
+        return server
 
 
 
