@@ -13,7 +13,13 @@
   and dockerd carry every byte of a `docker exec` stream, so this is where streaming through the
   Docker API costs. dockerd/containerd are shared with anything else using Docker on the
   machine at the same time, so this figure is approximate.
-- peak_rss_mb: `ru_maxrss` of the command's process tree (its largest process).
+- cpu_daemon: when the command hands its work to a running daemon (`toybox-backupd backup` in
+  the sidecar), the daemon's own CPU over the operation (user+sys of the process and its
+  reaped children, end minus start), counted in cpu_total so that nothing it does is hidden.
+  A container that already runs when the operation starts and matches (the helper the daemon
+  keeps between runs) is counted by its cgroup's delta, like `fixed`.
+- peak_rss_mb: `ru_maxrss` of the command's process tree (its largest process), or the daemon's
+  peak over the operation if larger (its high-water mark is reset first: /proc/PID/clear_refs).
 """
 
 from __future__ import annotations
@@ -40,15 +46,18 @@ class Sample:
     peak_rss_mb: float
     bytes_written: int
     exit_code: int
+    cpu_daemon: float | None = None
+    daemon_rss_mb: float | None = None
 
     @property
     def cpu_total(self) -> float:
-        return self.cpu_tree + (self.cpu_containers or 0.0)
+        return self.cpu_tree + (self.cpu_containers or 0.0) + (self.cpu_daemon or 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["cpu_total"] = round(self.cpu_total, 3)
-        for key in ("wall", "cpu_tree", "cpu_containers", "cpu_engine", "peak_rss_mb"):
+        for key in ("wall", "cpu_tree", "cpu_containers", "cpu_engine", "peak_rss_mb",
+                    "cpu_daemon", "daemon_rss_mb"):
             if data[key] is not None:
                 data[key] = round(data[key], 3)
         return data
@@ -63,6 +72,39 @@ def proc_cpu(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_cpu_all(pid: int) -> float | None:
+    """user+sys seconds of one process and of its children it has reaped, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(field) for field in fields[11:15]) / TICK
+
+
+class Daemon:
+    """A long-running process the operation hands its work to: its CPU and peak RSS over it."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.cpu = 0.0
+        self.rss_mb: float | None = None
+        self._start: float | None = None
+
+    def __enter__(self) -> Daemon:
+        with contextlib.suppress(OSError):  # its high-water mark from now on (Linux >= 4.0)
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        self._start = proc_cpu_all(self.pid)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        end = proc_cpu_all(self.pid)
+        if self._start is None or end is None:
+            raise RuntimeError(f"the daemon (pid {self.pid}) is gone")
+        self.cpu = end - self._start
+        self.rss_mb = _status_kb(self.pid, "VmHWM") / 1024
 
 
 def pids_named(names: Iterable[str]) -> list[int]:
@@ -182,13 +224,15 @@ class Watch:
                 ids.append(self.api.inspect_container(ref)["Id"])
         self.fixed = [name for cid in ids if (name := self._fixed_name(cid))]
         for name in self.fixed:
-            self.base[name] = self._read(name) or 0.0
+            self.base[name] = self.usage[name] = self._read(name) or 0.0
             self.known.add(name)
-        self.known.update(self._names())
+        for name in self._names():  # running already, and ours (a kept helper): its delta
+            if name not in self.known:
+                self._track(name, already=True)
         self._thread.start()
         return self
 
-    def _track(self, name: str) -> None:
+    def _track(self, name: str, already: bool = False) -> None:
         self.known.add(name)
         cid = _cid(name)
         try:
@@ -197,12 +241,14 @@ class Watch:
             return
         if not self.match(info):
             return
-        value = self._read(name)
-        self.usage[name] = value or 0.0
+        value = self._read(name) or 0.0
+        self.usage[name] = value
+        if already:
+            self.base[name] = value
         pid = shim_of(cid)
         if pid is not None:
             start = proc_cpu(pid) or 0.0
-            self.shims[name] = (pid, 0.0, start)
+            self.shims[name] = (pid, start if already else 0.0, start)
 
     def _poll(self) -> None:
         for name in self._names():
@@ -229,14 +275,12 @@ class Watch:
 
     @property
     def containers(self) -> float | None:
+        """CPU of the containers started during the operation, and the deltas of those that
+        ran already (`fixed`, or matched at the start); a container's last reading counts if it
+        has gone since."""
         if LAYOUT is None:
             return None
-        total = sum(self.usage.values())
-        for name in self.fixed:
-            end = self._read(name)
-            if end is not None:
-                total += end - self.base[name]
-        return total
+        return sum(value - self.base.get(name, 0.0) for name, value in self.usage.items())
 
     @property
     def engine_cpu(self) -> float:
@@ -246,7 +290,8 @@ class Watch:
             if end is not None:
                 total += end - start
         # a shim's CPU before we first saw it is part of container start-up: count it all
-        total += sum(last for _pid, _first, last in self.shims.values())
+        # (for a container that ran already: what it used during the operation)
+        total += sum(last - first for _pid, first, last in self.shims.values())
         return total
 
 
@@ -273,11 +318,18 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, watch: Watch | Non
 
 def measure(cmd: list[str], *, api: Any, match: Callable[[dict[str, Any]], bool],
             fixed: Iterable[str] = (), env: dict[str, str] | None = None,
-            log: Path | None = None, cwd: str | None = None) -> Sample:
-    with Watch(api, match, fixed) as watch:
+            log: Path | None = None, cwd: str | None = None,
+            daemon: int | None = None) -> Sample:
+    """Run `cmd` and measure it (see the module's docstring); `daemon`: the pid of a daemon
+    it may hand its work to, whose CPU and peak RSS over the run are counted too."""
+    helper = Daemon(daemon) if daemon is not None else contextlib.nullcontext()
+    with Watch(api, match, fixed) as watch, helper:
         sample, _ = run(cmd, env=env, log=log, cwd=cwd)
     sample.cpu_containers = watch.containers
     sample.cpu_engine = watch.engine_cpu
+    if isinstance(helper, Daemon):
+        sample.cpu_daemon, sample.daemon_rss_mb = helper.cpu, helper.rss_mb
+        sample.peak_rss_mb = max(sample.peak_rss_mb, helper.rss_mb or 0.0)
     return sample
 
 
