@@ -31,7 +31,9 @@ import pytest
 from conftest import BASE_IMAGE, IN_CI, PG_IMAGE, ROOT
 
 E2E = ROOT / "tests" / "e2e"
-IMAGE = "toybox-backupd:test"
+# TOYBOX_E2E_IMAGE: another tag for the sidecar built from this tree (a checkout running its
+# tests beside others on one engine leaves their toybox-backupd:test alone)
+IMAGE = os.environ.get("TOYBOX_E2E_IMAGE", "toybox-backupd:test")
 SMTP_IMAGE = "toybox-backupd-smtp:test"
 HASH_LABEL = "toybox-backupd.test.source-hash"
 TEST_LABEL = "toybox-backupd.test"

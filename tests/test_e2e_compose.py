@@ -147,6 +147,8 @@ def _scenarios(st: Stack) -> None:
     # per-run chatter is not
     daemon_log = st.logs("backupd", 2000)
     assert '"command": "backup"' in daemon_log and '"event": "run started"' in daemon_log, daemon_log
+    # ... carried out by the daemon itself: `docker compose exec` handed them over
+    assert daemon_log.count('"handed_over": true') == 3, daemon_log
     assert "Running job" not in daemon_log and "executed successfully" not in daemon_log
     # checking an edit of .env before applying it (README): a throwaway container
     checked = st.compose("run", "--rm", "-T", "backupd", "toybox-backupd", "check", check=False,
