@@ -67,10 +67,11 @@ def run_id(result: subprocess.CompletedProcess[str]) -> int:
 def helper_events(docker_engine: Any, env: Env, since: float, action: str) -> list[dict[str, Any]]:
     with Store(env.state_dir) as history:
         owner = history.instance_id()
-    return list(docker_engine.api.events(
+    events = docker_engine.api.events(
         since=int(since), until=int(time.time()) + 1, decode=True,
         filters={"type": "container", "event": action,
-                 "label": f"{docker_api.OWNER_LABEL}={owner}"}))
+                 "label": f"{docker_api.OWNER_LABEL}={owner}"})
+    return [event for event in events if event["timeNano"] >= since * 1e9]  # `since`: seconds
 
 
 def kept(docker_engine: Any, env: Env) -> list[Any]:
@@ -85,6 +86,7 @@ def shape(result: subprocess.CompletedProcess[str]) -> tuple[int, list[str], lis
     order, with numbers, sizes and the kept helper masked: what an in-process run and a
     handed-over one must share."""
     def masked(line: str) -> str:
+        line = re.sub(r"_\d{8}-\d{6}(-\d+)?_", "_STAMP_", line)  # -2: a second one that second
         line = re.sub(r"[\d.]+ (B|KiB|MiB|GiB)\b", "SIZE", line)
         return re.sub(r"\d+", "N", line.replace(" (kept from the last run)", ""))
 

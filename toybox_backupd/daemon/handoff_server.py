@@ -54,6 +54,8 @@ class Host(Protocol):
 
     def accepting(self) -> bool: ...
 
+    def handing_over(self) -> contextlib.AbstractContextManager[None]: ...
+
     def run_manual(self, job: str, volumes: list[str] | None, handle: Handle) -> int: ...
 
 
@@ -231,16 +233,21 @@ class _Handover:
         self.terminal = Terminal(channel, bool(request.get("tty")), self.handle)
 
     def carry_out(self) -> None:
+        """The run, and the command told its end, all before the daemon may stop."""
         threading.Thread(target=self._watch, name="handoff-watch", daemon=True).start()
-        with structlog.contextvars.bound_contextvars(command="backup", pid=self.pid):
-            log.info(f"manual command: toybox-backupd {redact.redact(self.words)}",
-                     handed_over=True)
-            code = self._backup()
-            if code is None:  # the daemon began to stop before the run did
-                self.channel.send(fallback="the daemon is stopping")
-                return
-            log.info("manual command finished", exit_code=code)
-        self.channel.send(exit=code)
+        try:
+            with self.host.handing_over(), structlog.contextvars.bound_contextvars(
+                    command="backup", pid=self.pid):
+                log.info(f"manual command: toybox-backupd {redact.redact(self.words)}",
+                         handed_over=True)
+                code = self._backup()
+                if code is not None:
+                    log.info("manual command finished", exit_code=code)
+                    self.channel.send(exit=code)
+                    return
+        except Cancelled:  # stopping already
+            pass
+        self.channel.send(fallback="the daemon is stopping")  # before the run began
 
     def _watch(self) -> None:
         """The command's side of the connection: Ctrl-C there, or the command gone."""

@@ -122,28 +122,35 @@ class Daemon:
         """Whether a command may hand its run over (handoff_server)."""
         return not self.stopping.is_set()
 
-    def run_manual(self, job: str, volumes: list[str] | None,
-                   handle: handoff_server.Handle) -> int:
-        """Run `job` for a command that handed it over, on the calling thread, as the command
-        would (trigger manual, the run lock); its run id. Raises Cancelled if the daemon stops
-        or the command cancels before the run starts, and what runner.run_job raises."""
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[None]:
+        """While a command's run is carried out, to the last word sent to the command: a stop
+        waits for it to end. Raises Cancelled when the daemon is stopping already."""
         with self._state_lock:
             if self.stopping.is_set():
                 raise Cancelled("the daemon is stopping", "interrupted")
             self._manual += 1
         try:
-            with self._registration() as register:
-                def both(ctx: runner.Run | None) -> None:
-                    register(ctx)
-                    handle.register(ctx)
-
-                return runner.run_job(self.settings, job, volumes=volumes, register=both,
-                                      stop_requested=lambda: self.stopping.is_set()
-                                      or handle.wanted)
+            yield
         finally:
             with self._state_lock:
                 self._manual -= 1
             self._wake.set()
+
+    def run_manual(self, job: str, volumes: list[str] | None,
+                   handle: handoff_server.Handle) -> int:
+        """Run `job` for a command that handed it over (within `handing_over`), on the calling
+        thread, as the command would (trigger manual, the run lock); its run id. Raises
+        Cancelled if the daemon stops or the command cancels before the run starts, and what
+        runner.run_job raises."""
+        with self._registration() as register:
+            def both(ctx: runner.Run | None) -> None:
+                register(ctx)
+                handle.register(ctx)
+
+            return runner.run_job(self.settings, job, volumes=volumes, register=both,
+                                  stop_requested=lambda: self.stopping.is_set()
+                                  or handle.wanted)
 
     def execute(self, job: str) -> int | None:
         """Run `job` now on the calling thread (the scheduler's single worker). Never raises."""
