@@ -65,11 +65,13 @@ def backup(ctx: RunContext) -> TierResult:
     if not ctx.targets:
         raise JobError(NO_DATABASE)
     settings, dbname = ctx.settings, ctx.targets[0]
-    try:
-        server_version = database.check_reachable(settings)
-    except database.DatabaseError as exc:
-        raise JobError(str(exc)) from None
-    tools = PgTools(settings)
+    with ThreadPoolExecutor(1, "pg-lookup") as pool:
+        lookup = pool.submit(PgTools, settings)  # PG_CONTAINER looked up meanwhile
+        try:
+            server_version = database.check_reachable(settings)
+        except database.DatabaseError as exc:
+            raise JobError(str(exc)) from None
+        tools = lookup.result()
     tools.check_version(server_version)
     ctx.check()
     created = utcnow()

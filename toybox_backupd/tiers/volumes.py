@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -194,6 +195,7 @@ class Reader:
     mounts: dict[str, str]
     spool: Callable[[], transfer.Spool | None]  # waits for the check that the helper sees it
     lease: kept_helper.Lease
+    running: dict[str, Future[list[Any]]] = field(default_factory=dict)  # looked up already
 
 
 def _reader(ctx: RunContext, stack: ExitStack, volumes: list[str]) -> Reader:
@@ -203,13 +205,29 @@ def _reader(ctx: RunContext, stack: ExitStack, volumes: list[str]) -> Reader:
     image = docker_api.helper_image(settings.helper_image)
     spool = transfer.spool(settings.state_dir)
     mounts = {volume: f"{MOUNT}/{number}" for number, volume in enumerate(volumes)}
+    first = _running_in_background(volumes[0])  # while the helper starts
     lease = stack.enter_context(kept_helper.helper(
         image, {volume: (path, "ro") for volume, path in mounts.items()}
         | transfer.mounts(spool), "backup", ctx.store.instance_id(),
         lifetime=ctx.job.time_limit_seconds(settings) + 60))
     helper = lease.container
     stack.enter_context(ctx.on_cancel(lambda: docker_api.remove_helper(helper)))
-    return Reader(helper, mounts, _spool_check(spool, lease), lease)
+    return Reader(helper, mounts, _spool_check(spool, lease), lease, {volumes[0]: first})
+
+
+def _running_in_background(volume: str) -> Future[list[Any]]:
+    """`running_users(volume)` on a thread of its own."""
+    pool = ThreadPoolExecutor(1, "lookup")
+    found = pool.submit(running_users, volume)
+    pool.shutdown(wait=False)  # no more tasks; this one runs on
+    return found
+
+
+def running_users(volume: str) -> list[Any]:
+    """The running containers that use `volume`, this process's own left out."""
+    own = docker_api.own_container()
+    return [c for c in docker_api.containers_using_volume(volume)
+            if c.status == "running" and (own is None or c.id != own.id)]
 
 
 def _spool_check(spool: transfer.Spool | None,
@@ -240,7 +258,8 @@ def archive_volume(ctx: RunContext, volume: str, kind: str, reader: Reader) -> A
     mount = reader.mounts[volume]
     with Batch() as batch:  # the archive, its index, its manifest and its rows, or none of them
         out = batch.open(path)
-        with ExitStack() as stack, stopped_for(ctx, volume) as downtime:
+        running = reader.running.pop(volume, None)  # the first volume's: looked up already
+        with ExitStack() as stack, stopped_for(ctx, volume, running) as downtime:
             steps.lap("stop")
             listing_warnings = _list_volume(ctx, reader.helper, volume, mount)
             steps.lap("scan")
@@ -316,18 +335,17 @@ def _catalog(ctx: RunContext, batch: Batch, path: Path, out: AtomicFile, volume:
 
 
 @contextmanager
-def stopped_for(ctx: RunContext, volume: str) -> Iterator[dict[str, float]]:
+def stopped_for(ctx: RunContext, volume: str,
+                running: Future[list[Any]] | None = None) -> Iterator[dict[str, float]]:
     """Stop the containers that want it while `volume` is read; always start them again.
 
-    Each is recorded in the store before it is stopped, so start-up recovery restarts it
-    after a crash. Yields {container name: seconds stopped}, filled in on the way out.
+    `running`: running_users(volume), looked up while the helper started (no later than a
+    lookup here would be, less the helper's start). Each is recorded in the store before it is
+    stopped, so start-up recovery restarts it after a crash. Yields {container name: seconds
+    stopped}, filled in on the way out.
     """
-    own = docker_api.own_container()
-    candidates = [
-        c for c in docker_api.containers_using_volume(volume)
-        if c.status == "running" and (own is None or c.id != own.id)
-        and docker_api.wants_stop(c, ctx.settings.stop_during_backup)
-    ]
+    users = running.result() if running is not None else running_users(volume)
+    candidates = [c for c in users if docker_api.wants_stop(c, ctx.settings.stop_during_backup)]
     downtime: dict[str, float] = {}
     stopped: list[tuple[Any, float]] = []
     try:
