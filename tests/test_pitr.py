@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import threading
 import time
@@ -76,6 +77,25 @@ def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
     assert result.returncode == 0, result.stderr
     assert "no base backup finished at or before it; using the newest dump" in result.stdout
     assert pg.snapshot("before") == pg.snapshot()
+    # the catalog rebuilt from the backup directory alone: the base backup comes back as it was
+    # written; a copy of it without its pg_wal.tar.gz is not trusted, and said so
+    broken = folder.parent / "toybox_20200101-000000"
+    shutil.copytree(folder, broken)
+    (broken / "pg_wal.tar.gz").unlink()
+    shutil.rmtree(env.state_dir)
+    result = env.cli("reindex", **PITR)
+    assert result.returncode == 0, result.stderr
+    assert "2 artifact(s) added" in result.stdout, result.stdout  # the dump and the base backup
+    assert ("skipped base/toybox/toybox_20200101-000000/base.tar.gz: pg_wal.tar.gz is missing"
+            in result.stdout), result.stdout
+    [back] = artifacts(env, "base")
+    assert (back.path, back.created_at, back.size, back.sha256, back.status) == (
+        item.path, item.created_at, item.size, item.sha256, "ok")
+    for key in ("start_lsn", "end_lsn", "start_segment", "timeline", "image", "files"):
+        assert back.extra[key] == item.extra[key], key
+    shutil.rmtree(broken)
+    result = env.cli("verify", **PITR)
+    assert result.returncode == 0 and "CORRUPT" not in result.stdout, result.stdout
 
 
 # the streamer ----------------------------------------------------------------------------------
