@@ -371,7 +371,10 @@ def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
 
 def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
                                                             streaming: Daemon) -> None:
-    from toybox_backupd.tiers import wal
+    import hashlib
+
+    from toybox_backupd.offsite.target import OffsiteError
+    from toybox_backupd.tiers import wal, wal_offsite
 
     for _ in range(2):
         pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1); "
@@ -382,16 +385,41 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
     remote.mkdir()
     settings = env.settings(**PITR, OFFSITE_URL=f"file://{remote}")
     with Store(env.state_dir) as history:
-        stamp = wal.copy_offsite(settings, history, float("-inf"), 100.0)
+        stamp = wal_offsite.copy_offsite(settings, history, float("-inf"), 100.0)
         assert stamp == 100.0  # the segment being written went too
         completed = [s for s in wal.segments(settings) if not s.partial]
-        assert history.get_state(wal.STATE_OFFSITE) == completed[-1].name
+        assert history.get_state(wal_offsite.STATE_OFFSITE) == completed[-1].name
         # a second pass copies nothing new, and not the partial again within the minute
-        assert wal.copy_offsite(settings, history, stamp, 130.0) == stamp
+        assert wal_offsite.copy_offsite(settings, history, stamp, 130.0) == stamp
     for segment in wal.segments(settings):
         copy = remote / segment.path.relative_to(env.backup_dir)
         assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
         assert copy.stat().st_size == wal.SEGMENT_SIZE
+        summed = copy.with_name(segment.path.name + ".sha256")  # sha256sum's format
+        assert summed.exists() != segment.partial
+        if not segment.partial:
+            digest = hashlib.sha256(segment.path.read_bytes()).hexdigest()
+            assert summed.read_text() == f"{digest}  {segment.name}\n"
+    # fetched back where none are here: every segment, checked; a damaged copy never lands
+    copies = {p.name: p for p in (remote / "wal" / "toybox").iterdir()
+              if not p.name.endswith(".sha256")}
+    fetched = wal_offsite.fetch(settings, "toybox", 0, [], env.tmp / "fetched")
+    assert sorted(p.name for p in fetched) == sorted(copies)
+    assert all(p.read_bytes() == copies[p.name].read_bytes() for p in fetched)
+    local = wal.segments(settings)
+    assert wal_offsite.fetch(settings, "toybox", 0, local, env.tmp / "none") == []
+    first = remote / completed[0].path.relative_to(env.backup_dir)
+    first.write_bytes(first.read_bytes()[:-1] + b"!")
+    with pytest.raises(OffsiteError, match=r"does not match its \.sha256"):
+        wal_offsite.fetch(settings, "toybox", 0, [], env.tmp / "damaged")
+    assert not [p for p in (env.tmp / "damaged").rglob("*") if p.is_file()]
+    # pruned off-site: the segments before the one given, with their .sha256; nothing foreign
+    (remote / "wal" / "toybox" / "README").write_text("not ours")
+    gone = wal_offsite.prune(settings, completed[1].number, "toybox")
+    name = str(completed[0].path.relative_to(env.backup_dir))
+    assert sorted(gone) == sorted([name, name + ".sha256"])
+    assert not first.exists() and (remote / "wal" / "toybox" / "README").exists()
+    assert (remote / completed[1].path.relative_to(env.backup_dir)).exists()
 
 
 def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_engine: Any) -> None:

@@ -26,7 +26,7 @@ from .. import database, logs, notify, redact, report
 from ..basics import ToyboxError, backoff, describe_unexpected, human, iso, local_time, parse_iso, utcnow
 from ..settings import Settings
 from ..store import Store
-from ..tiers import wal
+from ..tiers import wal, wal_offsite
 from .keys import STATE_PITR_ALERTED as STATE_ALERTED
 from .keys import STATE_PITR_DOWN as STATE_DOWN
 from .keys import STATE_PITR_ERROR as STATE_ERROR
@@ -131,8 +131,8 @@ class Streamer:
             return
         try:
             with Store(self.settings.state_dir) as store:
-                self.partial_copied = wal.copy_offsite(self.settings, store, self.partial_copied,
-                                                       time.monotonic())
+                self.partial_copied = wal_offsite.copy_offsite(
+                    self.settings, store, self.partial_copied, time.monotonic())
         except Exception as exc:  # tried again at the next watch
             log.warning("WAL off-site copy pending", error=redact.redact(
                 str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)))

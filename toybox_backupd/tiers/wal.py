@@ -333,48 +333,6 @@ def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list
     return deleted
 
 
-STATE_OFFSITE = "pitr.offsite_upto"  # the newest completed segment copied off-site
-PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
-
-
-def verify_segment(segment: Segment) -> str | None:
-    """None if a completed segment is whole (16 MiB), else what is wrong."""
-    size = segment.path.stat().st_size
-    if not segment.partial and size != SEGMENT_SIZE:
-        return f"{segment.path.name} is {size} bytes, not a whole segment ({SEGMENT_SIZE})"
-    return None
-
-
-def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float) -> float:
-    """Copy the completed segments not yet off-site (each checked, then verified there), and the
-    one being written when `PARTIAL_EVERY` has passed since `last_partial`; returns the time of
-    the last partial copy. Raises ToyboxError (OffsiteError) when the target fails: the next
-    watch tries again from where this one stopped."""
-    from ..offsite.copy import put_file
-    from ..offsite.target import open_target
-
-    target = open_target(settings)
-    if target is None:
-        return last_partial
-    done = store.get_state(STATE_OFFSITE) or ""
-    for segment in segments(settings):
-        relative = str(segment.path.relative_to(settings.backup_dir))
-        if segment.partial:
-            if segment.path.parent == wal_dir(settings) and now - last_partial >= PARTIAL_EVERY:
-                put_file(settings, target, relative)
-                last_partial = now
-            continue
-        if segment.name <= done:
-            continue
-        problem = verify_segment(segment)
-        if problem:
-            raise JobError(f"not copied off-site: {problem}")
-        put_file(settings, target, relative)
-        store.set_state(STATE_OFFSITE, segment.name)
-        done = segment.name
-    return last_partial
-
-
 def check_route(settings: Settings) -> str:
     """`check`: a helper beside the database opens a replication connection over 127.0.0.1
     (IDENTIFY_SYSTEM) and sees the backup directory. One line, or JobError saying what fails."""

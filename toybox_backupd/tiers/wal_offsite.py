@@ -1,0 +1,210 @@
+"""Point in time off-site: the WAL archive's copy in the target, fetched back and pruned.
+
+The target holds the archive under the same paths as BACKUP_DIR (`wal/<db>/<segment>`, the
+chains before a gap under `wal/<db>/before-<stamp>/`), each `<segment>.age` when encrypted:
+every completed segment once, checked whole (16 MiB) first and followed by
+`<segment>.sha256` (sha256sum's format, of the plain segment: `sha256sum -c` checks one fetched
+by hand), and the segment being written (`….partial`) again every PARTIAL_EVERY seconds.
+
+A restore on a host that lacks segments (a lost server, or WAL pruned here but kept off-site)
+fetches those it needs, decrypted, each checked against its `.sha256` and its size. Retention,
+after a successful base backup run, deletes there the segments no base backup kept here or
+off-site needs, and each `.partial` whose completed segment is there.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import progress
+from ..atomic import AtomicFile
+from ..basics import CatalogError, JobError, Say, human, silent
+from ..offsite.copy import AGE_SUFFIX, put_file
+from ..offsite.fetch import download
+from ..offsite.target import OffsiteError, Target, open_target
+from ..settings import Settings
+from . import wal
+
+STATE_OFFSITE = "pitr.offsite_upto"  # the newest completed segment copied off-site
+PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
+SUM_SUFFIX = ".sha256"
+
+
+# copying -------------------------------------------------------------------------------------
+def verify_segment(segment: wal.Segment) -> str | None:
+    """None if a completed segment is whole (16 MiB), else what is wrong."""
+    size = segment.path.stat().st_size
+    if not segment.partial and size != wal.SEGMENT_SIZE:
+        return f"{segment.path.name} is {size} bytes, not a whole segment ({wal.SEGMENT_SIZE})"
+    return None
+
+
+def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float) -> float:
+    """Copy the completed segments not yet off-site (each checked, then verified there, then
+    its `.sha256`), and the one being written when `PARTIAL_EVERY` has passed since
+    `last_partial`; returns the time of the last partial copy. Raises ToyboxError
+    (OffsiteError) when the target fails: the next watch tries again from where this one
+    stopped."""
+    target = open_target(settings)
+    if target is None:
+        return last_partial
+    done = store.get_state(STATE_OFFSITE) or ""
+    for segment in wal.segments(settings):
+        relative = str(segment.path.relative_to(settings.backup_dir))
+        if segment.partial:
+            if (segment.path.parent == wal.wal_dir(settings)
+                    and now - last_partial >= PARTIAL_EVERY):
+                put_file(settings, target, relative)
+                last_partial = now
+            continue
+        if segment.name <= done:
+            continue
+        problem = verify_segment(segment)
+        if problem:
+            raise JobError(f"not copied off-site: {problem}")
+        stored = put_file(settings, target, relative)
+        target.put(relative + SUM_SUFFIX, io.BytesIO(
+            f"{stored['source_sha256']}  {segment.name}\n".encode()))
+        store.set_state(STATE_OFFSITE, segment.name)
+        done = segment.name
+    return last_partial
+
+
+# what is there -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Remote:
+    """One segment's object: `segment.path` is its plain path (`wal/<db>/…`), `key` the
+    object's (`….age` when encrypted)."""
+
+    segment: wal.Segment
+    key: str
+
+    @property
+    def sum_key(self) -> str:
+        return str(self.segment.path) + SUM_SUFFIX
+
+
+def _in_layout(rest: str) -> bool:
+    """`<segment>` or `before-<stamp>/<segment>` below `wal/<db>/`."""
+    parts = rest.split("/")
+    return len(parts) == 1 or (len(parts) == 2 and parts[0].startswith("before-"))
+
+
+def listing(target: Target, dbname: str) -> tuple[list[Remote], set[str]]:
+    """The segments under `wal/<db>/` in the target (WAL order) and the keys of the `.sha256`
+    objects there. Anything else there is not ours and is never touched."""
+    prefix = f"wal/{dbname}/"
+    found: list[Remote] = []
+    sums: set[str] = set()
+    for key in target.keys(prefix):
+        if not _in_layout(key[len(prefix):]):
+            continue
+        if key.endswith(SUM_SUFFIX) and wal.parse_segment(Path(key[: -len(SUM_SUFFIX)])):
+            sums.add(key)
+            continue
+        segment = wal.parse_segment(Path(key.removesuffix(AGE_SUFFIX)))
+        if segment is not None:
+            found.append(Remote(segment, key))
+    found.sort(key=lambda r: (r.segment.number, r.segment.timeline, r.segment.partial))
+    return found, sums
+
+
+# fetching ------------------------------------------------------------------------------------
+def wanted(remote: list[Remote], local: list[wal.Segment], start: int) -> list[Remote]:
+    """The segments from `start` on that `local` lacks: a completed one unless it is here, the
+    one being written only when its completed segment is nowhere and it is not here."""
+    here = {s.name for s in local if not s.partial}
+    anywhere = {s.name for s in local} | {r.segment.name for r in remote if not r.segment.partial}
+    return [r for r in remote if r.segment.number >= start
+            and r.segment.name not in (anywhere if r.segment.partial else here)]
+
+
+def fetch(settings: Settings, dbname: str, start: int, local: list[wal.Segment], into: Path,
+          say: Say = silent) -> list[Path]:
+    """Fetch from off-site the segments from `start` on that `local` lacks, into `into` (as
+    they lie below `wal/<db>/`); their paths. [] when off-site copies are off or the target
+    cannot be listed (said); CatalogError without the identity for encrypted copies, OffsiteError
+    for a copy that is not what was written."""
+    target = open_target(settings)
+    if target is None:
+        return []
+    try:
+        remote, sums = listing(target, dbname)
+    except OffsiteError as exc:
+        say(f"the WAL off-site cannot be listed ({exc}); only the WAL here is used")
+        return []
+    needed = wanted(remote, local, start)
+    if any(r.key.endswith(AGE_SUFFIX) for r in needed) and settings.age_identity_file is None:
+        raise CatalogError(f"the WAL off-site ({target.url}) is encrypted: set AGE_IDENTITY_FILE "
+                           "to the identity (private key) to restore from it")
+    if not needed:
+        return []
+    say(f"fetching {len(needed)} WAL segment(s) ({human(len(needed) * wal.SEGMENT_SIZE)}) "
+        f"from off-site ({target.url})")
+    paths = []
+    with progress.task("fetching WAL from off-site", len(needed) * wal.SEGMENT_SIZE):
+        for item in needed:
+            path = _fetch_one(settings, target, item, sums, into / _below(item, dbname), say)
+            if path is not None:
+                paths.append(path)
+    return paths
+
+
+def _below(item: Remote, dbname: str) -> str:
+    return str(item.segment.path.relative_to(f"wal/{dbname}"))
+
+
+def _fetch_one(settings: Settings, target: Target, item: Remote, sums: set[str], path: Path,
+               say: Say) -> Path | None:
+    """One segment, decrypted and checked; None for a `.partial` that is not a whole file."""
+    want = _sum(target, item.sum_key) if item.sum_key in sums else None
+    with AtomicFile(path) as out:
+        download(settings, target, {"key": item.key,
+                                    "encrypted": item.key.endswith(AGE_SUFFIX)}, out)
+        if out.size != wal.SEGMENT_SIZE:
+            if item.segment.partial:
+                say(f"{item.key} off-site is {out.size} bytes, not a whole segment: skipped")
+                return None
+            raise OffsiteError(f"the off-site copy {item.key} is {out.size} bytes, not a whole "
+                               f"WAL segment ({wal.SEGMENT_SIZE})")
+        if want is not None and out.sha256 != want:
+            raise OffsiteError(f"the off-site copy {item.key} does not match its {SUM_SUFFIX} "
+                               f"({out.sha256[:16]}… ≠ {want[:16]}…)")
+        out.commit()
+    return path
+
+
+def _sum(target: Target, key: str) -> str:
+    with target.open(key) as stream:
+        return stream.read(4096).decode("ascii", "replace").split()[0]
+
+
+# pruning -------------------------------------------------------------------------------------
+def prune(settings: Settings, keep_from: int, dbname: str,
+          warn: Callable[[str], None] = lambda text: None) -> list[str]:
+    """Delete off-site the segments before `keep_from` (no kept base backup needs them) with
+    their `.sha256`, and every `.partial` whose completed segment is there; the deleted keys.
+    A delete the target refuses (an Object Lock) ends it, told to `warn`."""
+    target = open_target(settings)
+    if target is None:
+        return []
+    remote, sums = listing(target, dbname)
+    complete = {r.segment.name for r in remote if not r.segment.partial}
+    doomed = [r.key for r in remote if r.segment.number < keep_from
+              or (r.segment.partial and r.segment.name in complete)]
+    doomed += sorted(key for key in sums
+                     if (s := wal.parse_segment(Path(key[: -len(SUM_SUFFIX)])))
+                     and s.number < keep_from)
+    deleted: list[str] = []
+    for key in doomed:
+        try:
+            target.delete(key)
+        except OffsiteError as exc:
+            warn(f"off-site WAL retention stopped at {key}: {exc}")
+            break
+        deleted.append(key)
+    return deleted
