@@ -337,8 +337,13 @@ def drop_slot(settings: Settings, slot: str) -> None:
 
 def mark_and_flush(settings: Settings, application: str, wait: float = 10.0) -> bool:
     """Commit a transaction now (a WAL commit record stamped with this moment), then wait up to
-    `wait` s until the WAL receiver `application` has flushed it. True if it has."""
+    `wait` s until the WAL receiver `application` has flushed it. True if it has; False at
+    once when no such receiver is connected (nothing streams: waiting would change nothing)."""
     with admin(settings) as conn:
+        streaming = conn.execute("SELECT count(*) FROM pg_stat_replication WHERE "
+                                 "application_name = %s", (application,)).fetchone()
+        if not streaming or not streaming[0]:
+            return False
         row = conn.execute("SELECT txid_current(), pg_current_wal_insert_lsn()").fetchone()
         if row is None:
             return False

@@ -6,12 +6,16 @@ image (no network, a scratch volume, `recovery_target_time = T`, promoted at the
 the database from it with pg_dump, and restores that dump into the live database exactly as a
 dump restore does (logical.restore_dump: beside it, then swapped; single tables; --into).
 When T is outside what the WAL reaches, the newest dump at or before T is used, as before.
+
+What is not here comes from off-site (OFFSITE_URL): the base backup (restore_points.local_copy,
+as any restore point) and the WAL segments the archive here lacks (wal_offsite.fetch, into the
+restore's scratch). The scratch (volume, dump, fetched WAL) is the restore's own
+(pitr_scratch): removed when it ends, or by start-up recovery when its process was killed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,11 +27,12 @@ from .. import docker_api
 from ..atomic import AtomicFile
 from ..basics import CatalogError, Confirm, JobError, Say, iso, local_time, silent, utcnow
 from ..pgtools import OS_USER, tool_error
-from ..restore_points import check_file, restorable
+from ..restore_points import local_copy, restorable
 from ..settings import Settings
 from ..store import Artifact, Store
-from . import logical, wal
+from . import logical, wal, wal_offsite
 from .logical import Hold
+from .pitr_scratch import Scratch, scratch
 
 BASE_TIER = "base"
 DATA = "/pgdata/data"
@@ -53,17 +58,55 @@ chmod 700 /pgdata/data
 
 
 def base_for(store: Store, dbname: str, at: datetime) -> Artifact | None:
-    """The newest intact base backup finished at or before `at` (None: there is none)."""
-    kept = [item for item in restorable(store, BASE_TIER, dbname)
-            if item.status == "ok" and item.created_at <= at]
+    """The newest base backup finished at or before `at` that is intact here or off-site
+    (None: there is none)."""
+    kept = [item for item in restorable(store, BASE_TIER, dbname) if item.created_at <= at]
     return max(kept, key=lambda item: (item.created_at, item.id), default=None)
 
 
-def window_end(settings: Settings, image: str) -> datetime | None:
-    """The newest moment the WAL archive reaches (the database committing once more first, when
-    it is up, so that every moment up to now is recoverable)."""
+@dataclass
+class Plan:
+    """What a recovery from `base` works with."""
+
+    base: Artifact
+    image: str  # the database image the throwaway server runs
+    files: list[Path]  # the WAL segments it replays (here, or fetched into the scratch)
+
+
+def gather(settings: Settings, base: Artifact, work: Scratch, say: Say = silent) -> Plan:
+    """The WAL a recovery from `base` needs: the segments here from its start on, and those
+    the archive here lacks fetched from off-site into the scratch. The database commits once
+    more first, when it is up, so that every moment up to now is recoverable."""
     wal.make_recent_recoverable(settings)
-    return wal.last_commit(settings, image)
+    start = int(base.extra.get("start_segment", 0))
+    local = [s for s in wal.segments(settings, base.target) if s.number >= start]
+    fetched = wal_offsite.fetch(settings, base.target, start, local, work.wal, say)
+    paths = [s.path for s in local] + fetched
+    complete = {p.name for p in paths if not p.name.endswith(".partial")}
+    files = [p for p in paths if not (p.name.endswith(".partial") and p.name[:-8] in complete)]
+    return Plan(base, recovery_image(settings, base, say), files)
+
+
+def recovery_image(settings: Settings, base: Artifact, say: Say = silent) -> str:
+    """The image the base backup was taken with, or (a new host that lacks it) the database
+    container's, which must run the same PostgreSQL major version."""
+    recorded = str(base.extra["image"])
+    if docker_api.image_present(recorded):
+        return recorded
+    try:
+        image = docker_api.image_of(docker_api.find_container(settings.pg_container or ""))
+    except docker_api.DockerError as exc:
+        raise JobError(f"the image the base backup was taken with ({recorded[:19]}…) is not on "
+                       f"this Docker engine, and PG_CONTAINER's cannot stand in: {exc}") from None
+    say(f"the base backup's image ({recorded[:19]}…) is not on this engine: recovering with "
+        f"the database container's ({image[:19]}…)")
+    return image
+
+
+def _fetched(settings: Settings, base: Artifact, say: Say) -> None:
+    """The base backup's files here and checked (fetched from off-site when they are not)."""
+    with Store(settings.state_dir) as store:
+        local_copy(settings, store, base, say)
 
 
 def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (),
@@ -73,23 +116,28 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
     dbname = settings.postgres_db
     with Store(settings.state_dir) as store:
         base = base_for(store, dbname, at)
-    end = window_end(settings, str(base.extra["image"])) if base is not None else None
-    if base is None or end is None or at > end:
-        why = ("no base backup finished at or before it" if base is None else
-               f"the WAL archive reaches only {local_time(end, settings.zone)}" if end else
-               "the WAL archive holds no commit")
-        say(f"point in time: {why}; using the newest dump at or before "
-            f"{local_time(at, settings.zone)}")
-        logical.restore_db(settings, at=at, tables=tables, into=into, confirm=confirm, say=say,
-                           hold=hold)
-        return
-    check_file(settings.backup_dir, base)
-    say(f"recovering base backup {base.path} ({local_time(base.created_at, settings.zone)}) "
-        f"plus WAL to {local_time(at, settings.zone)}")
-    with recovered(settings, base, at) as done, dumped(settings, done.server, dbname, at) as item:
-        say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
-        logical.restore_dump(settings, item, settings.backup_dir / item.path, tables=tables,
-                             into=into, confirm=confirm, say=say, hold=hold)
+    with scratch(settings) as work:
+        plan = gather(settings, base, work, say) if base is not None else None
+        end = wal.last_commit(settings, plan.image, files=plan.files) if (
+            plan and plan.files) else None
+        if plan is not None and end is not None and at <= end:
+            _fetched(settings, plan.base, say)
+            say(f"recovering base backup {plan.base.path} "
+                f"({local_time(plan.base.created_at, settings.zone)}) plus WAL to "
+                f"{local_time(at, settings.zone)}")
+            with recovered(settings, plan, at, work) as done, \
+                    dumped(settings, done.server, dbname, at, work.dump) as item:
+                say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
+                logical.restore_dump(settings, item, settings.backup_dir / item.path,
+                                     tables=tables, into=into, confirm=confirm, say=say, hold=hold)
+            return
+    why = ("no base backup finished at or before it" if base is None else
+           f"the WAL archive reaches only {local_time(end, settings.zone)}" if end else
+           "the WAL archive holds no commit")
+    say(f"point in time: {why}; using the newest dump at or before "
+        f"{local_time(at, settings.zone)}")
+    logical.restore_db(settings, at=at, tables=tables, into=into, confirm=confirm, say=say,
+                       hold=hold)
 
 
 @dataclass
@@ -99,43 +147,38 @@ class Recovery:
 
 
 @contextlib.contextmanager
-def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterator[Recovery]:
-    """A throwaway server recovered from `base` plus the WAL to `at` (None: to the end of the
-    archive), promoted; removed with its scratch volume afterwards."""
-    image = str(base.extra["image"])
-    scratch = f"toybox-backupd-recover-{secrets.token_hex(5)}"
-    docker_api.create_volume(scratch)
+def recovered(settings: Settings, plan: Plan, at: datetime | None,
+              work: Scratch) -> Iterator[Recovery]:
+    """A throwaway server recovered from the plan's base backup plus its WAL to `at` (None: to
+    the end of it), promoted, in the scratch's volume; removed with it afterwards."""
+    work.create_volume()
     try:
-        _prepare(settings, base, at, image, scratch)
-        with docker_api.beside(image, None, {scratch: ("/pgdata", "rw")}, "recover",
-                               user=OS_USER, command=["postgres", "-D", DATA]) as server:
+        _prepare(settings, plan, at, work)
+        with docker_api.beside(plan.image, None, {work.volume: ("/pgdata", "rw")}, "recover",
+                               user=OS_USER, owner=work.owner,
+                               command=["postgres", "-D", DATA]) as server:
             _wait_promoted(settings, server)
-            yield Recovery(server, scratch)
+            yield Recovery(server, work.volume)
     finally:
-        docker_api.remove_volume(scratch)
+        docker_api.remove_scratch_volume(work.volume, work.owner)
 
 
-def _prepare(settings: Settings, base: Artifact, at: datetime | None, image: str,
-             scratch: str) -> None:
-    """Unpack the base backup into the scratch volume, copy the WAL it needs beside it, and set
-    the recovery target (a root helper from the database's image, no network)."""
+def _prepare(settings: Settings, plan: Plan, at: datetime | None, work: Scratch) -> None:
+    """Unpack the base backup into the scratch volume, copy its WAL beside it, and set the
+    recovery target (a root helper from the database's image, no network)."""
     where = wal.shared(settings, settings.backup_dir, mode="ro")
-    needed = [s.path for s in wal.segments(settings, base.target)
-              if s.number >= int(base.extra.get("start_segment", 0))]
-    names = {p.name.removesuffix(".partial") for p in needed if not p.name.endswith(".partial")}
-    files = [where.path(p) for p in needed
-             if not (p.name.endswith(".partial") and p.name[:-8] in names)]
     conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'", "recovery_target_timeline = 'latest'",
             "archive_mode = 'off'", "listen_addresses = ''", "hot_standby = 'on'",
             "unix_socket_directories = '/pgdata'"]
     if at is not None:
         conf += [f"recovery_target_time = '{iso(at)}'", "recovery_target_action = 'promote'",
                  "recovery_target_inclusive = 'on'"]
-    folder = where.path((settings.backup_dir / base.path).parent)
-    with docker_api.beside(image, None, {**where.mounts(), scratch: ("/pgdata", "rw")},
-                           "recover-setup", user="0:0", caps=SETUP_CAPS) as helper:
+    folder = where.path((settings.backup_dir / plan.base.path).parent)
+    with docker_api.beside(plan.image, None, {**where.mounts(), work.volume: ("/pgdata", "rw")},
+                           "recover-setup", user="0:0", caps=SETUP_CAPS,
+                           owner=work.owner) as helper:
         result, _ = docker_api.run(helper, ["sh", "-c", SETUP, "sh", "\n".join(conf), folder,
-                                            *files])
+                                            *(where.path(p) for p in plan.files)])
     if result.exit_code != 0:
         raise JobError(tool_error("the recovery set-up (tar, cp)", result,
                                   "a helper from the database's image"))
@@ -161,13 +204,12 @@ def _wait_promoted(settings: Settings, server: Any, timeout: float = 3600) -> No
 
 
 @contextlib.contextmanager
-def dumped(settings: Settings, server: Any, dbname: str, at: datetime) -> Iterator[Artifact]:
-    """pg_dump -Fc of `dbname` from the recovered server into a scratch file in BACKUP_DIR
-    (removed afterwards), as a dump restore point."""
-    path = settings.backup_dir / f".pitr-{secrets.token_hex(5)}.dump"
-    proc = docker_api.Exec(server, ["pg_dump", "-h", "/pgdata", "-U", settings.postgres_user, "-Fc",
-                                    "-d", dbname],
-                           user=OS_USER)
+def dumped(settings: Settings, server: Any, dbname: str, at: datetime,
+           path: Path) -> Iterator[Artifact]:
+    """pg_dump -Fc of `dbname` from the recovered server into the scratch file `path` in
+    BACKUP_DIR (removed afterwards), as a dump restore point."""
+    proc = docker_api.Exec(server, ["pg_dump", "-h", "/pgdata", "-U", settings.postgres_user,
+                                    "-Fc", "-d", dbname], user=OS_USER)
     try:
         with AtomicFile(path) as out:
             for chunk in proc.stdout():
@@ -190,7 +232,7 @@ def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
     in the WAL archive, with the gaps between (None: no base backup yet)."""
     dbname = dbname or settings.postgres_db
     with Store(settings.state_dir) as store:
-        kept = [item for item in restorable(store, BASE_TIER, dbname) if item.status == "ok"]
+        kept = restorable(store, BASE_TIER, dbname)
     if not kept:
         return None
     oldest = min(kept, key=lambda item: item.created_at)
@@ -228,19 +270,21 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
         base = base_for(store, settings.postgres_db, at or utcnow())
     if base is None:
         raise CatalogError("no base backup finished at or before that moment (see `list`)")
-    check_file(settings.backup_dir, base)
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
-    say(f"recovering base backup {base.path} plus WAL to {moment}")
-    with hold(), recovered(settings, base, at) as done:
-        docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
+    with hold(), scratch(settings) as work:
+        plan = gather(settings, base, work, say)
+        _fetched(settings, base, say)
+        say(f"recovering base backup {base.path} plus WAL to {moment}")
+        with recovered(settings, plan, at, work) as done:
+            docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
 
-        def fill(helper: Any, staging: str) -> None:
-            run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
-                     "copying the recovered cluster")
+            def fill(helper: Any, staging: str) -> None:
+                run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
+                         "copying the recovered cluster")
 
-        restore_filled(settings, target, what=f"the cluster recovered to {moment}", when=moment,
-                       fill=fill, mounts={done.scratch: ("/recovered", "ro")}, confirm=confirm,
-                       stop_containers=stop_containers, say=say)
+            restore_filled(settings, target, what=f"the cluster recovered to {moment}",
+                           when=moment, fill=fill, mounts={done.scratch: ("/recovered", "ro")},
+                           confirm=confirm, stop_containers=stop_containers, say=say)
 
 
 def _data_volume(settings: Settings) -> str:

@@ -196,25 +196,33 @@ def gaps(found: list[Segment], first: int | None = None) -> list[tuple[int, int]
 
 
 WALDUMP_SCRIPT = r"""
-cd "$1" || exit 3
-for f in $(ls -1 | grep -E '^[0-9A-F]{24}(\.partial)?$' | sort -r | head -n 4); do
-  cp "$f" "/tmp/${f%.partial}" || exit 4
-  out=$(pg_waldump -r Transaction "/tmp/${f%.partial}" 2>/dev/null \
+for f in "$@"; do
+  name=$(basename "$f"); name=${name%.partial}
+  cp "$f" "/tmp/$name" || exit 4
+  out=$(pg_waldump -r Transaction "/tmp/$name" 2>/dev/null \
         | grep -E 'desc: (COMMIT|ABORT) ' | tail -n 1)
-  rm -f "/tmp/${f%.partial}"
+  rm -f "/tmp/$name"
   if [ -n "$out" ]; then echo "$out"; exit 0; fi
 done
 exit 0
 """
 
 
-def last_commit(settings: Settings, image: str, dbname: str | None = None) -> datetime | None:
-    """The time of the newest commit in the WAL archive (pg_waldump from the database's own
-    image, no network): the newest moment a recovery can reach. None when there is none."""
-    where = shared(settings, wal_dir(settings, dbname), mode="ro")
+def last_commit(settings: Settings, image: str, dbname: str | None = None,
+                files: list[Path] | None = None) -> datetime | None:
+    """The time of the newest commit in the WAL archive, or in `files` (segments anywhere in
+    BACKUP_DIR), read with pg_waldump from the database's own image, no network, in the newest
+    four segments: the newest moment a recovery can reach. None when there is none."""
+    if files is None:
+        files = [s.path for s in segments(settings, dbname) if s.path.parent == wal_dir(
+            settings, dbname)]
+    newest = sorted((s for s in map(parse_segment, files) if s is not None),
+                    key=lambda s: (s.number, s.timeline, s.partial), reverse=True)[:4]
+    where = shared(settings, settings.backup_dir, mode="ro")
     with docker_api.beside(image, None, where.mounts(), "waldump", user=owner_user(),
                            lifetime=600) as helper:
-        result, out = docker_api.run(helper, ["sh", "-c", WALDUMP_SCRIPT, "sh", where.inside],
+        result, out = docker_api.run(helper, ["sh", "-c", WALDUMP_SCRIPT, "sh",
+                                              *(where.path(s.path) for s in newest)],
                                      environment={"TZ": "UTC"})
     if result.exit_code != 0:
         raise JobError(f"pg_waldump could not read the WAL archive {wal_dir(settings, dbname)} "
