@@ -32,6 +32,7 @@ from pathlib import Path
 from . import jobs, logs, manifests, schedule
 from .basics import ToyboxError, ago, local_time, utcnow
 from .manifests import MANIFEST_SUFFIX, TOOL
+from .restore_points import restorable
 from .settings import Settings
 from .store import Artifact, Store
 
@@ -195,6 +196,14 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     return deleted
 
 
+def wal_keep_from(store: Store, target: str) -> int | None:
+    """The first WAL segment a base backup of `target` kept here or off-site needs (None: no
+    base backup is kept anywhere). The WAL from there on stays, here and off-site, so that
+    every kept base backup, wherever it lies, can be recovered to any moment after it."""
+    kept = restorable(store, "base", target)
+    return min((int(item.extra.get("start_segment", 0)) for item in kept), default=None)
+
+
 def _prune_wal(settings: Settings, store: Store, targets: list[str]) -> list[str]:
     """The WAL no kept base backup needs (chain-aware: everything from the oldest kept base
     backup's start on stays)."""
@@ -202,9 +211,8 @@ def _prune_wal(settings: Settings, store: Store, targets: list[str]) -> list[str
 
     gone: list[str] = []
     for target in targets:
-        kept = store.artifacts(tier="base", target=target, statuses=("ok",))
-        if kept:
-            oldest = min(int(item.extra.get("start_segment", 0)) for item in kept)
+        oldest = wal_keep_from(store, target)
+        if oldest is not None:
             gone += wal.prune(settings, oldest, target)
     if not gone:
         return []
