@@ -43,7 +43,8 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             result["partials_removed"].append(relative)
             log.warning("partial file removed", file=relative)
         result["spool_removed"] = transfer.remove_leftovers(settings.state_dir)
-        _remove_scratch(settings, result)
+        if settings.pitr:
+            _remove_scratch(settings, result)
         held = _settle_restores(settings, store, result)
         stopped = [row for row in store.stopped_containers() if row["container_id"] not in held]
         if stopped or settings.backup_volumes:
