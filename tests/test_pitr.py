@@ -5,6 +5,7 @@ backups and restores to a moment, against a real PostgreSQL 15 set up like the o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -157,12 +158,14 @@ class Writer:
     """Inserts a row stamped with its commit time (clock_timestamp(), in its own one-statement
     transaction) every 200 ms, on a thread, until stopped."""
 
-    def __init__(self, pg: PG):
+    def __init__(self, pg: PG, create: bool = True):
         import psycopg
 
         self.conn = psycopg.connect(host=pg.host, port=pg.port, user=pg.user,
                                     password=pg.password, dbname=pg.db, autocommit=True)
-        self.conn.execute("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz NOT NULL)")
+        if create:
+            self.conn.execute("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz "
+                              "NOT NULL)")
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -312,6 +315,97 @@ def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, stre
     finally:
         with contextlib.suppress(Exception):
             docker_engine.volumes.get(volume).remove(force=True)
+
+
+def between(rows: list[tuple[int, datetime]], after: datetime, before: datetime) -> datetime:
+    """A moment halfway between two rows committed after `after` and before `before`, at least
+    0.1 s apart (so no commit falls on either side of it by chance); the first such one."""
+    for (_, a), (_, b) in itertools.pairwise(rows):
+        if a > after and b < before and (b - a).total_seconds() >= 0.1:
+            return a + (b - a) / 2
+    raise AssertionError(f"no two rows between {after} and {before}: {rows[-5:]}")
+
+
+def at_text(moment: datetime) -> str:
+    return moment.astimezone(ZoneInfo("Asia/Tokyo")).isoformat()
+
+
+@pytest.mark.fixed_port
+def test_after_restore_cluster_streaming_follows_the_new_timeline(
+        env: Env, pg: PG, streaming: Daemon, docker_engine: Any) -> None:
+    """restore cluster --at T1 into the live volume, the daemon streaming: the server comes back
+    on timeline 2; the streamer streams it with no gap, a base backup follows, and `restore db
+    --at` reaches moments on either side: after the restore (timeline 2: the rows up to T1, then
+    the new ones) and between T1 and the restore (timeline 1's abandoned branch)."""
+    from toybox_backupd.tiers import wal
+
+    writer = Writer(pg)
+    try:
+        time.sleep(2)
+        result = env.cli("backup", "base", **PITR)
+        assert result.returncode == 0, result.stderr
+        [base] = artifacts(env, "base")
+        time.sleep(4)
+        switched = utc_now()
+        for _ in range(3):  # timeline 1 goes on for segments past T1's before the restore
+            time.sleep(1)
+            pg.psql("SELECT pg_switch_wal()")
+        time.sleep(2)
+    finally:
+        writer.finish()
+    old = stamps(pg)
+    t1 = between(old, base.created_at + timedelta(seconds=1), switched)
+    branch = between(old, switched + timedelta(seconds=1), old[-1][1])  # timeline 1 after T1
+    started = time.monotonic()
+    result = env.cli("restore", "cluster", "--at", at_text(t1), "--yes", "--stop-containers",
+                     **PITR)
+    assert result.returncode == 0, result.stderr + result.stdout
+    sys.stderr.write(f"\nrestore cluster: {time.monotonic() - started:.1f} s\n")
+    pg.container.reload()
+    pg.wait_ready()
+    assert stamps(pg) == [row for row in old if row[1] <= t1]
+    assert pg.psql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)") == "00000002"
+    restored = utc_now()
+    writer = Writer(pg, create=False)
+    try:
+        root = wal.wal_dir(env.settings(**PITR))
+        wait_for("streaming on timeline 2", lambda: any(
+            s.partial and s.timeline == 2 and s.path.parent == root for s in segments(env)),
+            180, lambda: streaming.log)
+        wait_for("a base backup after the restore", lambda: len(artifacts(env, "base")) == 2,
+                 180, lambda: streaming.log)
+        time.sleep(4)
+    finally:
+        writer.finish()
+    final = stamps(pg)
+    newer = max(artifacts(env, "base"), key=lambda item: item.created_at)
+    assert newer.extra["timeline"] == 2
+    assert (root / "00000002.history").is_file()
+    crossing = between(final, restored, newer.created_at)  # from the first base, across
+    latest = between(final, newer.created_at, final[-1][1])  # from the new base
+    for name, moment, expected in (
+            ("crossing", crossing, [row for row in final if row[1] <= crossing]),
+            ("latest", latest, [row for row in final if row[1] <= latest]),
+            ("branch", branch, [row for row in old if row[1] <= branch])):
+        result = env.cli("restore", "db", "--at", at_text(moment), "--into", name, "--yes",
+                         **PITR)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "recovering base backup" in result.stdout, result.stdout
+        got = stamps(pg, db=name)
+        assert got == expected, (name, len(got), len(expected), got[-3:], expected[-3:])
+    listed = env.cli("list", **PITR)
+    assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none", listed.stdout), \
+        listed.stdout
+    with Store(env.state_dir) as history:
+        assert not history.get_state("pitr.gap")
+        assert not history.get_state("pitr.down_since")
+    assert "WAL gap" not in streaming.log
+    assert pg.psql("SELECT active FROM pg_replication_slots WHERE slot_name = "
+                   "'toybox_backupd'") == "t"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
