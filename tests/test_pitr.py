@@ -408,6 +408,27 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@pytest.mark.fixed_port
+def test_the_streamer_starts_again_when_the_database_container_does(
+        env: Env, pg: PG, streaming: Daemon) -> None:
+    """The database container stopped (as a restore with --stop-containers does): the
+    streamer's retries fail and it backs off for a minute; the container started again, it
+    streams again at once, not a minute later."""
+    pg.stop()
+    wait_for("the streamer to back off", lambda: "in_s=60.0" in streaming.log, 60,
+             lambda: streaming.log)
+    time.sleep(3)
+    pg.start()
+    started = time.monotonic()
+    wait_for("streaming again", lambda: streaming.log.count("WAL streamer running") >= 2, 40,
+             lambda: streaming.log)
+    sys.stderr.write(f"\nstreaming again {time.monotonic() - started:.1f} s after the "
+                     "database container started\n")
+    assert "the database container was started again" in streaming.log
+    wait_for("the slot in use", lambda: pg.psql(
+        "SELECT active FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'") == "t", 30)
+
+
 def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
         env: Env, pg: PG) -> None:
     """The streamer is down (never started here) while the database writes: the slot would

@@ -11,10 +11,13 @@ after 2 s if it had streamed for a minute or more, else after basics.backoff (1,
 A gap pg_receivewal reports ("requested WAL segment … has already been removed") is closed
 the same way: the archive so far is moved aside (wal/<db>/before-<stamp>/), the stream starts a
 new chain at the server's position, and a base backup is requested.
+While it is down, a restart of the database container (a restore with --stop-containers) ends
+the wait at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -22,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-from .. import database, logs, notify, redact, report
+from .. import database, docker_api, logs, notify, redact, report
 from ..basics import ToyboxError, backoff, describe_unexpected, human, iso, local_time, parse_iso, utcnow
 from ..settings import Settings
 from ..store import Store
@@ -88,7 +91,30 @@ class Streamer:
             attempts = 1 if time.monotonic() - began >= HEALTHY_RUN else attempts + 1
             delay = QUICK_RESTART if attempts == 1 else backoff(attempts - 1).total_seconds()
             log.warning("WAL streamer down; starting it again", in_s=delay, error=why)
-            self.stopping.wait(delay)
+            if self._pause(delay):
+                attempts = 0
+
+    def _pause(self, delay: float) -> bool:
+        """Wait `delay` s before the next start, or less: until the database container has been
+        started again (a restore with --stop-containers, `docker compose restart`) and its
+        server answers. True if it was."""
+        since = self._db_started()
+        deadline = time.monotonic() + delay
+        while not self.stopping.wait(max(0.0, min(WATCH_SECONDS, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            now = self._db_started()
+            if now is not None and now != since:
+                with contextlib.suppress(database.DatabaseError):
+                    database.check_reachable(self.settings)
+                log.info("the database container was started again: streaming starts again")
+                return True
+        return False
+
+    def _db_started(self) -> str | None:
+        """When the database container (PG_CONTAINER) last started; None if unknown."""
+        name = self.settings.pg_container
+        return docker_api.started_at(name) if name else None
 
     def _started(self, slot_created: bool) -> None:
         """pg_receivewal runs; the watch counts it as streaming once it has lasted STEADY
