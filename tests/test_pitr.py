@@ -383,19 +383,21 @@ def test_after_restore_cluster_streaming_follows_the_new_timeline(
     assert (root / "00000002.history").is_file()
     crossing = between(final, restored, newer.created_at)  # from the first base, across
     latest = between(final, newer.created_at, final[-1][1])  # from the new base
-    for name, moment, expected in (
-            ("crossing", crossing, [row for row in final if row[1] <= crossing]),
-            ("latest", latest, [row for row in final if row[1] <= latest]),
-            ("branch", branch, [row for row in old if row[1] <= branch])):
+    for name, moment, expected, start in (
+            ("crossing", crossing, [row for row in final if row[1] <= crossing], base),
+            ("latest", latest, [row for row in final if row[1] <= latest], newer),
+            ("branch", branch, [row for row in old if row[1] <= branch], base)):
         result = env.cli("restore", "db", "--at", at_text(moment), "--into", name, "--yes",
                          **PITR)
         assert result.returncode == 0, result.stderr + result.stdout
-        assert "recovering base backup" in result.stdout, result.stdout
+        timeline = 1 if name == "branch" else 2
+        assert f"recovering base backup {start.path} " in result.stdout, result.stdout
+        assert (f"on timeline {timeline}" in result.stdout) == (timeline > 1), result.stdout
         got = stamps(pg, db=name)
         assert got == expected, (name, len(got), len(expected), got[-3:], expected[-3:])
     listed = env.cli("list", **PITR)
-    assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none", listed.stdout), \
-        listed.stdout
+    assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none, timelines: 1 "
+                     r"until .*, then 2", listed.stdout), listed.stdout
     with Store(env.state_dir) as history:
         assert not history.get_state("pitr.gap")
         assert not history.get_state("pitr.down_since")
@@ -642,3 +644,40 @@ def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None
     assert sorted(p.name for p in root.iterdir()) == ["000000010000000000000003"]
     (root / "000000010000000000000004.partial").write_bytes(b"\0" * 1000 + b"\1")
     assert wal.remove_unpadded(settings) == []
+
+
+def test_a_recovery_reads_one_timelines_path(plain_env: Env) -> None:
+    """Timeline 2 forked from 1 in segment 3: a recovery to timeline 2 reads 1's segments
+    before 3 and 2's from 3 on; one to timeline 1 reads 1's only, its branch's copies (what
+    it streamed while it was the server's) over one streamed again up to the fork."""
+    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.timelines import Timelines, parse_history
+
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db")
+    root = wal.wal_dir(settings)
+    (root / "branch-x").mkdir(parents=True)
+    (root / "00000002.history").write_text("1\t0/3000580\tbefore 2026-01-26 05:00:00+00\n")
+    for name in ("000000010000000000000001", "000000010000000000000002",
+                 "000000010000000000000003.partial", "000000020000000000000003",
+                 "000000020000000000000004.partial", "branch-x/000000010000000000000003",
+                 "branch-x/000000010000000000000004.partial"):
+        (root / name).write_bytes(b"")
+    found = wal.segments(settings)
+    lines = wal.timelines(settings)
+    assert lines.histories == {2: parse_history("1\t0/3000580\n")}
+    assert lines.begins(2) == 3 and lines.begins(1) is None
+    two = [str(s.path.relative_to(root)) for s in wal.on_path(found, lines, 2)]
+    assert two == ["000000010000000000000001", "000000010000000000000002",
+                   "000000020000000000000003", "000000020000000000000004.partial"]
+    one = [str(s.path.relative_to(root)) for s in wal.on_path(found, lines, 1, first=2)]
+    assert one == ["000000010000000000000002", "branch-x/000000010000000000000003",
+                   "branch-x/000000010000000000000004.partial"]
+    # a base backup taken on timeline 1 before the fork is on timeline 2's path; after, not
+    assert lines.contains(2, 1, 0x3000580) and not lines.contains(2, 1, 0x3000581)
+    assert not Timelines().contains(2, 1, 0)
+    # the moment decides: up to timeline 1's last commit, timeline 1; later, timeline 2
+    end = datetime(2026, 1, 26, 5, 1, tzinfo=UTC)
+    spans = [(1, end), (2, None)]
+    assert wal.timeline_at(end, spans) == 1
+    assert wal.timeline_at(end + timedelta(microseconds=1), spans) == 2
+    assert wal.timeline_at(end, [(1, None), (2, None)]) == 2  # no commit on 1: the newest

@@ -86,7 +86,7 @@ class Streamer:
             if self.stopping.is_set():
                 return
             self._down(why)
-            if wal.GAP_MARK in why:
+            if wal.is_gap(why):
                 self._gap(why)
             attempts = 1 if time.monotonic() - began >= HEALTHY_RUN else attempts + 1
             delay = QUICK_RESTART if attempts == 1 else backoff(attempts - 1).total_seconds()
@@ -118,10 +118,16 @@ class Streamer:
 
     def _started(self, slot_created: bool) -> None:
         """pg_receivewal runs; the watch counts it as streaming once it has lasted STEADY
-        seconds (one that fails at once, over and over, stays down for the alert)."""
+        seconds (one that fails at once, over and over, stays down for the alert). On a new
+        timeline (a cluster restore): said, emailed, and a base backup taken on it."""
         self._set(STATE_STREAMING, iso())
         log.info("WAL streamer running", directory=str(wal.wal_dir(self.settings)),
                  slot=wal.SLOT, slot_created=slot_created)
+        followed = self.receiver.followed if self.receiver is not None else None
+        if followed:
+            alert(self.settings, "WAL streamer follows a new timeline",
+                  f"{followed}. A base backup is taken now, on the new timeline.")
+            self.request_base("new timeline")
 
     def _down(self, why: str) -> None:
         with Store(self.settings.state_dir) as store:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from ..settings import Settings
 from ..store import Artifact, Store
 from . import logical, wal
 from .logical import Hold
+from .timelines import Timelines, history_name, lsn_value
 
 BASE_TIER = "base"
 DATA = "/pgdata/data"
@@ -52,11 +53,33 @@ chmod 700 /pgdata/data
 """
 
 
-def base_for(store: Store, dbname: str, at: datetime) -> Artifact | None:
-    """The newest intact base backup finished at or before `at` (None: there is none)."""
+def base_for(store: Store, dbname: str, at: datetime,
+             fits: Callable[[Artifact], bool] = lambda item: True) -> Artifact | None:
+    """The newest intact base backup finished at or before `at` that `fits` (None: none)."""
     kept = [item for item in restorable(store, BASE_TIER, dbname)
-            if item.status == "ok" and item.created_at <= at]
+            if item.status == "ok" and item.created_at <= at and fits(item)]
     return max(kept, key=lambda item: (item.created_at, item.id), default=None)
+
+
+def on_timeline(lines: Timelines, timeline: int) -> Callable[[Artifact], bool]:
+    """Whether a base backup is on `timeline`'s path (taken on it, or on an ancestor before
+    the fork): a recovery to that timeline can start from it."""
+    return lambda item: lines.contains(timeline, int(item.extra.get("timeline") or 1),
+                                       lsn_value(str(item.extra.get("end_lsn") or "0/0")))
+
+
+def choose(settings: Settings, dbname: str, at: datetime | None) -> tuple[Artifact | None, int]:
+    """The base backup a recovery to `at` (None: the newest moment) starts from, and the
+    timeline it follows: the one the server was on at `at` (wal.timeline_at)."""
+    with Store(settings.state_dir) as store:
+        anyone = base_for(store, dbname, at or utcnow())
+    if anyone is None:
+        return None, 1
+    lines = wal.timelines(settings, dbname)
+    timeline = (wal.newest_timeline(wal.segments(settings, dbname), lines) if at is None else
+                wal.timeline_at(at, wal.ends(settings, str(anyone.extra["image"]), dbname)))
+    with Store(settings.state_dir) as store:
+        return base_for(store, dbname, at or utcnow(), on_timeline(lines, timeline)), timeline
 
 
 def window_end(settings: Settings, image: str) -> datetime | None:
@@ -71,8 +94,7 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
                   hold: Hold = contextlib.nullcontext) -> None:
     """Restore the database as it was at `at` (see the module's doc)."""
     dbname = settings.postgres_db
-    with Store(settings.state_dir) as store:
-        base = base_for(store, dbname, at)
+    base, timeline = choose(settings, dbname, at)
     end = window_end(settings, str(base.extra["image"])) if base is not None else None
     if base is None or end is None or at > end:
         why = ("no base backup finished at or before it" if base is None else
@@ -85,8 +107,9 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
         return
     check_file(settings.backup_dir, base)
     say(f"recovering base backup {base.path} ({local_time(base.created_at, settings.zone)}) "
-        f"plus WAL to {local_time(at, settings.zone)}")
-    with recovered(settings, base, at) as done, dumped(settings, done.server, dbname, at) as item:
+        f"plus WAL to {local_time(at, settings.zone)}" + on_which(timeline))
+    with recovered(settings, base, at, timeline) as done, dumped(
+            settings, done.server, dbname, at) as item:
         say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
         logical.restore_dump(settings, item, settings.backup_dir / item.path, tables=tables,
                              into=into, confirm=confirm, say=say, hold=hold)
@@ -98,15 +121,21 @@ class Recovery:
     scratch: str  # its data volume (the cluster in data/)
 
 
+def on_which(timeline: int) -> str:
+    """` on timeline N` after a cluster restore forked one, else nothing."""
+    return f" on timeline {timeline}" if timeline > 1 else ""
+
+
 @contextlib.contextmanager
-def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterator[Recovery]:
-    """A throwaway server recovered from `base` plus the WAL to `at` (None: to the end of the
-    archive), promoted; removed with its scratch volume afterwards."""
+def recovered(settings: Settings, base: Artifact, at: datetime | None,
+              timeline: int) -> Iterator[Recovery]:
+    """A throwaway server recovered from `base` plus the WAL of `timeline`'s path to `at`
+    (None: to the end of the archive), promoted; removed with its scratch volume afterwards."""
     image = str(base.extra["image"])
     scratch = f"toybox-backupd-recover-{secrets.token_hex(5)}"
     docker_api.create_volume(scratch)
     try:
-        _prepare(settings, base, at, image, scratch)
+        _prepare(settings, base, at, (image, timeline), scratch)
         with docker_api.beside(image, None, {scratch: ("/pgdata", "rw")}, "recover",
                                user=OS_USER, command=["postgres", "-D", DATA]) as server:
             _wait_promoted(settings, server)
@@ -115,17 +144,21 @@ def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterat
         docker_api.remove_volume(scratch)
 
 
-def _prepare(settings: Settings, base: Artifact, at: datetime | None, image: str,
+def _prepare(settings: Settings, base: Artifact, at: datetime | None, route: tuple[str, int],
              scratch: str) -> None:
-    """Unpack the base backup into the scratch volume, copy the WAL it needs beside it, and set
-    the recovery target (a root helper from the database's image, no network)."""
+    """Unpack the base backup into the scratch volume, copy beside it the WAL on the path of
+    the timeline (route: image, timeline) from the base on, and every timeline history file
+    (the new timeline a promotion makes is numbered after the highest), and set the recovery
+    target (a root helper from the database's image, no network)."""
+    image, timeline = route
     where = wal.shared(settings, settings.backup_dir, mode="ro")
-    needed = [s.path for s in wal.segments(settings, base.target)
-              if s.number >= int(base.extra.get("start_segment", 0))]
-    names = {p.name.removesuffix(".partial") for p in needed if not p.name.endswith(".partial")}
-    files = [where.path(p) for p in needed
-             if not (p.name.endswith(".partial") and p.name[:-8] in names)]
-    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'", "recovery_target_timeline = 'latest'",
+    lines = wal.timelines(settings, base.target)
+    needed = wal.on_path(wal.segments(settings, base.target), lines, timeline,
+                         int(base.extra.get("start_segment", 0)))
+    histories = [wal.wal_dir(settings, base.target) / history_name(t) for t in lines.histories]
+    files = [where.path(path) for path in [*(s.path for s in needed), *histories]]
+    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'",
+            f"recovery_target_timeline = '{timeline}'",
             "archive_mode = 'off'", "listen_addresses = ''", "hot_standby = 'on'",
             "unix_socket_directories = '/pgdata'"]
     if at is not None:
@@ -195,11 +228,17 @@ def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
         return None
     oldest = min(kept, key=lambda item: item.created_at)
     newest = max(kept, key=lambda item: item.created_at)
+    image = str(newest.extra["image"])
     found = wal.segments(settings, dbname)
-    end = wal.last_commit(settings, str(newest.extra["image"]), dbname) if found else None
+    lines = wal.timelines(settings, dbname)
+    first = wal.segment_of_lsn(str(oldest.extra["end_lsn"]))
+    path = wal.on_path(found, lines, wal.newest_timeline(found, lines))
+    end = wal.last_commit(settings, image, dbname, path)
+    spans = wal.ends(settings, image, dbname)
     return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
                                                        newest.created_at),
-                      gaps=wal.gaps(found, wal.segment_of_lsn(str(oldest.extra["end_lsn"]))))
+                      gaps=wal.gaps([s for s in path if s.number >= first], first),
+                      timelines=spans if len(spans) > 1 else [])
 
 
 # restore cluster ---------------------------------------------------------------------------------
@@ -224,14 +263,13 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
     from .volume_swap import new_dir, run_step
 
     target = volume or _data_volume(settings)
-    with Store(settings.state_dir) as store:
-        base = base_for(store, settings.postgres_db, at or utcnow())
+    base, timeline = choose(settings, settings.postgres_db, at)
     if base is None:
         raise CatalogError("no base backup finished at or before that moment (see `list`)")
     check_file(settings.backup_dir, base)
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
-    say(f"recovering base backup {base.path} plus WAL to {moment}")
-    with hold(), recovered(settings, base, at) as done:
+    say(f"recovering base backup {base.path} plus WAL to {moment}{on_which(timeline)}")
+    with hold(), recovered(settings, base, at, timeline) as done:
         docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
 
         def fill(helper: Any, staging: str) -> None:
