@@ -431,6 +431,23 @@ def test_the_streamer_starts_again_when_the_database_container_does(
         "SELECT active FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'") == "t", 30)
 
 
+def test_a_database_started_before_the_wait_began_ends_it_too(env: Env, pg: PG) -> None:
+    """The race a restore makes: its container is started again just before the streamer's
+    quick retry, which fails (the server is still starting) and begins a minute's wait. That
+    start is still new to the streamer (it last streamed before it): the wait ends at once,
+    once for that start."""
+    from toybox_backupd import docker_api
+    from toybox_backupd.daemon.streamer import WATCH_SECONDS, Streamer
+
+    streamer = Streamer(env.settings(**PITR), lambda why: None)
+    streamer.streamed_on = "a start before the restore"
+    began = time.monotonic()
+    assert streamer._pause(60)
+    assert time.monotonic() - began < WATCH_SECONDS + 15
+    assert streamer.woken_for == docker_api.started_at(pg.name)
+    assert not streamer._pause(1)  # not again for the same start
+
+
 def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
         env: Env, pg: PG) -> None:
     """The streamer is down (never started here) while the database writes: the slot would

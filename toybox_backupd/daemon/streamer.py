@@ -53,6 +53,10 @@ class Streamer:
         self.stopping = threading.Event()
         self.receiver: wal.Receiver | None = None
         self.partial_copied = float("-inf")  # when the segment being written was last copied
+        # the database container's start (docker_api.started_at) when pg_receivewal last ran,
+        # and the one a wait was last cut short for
+        self.streamed_on: str | None = None
+        self.woken_for: str | None = None
         self.thread = threading.Thread(target=self._loop, name="wal-streamer", daemon=True)
         with Store(settings.state_dir) as store:
             self.owner = store.instance_id()
@@ -96,15 +100,15 @@ class Streamer:
 
     def _pause(self, delay: float) -> bool:
         """Wait `delay` s before the next start, or less: until the database container has been
-        started again (a restore with --stop-containers, `docker compose restart`) and its
-        server answers. True if it was."""
-        since = self._db_started()
+        started again since pg_receivewal last ran (a restore with --stop-containers, `docker
+        compose restart`; once per start of it) and its server answers. True if it was."""
         deadline = time.monotonic() + delay
         while not self.stopping.wait(max(0.0, min(WATCH_SECONDS, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 return False
             now = self._db_started()
-            if now is not None and now != since:
+            if now is not None and now not in (self.streamed_on, self.woken_for):
+                self.woken_for = now
                 with contextlib.suppress(database.DatabaseError):
                     database.check_reachable(self.settings)
                 log.info("the database container was started again: streaming starts again")
@@ -121,6 +125,7 @@ class Streamer:
         seconds (one that fails at once, over and over, stays down for the alert). On a new
         timeline (a cluster restore): said, emailed, and a base backup taken on it."""
         self._set(STATE_STREAMING, iso())
+        self.streamed_on = self._db_started()
         log.info("WAL streamer running", directory=str(wal.wal_dir(self.settings)),
                  slot=wal.SLOT, slot_created=slot_created)
         followed = self.receiver.followed if self.receiver is not None else None
