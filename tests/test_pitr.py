@@ -147,6 +147,42 @@ def test_the_streamer_comes_back_after_sigkill_with_no_gap(env: Env, pg: PG, str
         == "t"
 
 
+def test_a_stopped_sidecar_leaves_no_slot_and_streams_on_when_started(
+        env: Env, pg: PG, docker_engine: Any) -> None:
+    """Stopped (SIGTERM, as `docker compose stop` does), the daemon drops its slot: nothing
+    holds the database's WAL while nobody watches it. Started again, it streams on from its
+    last segment with no gap (the server still has it)."""
+    import signal as signals
+
+    from toybox_backupd.tiers import wal
+
+    slot = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'"
+    first = Daemon(env, "first", **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: first.log)
+        assert pg.psql(slot) == "1"
+        first.signal(signals.SIGTERM)
+        assert first.wait(60) == 0, first.log
+    finally:
+        first.kill()
+    assert "replication slot dropped at shut-down" in first.log
+    assert pg.psql(slot) == "0" and not wal_helpers(docker_engine, env)
+    pg.psql("CREATE TABLE while_stopped (x int); INSERT INTO while_stopped VALUES (1); "
+            "SELECT pg_switch_wal()")
+    current = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    second = Daemon(env, "second", **PITR, **NO_JOBS)
+    try:
+        wait_for("streaming on", lambda: any(s.partial and s.name == current
+                                             for s in segments(env)), 90, lambda: second.log)
+        assert wal.gaps(segments(env)) == [] and "has already been removed" not in second.log
+        assert pg.psql(slot) == "1"
+    finally:
+        second.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True)
+
+
 # restore to a moment ---------------------------------------------------------------------------
 # The issue asks for three minutes of writes; the suite must stay within its CI budget, so the
 # writer runs WRITER_SECONDS (60 by default; TOYBOX_PITR_WRITER_SECONDS=180 for the full length).
@@ -460,15 +496,17 @@ def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
                             SMTP_HOST="127.0.0.1", SMTP_FROM="backupd@example.com")
     asked: list[str] = []
     streamer = Streamer(settings, asked.append)
+    gauge = database.SlotGauge(settings, wal.SLOT)
     assert database.ensure_slot(settings, wal.SLOT)
     pg.psql("CREATE TABLE filler (x text)")
-    streamer.watch()
+    streamer.watch_slot(gauge)
     assert asked == [] and database.slot_retained(settings, wal.SLOT) is not None
     for _ in range(6):  # a little over 64 MiB of WAL the slot holds
         pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 1000); "
                 "SELECT pg_switch_wal()")
     assert database.slot_retained(settings, wal.SLOT) > 64 * 1024 * 1024
-    streamer.watch()
+    streamer.watch_slot(gauge)
+    gauge.close()
     assert asked == ["replication slot dropped"]
     assert database.slot_retained(settings, wal.SLOT) is None
     pg.psql("CHECKPOINT")
@@ -597,50 +635,106 @@ def test_a_streamer_down_too_long_fails_healthcheck_and_emails_once(plain_env: E
                for line in lines), lines
 
 
-# The issue asks for a 10-minute outage; OUTAGE_SECONDS keeps the suite's budget (default 45).
+# The issue asks for a 10-minute outage; OUTAGE_SECONDS keeps the suite's budget (default 45;
+# TOYBOX_PITR_OUTAGE_SECONDS=600 runs the full length).
 OUTAGE_SECONDS = float(os.environ.get("TOYBOX_PITR_OUTAGE_SECONDS", "45"))
+
+
+class StreamerKiller:
+    """Keeps the WAL streamer down: SIGKILLs every pg_receivewal the supervisor starts."""
+
+    def __init__(self, docker_engine: Any, env: Env):
+        self.engine, self.env, self.kills = docker_engine, env, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.2):
+            with contextlib.suppress(Exception):  # a helper removed while we look
+                for helper in wal_helpers(self.engine, self.env):
+                    out = helper.exec_run(["sh", "-c", "for p in /proc/[0-9]*; do grep -qa "
+                                           "'^pg_receivewal' $p/cmdline 2>/dev/null && "
+                                           "kill -KILL ${p#/proc/} && echo k; done"])
+                    self.kills += out.output.decode().count("k")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+class WalSampler:
+    """pg_wal's size and the WAL our slot holds, four times a second (None: no slot)."""
+
+    def __init__(self, pg: PG):
+        import psycopg
+
+        self.conn = psycopg.connect(host=pg.host, port=pg.port, user=pg.user,
+                                    password=pg.password, dbname="postgres", autocommit=True)
+        self.samples: list[tuple[int, int | None]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.25):
+            row = self.conn.execute(
+                "SELECT (SELECT sum(size) FROM pg_ls_waldir()), (SELECT pg_wal_lsn_diff("
+                "pg_current_wal_lsn(), restart_lsn) FROM pg_replication_slots WHERE "
+                "slot_name = 'toybox_backupd')").fetchone()
+            self.samples.append((int(row[0]), None if row[1] is None else int(row[1])))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+        self.conn.close()
 
 
 def test_pg_wal_stays_bounded_while_the_streamer_is_down(env: Env, pg: PG, docker_engine: Any
                                                          ) -> None:
-    """The streamer is down (SIGKILLed twice in a row: the supervisor then waits a minute)
-    while the database writes a segment a second and checkpoints as a busy server does: the
-    slot would keep everything; the watch drops it past PITR_MAX_SLOT_WAL. pg_wal holds at most
-    that plus what one watch interval (5 s) writes, far less than the outage wrote, and
-    returns to the server's own size; the drop is said in the log, a base backup follows."""
-    assert OUTAGE_SECONDS < 60  # within the supervisor's one-minute backoff
+    """The streamer is kept down (every pg_receivewal SIGKILLed as it starts) while the
+    database writes a segment a second and checkpoints as a busy server does: the slot would
+    keep everything; the watch, once a second, drops it past PITR_MAX_SLOT_WAL. The WAL the
+    slot holds never exceeds that plus a segment; pg_wal holds at most that beyond what the
+    server keeps on its own (min_wal_size's recycled segments), far less than the outage wrote;
+    the drop is said in the log and a base backup follows."""
     limit, segment = 64 * 1024 * 1024, 16 * 1024 * 1024
     daemon = Daemon(env, **PITR, **NO_JOBS, PITR_MAX_SLOT_WAL="64MB")
+    killer = sampler = None
     try:
         wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
                  lambda: daemon.log)
-        for times in (1, 2):  # the second death within a minute: backoff of a minute
-            wait_for("the streamer", lambda: wal_helpers(docker_engine, env), 30)
-            helper = wal_helpers(docker_engine, env)[0]
-            wait_for("pg_receivewal", lambda h=helper: h.exec_run(["sh", "-c", "grep -lqa "
-                     "'^pg_receivewal' /proc/[0-9]*/cmdline"]).exit_code == 0, 30)
-            helper.exec_run(["kill", "-KILL", str(streamer_pid(helper))])
-            wait_for("the streamer down", lambda n=times: daemon.log.count(
-                "WAL streamer down") >= n, 30, lambda: daemon.log)
-        assert "in_s=60.0" in daemon.log
+        killer = StreamerKiller(docker_engine, env)
+        wait_for("the streamer down", lambda: "WAL streamer down" in daemon.log, 30,
+                 lambda: daemon.log)
         pg.psql("CREATE TABLE filler (x text)")
-        sizes, deadline = [], time.monotonic() + OUTAGE_SECONDS
+        sampler, deadline = WalSampler(pg), time.monotonic() + OUTAGE_SECONDS
         while time.monotonic() < deadline:
             pg.psql("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 500); "
                     "SELECT pg_switch_wal(); CHECKPOINT")
-            sizes.append(int(pg.psql("SELECT sum(size) FROM pg_ls_waldir()")))
             time.sleep(1)
+        written = int(pg.psql("SELECT count(*) FROM filler")) // 500 * segment
+        sampler.stop()
         assert "replication slot dropped" in daemon.log
-        wait_for("a base backup", lambda: artifacts(env, "base"), 120, lambda: daemon.log)
-        sys.stderr.write(f"\npg_wal: at most {max(sizes) / 2**20:.0f} MiB while "
-                         f"{len(sizes) * segment / 2**20:.0f} MiB were written in "
-                         f"{OUTAGE_SECONDS:.0f} s (PITR_MAX_SLOT_WAL 64 MiB)\n")
-        reuse = int(pg.psql("SELECT pg_size_bytes(current_setting('min_wal_size'))"))
-        per_watch = 7 * segment  # a watch interval (5 s) at a segment a second, the current one
-        assert max(sizes) <= max(limit, reuse) + per_watch, [s // 2**20 for s in sizes]
-        # once dropped, only what the server keeps for itself (min_wal_size, the current one)
-        assert sizes[-1] <= max(limit, reuse) + 2 * segment, [s // 2**20 for s in sizes]
+        wait_for("a base backup", lambda: artifacts(env, "base"), 180, lambda: daemon.log)
+        held = [h for _, h in sampler.samples if h is not None]
+        with_slot = [size for size, h in sampler.samples if h is not None]
+        own = [size for size, h in sampler.samples if h is None]
+        sys.stderr.write(
+            f"\npg_wal over a {OUTAGE_SECONDS:.0f} s outage ({killer.kills} streamer starts "
+            f"killed, {written / 2**20:.0f} MiB of WAL written, PITR_MAX_SLOT_WAL 64 MiB, "
+            f"{len(sampler.samples)} samples): the slot held at most {max(held) / 2**20:.1f} "
+            f"MiB; pg_wal at most {max(with_slot) / 2**20:.0f} MiB with the slot, "
+            f"{max(own) / 2**20:.0f} MiB without it; drops: "
+            f"{daemon.log.count('limit=67108864')}\n")
+        assert held and own and killer.kills >= 1
+        assert max(held) <= limit + segment, [h // 2**20 for h in held]
+        assert max(with_slot) <= max(own) + limit + segment
+        assert max(with_slot) < written / 2
     finally:
+        for part in (killer, sampler):
+            if part is not None:
+                part.stop()
         daemon.kill()
         for container in wal_helpers(docker_engine, env):
             container.remove(force=True)

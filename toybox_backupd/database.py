@@ -328,17 +328,56 @@ def ensure_slot(settings: Settings, slot: str) -> bool:
         return True
 
 
+SLOT_HELD = ("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) FROM "
+             "pg_replication_slots WHERE slot_name = %s")
+
+
 def slot_retained(settings: Settings, slot: str) -> int | None:
     """Bytes of WAL the server keeps for `slot` (None: no such slot)."""
     with admin(settings) as conn:
-        row = conn.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) FROM pg_replication_slots"
-            " WHERE slot_name = %s", (slot,)).fetchone()
+        row = conn.execute(SLOT_HELD, (slot,)).fetchone()
     return None if row is None else int(row[0] or 0)
+
+
+class SlotGauge:
+    """slot_retained over one kept connection (measured every second: no new session each
+    time); the connection is opened again after an error."""
+
+    def __init__(self, settings: Settings, slot: str):
+        self.settings = settings
+        self.slot = slot
+        self.conn: psycopg.Connection | None = None
+
+    def held(self) -> int | None:
+        """Bytes of WAL the slot holds (None: no such slot); DatabaseError when the server
+        cannot be asked."""
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = connect(self.settings, "postgres")
+            row = self.conn.execute(SLOT_HELD, (self.slot,)).fetchone()
+        except psycopg.Error as exc:
+            self.close()
+            raise DatabaseError(f"could not measure the replication slot {self.slot}: "
+                                f"{type(exc).__name__}") from None
+        return None if row is None else int(row[0] or 0)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
 
 
 def drop_slot(settings: Settings, slot: str) -> None:
     """End the session using `slot` (if any) and drop it, so the server frees its WAL."""
+    try:
+        _drop_slot(settings, slot)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"could not drop the replication slot {slot}: "
+                            f"{redact.redact(str(exc)).strip()}") from None
+
+
+def _drop_slot(settings: Settings, slot: str) -> None:
     with admin(settings) as conn:
         conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE "
                      "slot_name = %s AND active_pid IS NOT NULL", (slot,))

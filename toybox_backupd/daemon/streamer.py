@@ -2,12 +2,13 @@
 
 A thread runs pg_receivewal on the route (tiers.wal.Receiver) and starts it again when it ends:
 after 2 s if it had streamed for a minute or more, else after basics.backoff (1, 2, 5, 10, 30,
-60 min). A watch every WATCH_SECONDS:
-- the streamer down for PITR_ALERT_MINUTES: one alert email (and `healthcheck` fails), and one
-  more when it streams again;
-- the slot holding more than PITR_MAX_SLOT_WAL of the database's WAL: the slot is dropped so
-  the database's disk never fills (an alert email), then a base backup is taken at once: the
-  WAL the slot no longer held may be lost, and a new base backup closes that gap.
+60 min). A watch every WATCH_SECONDS: the streamer down for PITR_ALERT_MINUTES: one alert
+email (and `healthcheck` fails), and one more when it streams again.
+A second thread measures the slot every SLOT_WATCH_SECONDS over one kept connection: past
+PITR_MAX_SLOT_WAL of the database's WAL the slot is dropped so the database's disk never fills
+(an alert email), then a base backup is taken at once: the WAL the slot no longer held may be
+lost, and a new base backup closes that gap. The slot holds at most the limit plus what the
+server writes in a second.
 A gap pg_receivewal reports ("requested WAL segment … has already been removed") is closed
 the same way: the archive so far is moved aside (wal/<db>/before-<stamp>/), the stream starts a
 new chain at the server's position, and a base backup is requested.
@@ -39,6 +40,7 @@ from .keys import STATE_PITR_STREAMING as STATE_STREAMING
 log = logs.get("toybox_backupd.streamer")
 
 WATCH_SECONDS = 5.0
+SLOT_WATCH_SECONDS = 1.0
 QUICK_RESTART = 2.0  # seconds before restarting a streamer that had run for a while
 HEALTHY_RUN = 60.0
 STEADY = 10.0  # seconds pg_receivewal must have run before it counts as streaming
@@ -58,18 +60,36 @@ class Streamer:
         self.streamed_on: str | None = None
         self.woken_for: str | None = None
         self.thread = threading.Thread(target=self._loop, name="wal-streamer", daemon=True)
+        self.slot_thread = threading.Thread(target=self._slot_loop, name="wal-slot-watch",
+                                            daemon=True)
         with Store(settings.state_dir) as store:
             self.owner = store.instance_id()
 
     def start(self) -> None:
         self._set(STATE_DOWN, iso())  # until pg_receivewal runs
         self.thread.start()
+        self.slot_thread.start()
 
     def shutdown(self) -> None:
         self.stopping.set()
         if self.receiver is not None:
             self.receiver.end()
         self.thread.join(30)
+        self.slot_thread.join(10)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        """A stopped sidecar cannot watch the slot, so it does not leave one behind to hold the
+        database's WAL for as long as it stays stopped. The next start streams on from its last
+        segment when the server still has it; else the gap is reported and closed by a base
+        backup. (A daemon killed outright leaves the slot; the next start watches it again.)"""
+        try:
+            database.drop_slot(self.settings, wal.SLOT)
+        except database.DatabaseError as exc:  # the database is down too: nothing grows
+            log.warning("replication slot kept at shut-down", slot=wal.SLOT, error=str(exc))
+            return
+        log.info("replication slot dropped at shut-down: the stopped sidecar holds none of "
+                 "the database's WAL", slot=wal.SLOT)
 
     def _set(self, key: str, value: str) -> None:
         with Store(self.settings.state_dir) as store:
@@ -161,7 +181,6 @@ class Streamer:
         WAL copied off-site (OFFSITE_URL)."""
         try:
             self._watch_down()
-            self._watch_slot()
         except Exception as exc:
             log.error("PITR watch failed", error=redact.redact(describe_unexpected(exc)))
         if not self.settings.offsite_url:
@@ -193,10 +212,29 @@ class Streamer:
                 store.set_state(STATE_ALERTED, "yes")
                 alert(s, "WAL streamer down", down_text(s, down, error))
 
-    def _watch_slot(self) -> None:
+    def _slot_loop(self) -> None:
+        """watch_slot every SLOT_WATCH_SECONDS until shut down; a failure is logged once (not
+        every second) until the watch works again."""
+        gauge = database.SlotGauge(self.settings, wal.SLOT)
+        said = ""
+        try:
+            while not self.stopping.wait(SLOT_WATCH_SECONDS):
+                try:
+                    self.watch_slot(gauge)
+                    said = ""
+                except Exception as exc:
+                    error = redact.redact(describe_unexpected(exc))
+                    if error != said:
+                        log.error("replication slot watch failed", error=error)
+                    said = error
+        finally:
+            gauge.close()
+
+    def watch_slot(self, gauge: database.SlotGauge) -> None:
+        """Drop the slot once it holds more than PITR_MAX_SLOT_WAL (see the module's doc)."""
         s = self.settings
         try:
-            held = database.slot_retained(s, wal.SLOT)
+            held = gauge.held()
         except database.DatabaseError:
             return  # the database is down: nothing grows
         if held is None or held <= s.pitr_max_slot_wal:
