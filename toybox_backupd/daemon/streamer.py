@@ -13,7 +13,9 @@ A gap pg_receivewal reports ("requested WAL segment … has already been removed
 the same way: the archive so far is moved aside (wal/<db>/before-<stamp>/), the stream starts a
 new chain at the server's position, and a base backup is requested.
 While it is down, a restart of the database container (a restore with --stop-containers) ends
-the wait at once.
+the wait at once. Before each start, wal.follow_timeline puts the archive on the server's
+timeline (after a cluster restore: the old branch set aside, streaming from the fork); that is
+said, emailed, and a base backup taken on the new timeline.
 """
 
 from __future__ import annotations
