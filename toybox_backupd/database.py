@@ -296,6 +296,25 @@ def server_port(settings: Settings) -> int:
     return int(row[0]) if row else 5432
 
 
+def server_timeline(settings: Settings) -> int:
+    """The timeline the server writes its WAL on now (2 and up after a restore to a moment)."""
+    with admin(settings) as conn:
+        row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    return int(str(row[0])[:8], 16) if row else 1
+
+
+def timeline_history(settings: Settings, name: str) -> bytes | None:
+    """The server's timeline history file `name` (`00000002.history`) from its pg_wal; None when
+    it has none, or POSTGRES_USER may not read it (a superuser may)."""
+    try:
+        with admin(settings) as conn:
+            row = conn.execute("SELECT pg_read_binary_file('pg_wal/' || %s, 0, 1048576, true)",
+                               (name,)).fetchone()
+    except psycopg.Error:
+        return None
+    return bytes(row[0]) if row and row[0] is not None else None
+
+
 def ensure_slot(settings: Settings, slot: str) -> bool:
     """Create the physical replication slot `slot` (WAL reserved at once) unless it exists.
 

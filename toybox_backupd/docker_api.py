@@ -185,6 +185,16 @@ def container_state(container_id: str) -> str | None:
         return None
 
 
+def started_at(name: str) -> str | None:
+    """The id and last start time of container `name` (as find_container finds it), None when
+    there is none: it changes whenever the container is started again or replaced."""
+    try:
+        container = find_container(name)
+    except (DockerError, DockerException):
+        return None
+    return f"{container.id} {container.attrs.get('State', {}).get('StartedAt', '')}"
+
+
 @lru_cache(maxsize=1)
 def own_container() -> Container | None:
     """The container this process runs in, if any."""

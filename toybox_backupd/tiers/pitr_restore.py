@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from ..store import Artifact, Store
 from . import logical, wal, wal_offsite
 from .logical import Hold
 from .pitr_scratch import Scratch, scratch
+from .timelines import Timelines, history_name, lsn_value
 
 BASE_TIER = "base"
 DATA = "/pgdata/data"
@@ -57,11 +58,35 @@ chmod 700 /pgdata/data
 """
 
 
-def base_for(store: Store, dbname: str, at: datetime) -> Artifact | None:
-    """The newest base backup finished at or before `at` that is intact here or off-site
-    (None: there is none)."""
-    kept = [item for item in restorable(store, BASE_TIER, dbname) if item.created_at <= at]
+def base_for(store: Store, dbname: str, at: datetime,
+             fits: Callable[[Artifact], bool] = lambda item: True) -> Artifact | None:
+    """The newest base backup finished at or before `at` that is intact here or off-site and
+    `fits` (None: there is none)."""
+    kept = [item for item in restorable(store, BASE_TIER, dbname)
+            if item.created_at <= at and fits(item)]
     return max(kept, key=lambda item: (item.created_at, item.id), default=None)
+
+
+def on_timeline(lines: Timelines, timeline: int) -> Callable[[Artifact], bool]:
+    """Whether a base backup is on `timeline`'s path (taken on it, or on an ancestor before
+    the fork): a recovery to that timeline can start from it."""
+    return lambda item: lines.contains(timeline, int(item.extra.get("timeline") or 1),
+                                       lsn_value(str(item.extra.get("end_lsn") or "0/0")))
+
+
+def choose(settings: Settings, dbname: str, at: datetime | None) -> tuple[Artifact | None, int]:
+    """The base backup a recovery to `at` (None: the newest moment) starts from, and the
+    timeline it follows: the one the server was on at `at` (wal.timeline_at)."""
+    with Store(settings.state_dir) as store:
+        anyone = base_for(store, dbname, at or utcnow())
+    if anyone is None:
+        return None, 1
+    lines = wal.timelines(settings, dbname)
+    timeline = (wal.newest_timeline(wal.segments(settings, dbname), lines) if at is None else
+                wal.timeline_at(at, wal.ends(settings, recovery_image(settings, anyone),
+                                             dbname)))
+    with Store(settings.state_dir) as store:
+        return base_for(store, dbname, at or utcnow(), on_timeline(lines, timeline)), timeline
 
 
 @dataclass
@@ -70,21 +95,27 @@ class Plan:
 
     base: Artifact
     image: str  # the database image the throwaway server runs
-    files: list[Path]  # the WAL segments it replays (here, or fetched into the scratch)
+    timeline: int  # the timeline it follows
+    files: list[wal.Segment]  # the WAL on that timeline's path (here, or fetched into the scratch)
+    histories: list[Path]  # every timeline history file
 
 
-def gather(settings: Settings, base: Artifact, work: Scratch, say: Say = silent) -> Plan:
-    """The WAL a recovery from `base` needs: the segments here from its start on, and those
-    the archive here lacks fetched from off-site into the scratch. The database commits once
-    more first, when it is up, so that every moment up to now is recoverable."""
+def gather(settings: Settings, base: Artifact, timeline: int, work: Scratch,
+           say: Say = silent) -> Plan:
+    """The WAL a recovery from `base` along `timeline` needs: the segments on its path from the
+    base's start on, here, and those the archive here lacks fetched from off-site into the
+    scratch. The database commits once more first, when it is up, so that every moment up to
+    now is recoverable."""
     wal.make_recent_recoverable(settings)
     start = int(base.extra.get("start_segment", 0))
     local = [s for s in wal.segments(settings, base.target) if s.number >= start]
     fetched = wal_offsite.fetch(settings, base.target, start, local, work.wal, say)
-    paths = [s.path for s in local] + fetched
-    complete = {p.name for p in paths if not p.name.endswith(".partial")}
-    files = [p for p in paths if not (p.name.endswith(".partial") and p.name[:-8] in complete)]
-    return Plan(base, recovery_image(settings, base, say), files)
+    found = local + [s for s in (wal.parse_segment(p, aside=p.parent != work.wal)
+                                 for p in fetched) if s is not None]
+    lines = wal.timelines(settings, base.target)
+    histories = [wal.wal_dir(settings, base.target) / history_name(t) for t in lines.histories]
+    return Plan(base, recovery_image(settings, base, say), timeline,
+                wal.on_path(found, lines, timeline, start), histories)
 
 
 def recovery_image(settings: Settings, base: Artifact, say: Say = silent) -> str:
@@ -114,17 +145,16 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
                   hold: Hold = contextlib.nullcontext) -> None:
     """Restore the database as it was at `at` (see the module's doc)."""
     dbname = settings.postgres_db
-    with Store(settings.state_dir) as store:
-        base = base_for(store, dbname, at)
+    base, timeline = choose(settings, dbname, at)
     with scratch(settings) as work:
-        plan = gather(settings, base, work, say) if base is not None else None
+        plan = gather(settings, base, timeline, work, say) if base is not None else None
         end = wal.last_commit(settings, plan.image, files=plan.files) if (
             plan and plan.files) else None
         if plan is not None and end is not None and at <= end:
             _fetched(settings, plan.base, say)
             say(f"recovering base backup {plan.base.path} "
                 f"({local_time(plan.base.created_at, settings.zone)}) plus WAL to "
-                f"{local_time(at, settings.zone)}")
+                f"{local_time(at, settings.zone)}" + on_which(timeline))
             with recovered(settings, plan, at, work) as done, \
                     dumped(settings, done.server, dbname, at, work.dump) as item:
                 say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
@@ -146,11 +176,16 @@ class Recovery:
     scratch: str  # its data volume (the cluster in data/)
 
 
+def on_which(timeline: int) -> str:
+    """` on timeline N` after a cluster restore forked one, else nothing."""
+    return f" on timeline {timeline}" if timeline > 1 else ""
+
+
 @contextlib.contextmanager
 def recovered(settings: Settings, plan: Plan, at: datetime | None,
               work: Scratch) -> Iterator[Recovery]:
-    """A throwaway server recovered from the plan's base backup plus its WAL to `at` (None: to
-    the end of it), promoted, in the scratch's volume; removed with it afterwards."""
+    """A throwaway server recovered from the plan's base backup plus the WAL of its timeline's
+    path to `at` (None: to the end of it), promoted, in the scratch's volume; removed with it afterwards."""
     work.create_volume()
     try:
         _prepare(settings, plan, at, work)
@@ -164,10 +199,13 @@ def recovered(settings: Settings, plan: Plan, at: datetime | None,
 
 
 def _prepare(settings: Settings, plan: Plan, at: datetime | None, work: Scratch) -> None:
-    """Unpack the base backup into the scratch volume, copy its WAL beside it, and set the
-    recovery target (a root helper from the database's image, no network)."""
+    """Unpack the base backup into the scratch volume, copy beside it the WAL on the path of
+    the plan's timeline and every timeline history file (the new timeline a promotion makes is
+    numbered after the highest), and set the recovery target (a root helper from the
+    database's image, no network)."""
     where = wal.shared(settings, settings.backup_dir, mode="ro")
-    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'", "recovery_target_timeline = 'latest'",
+    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'",
+            f"recovery_target_timeline = '{plan.timeline}'",
             "archive_mode = 'off'", "listen_addresses = ''", "hot_standby = 'on'",
             "unix_socket_directories = '/pgdata'"]
     if at is not None:
@@ -178,7 +216,8 @@ def _prepare(settings: Settings, plan: Plan, at: datetime | None, work: Scratch)
                            "recover-setup", user="0:0", caps=SETUP_CAPS,
                            owner=work.owner) as helper:
         result, _ = docker_api.run(helper, ["sh", "-c", SETUP, "sh", "\n".join(conf), folder,
-                                            *(where.path(p) for p in plan.files)])
+                                            *(where.path(s.path) for s in plan.files),
+                                            *(where.path(p) for p in plan.histories)])
     if result.exit_code != 0:
         raise JobError(tool_error("the recovery set-up (tar, cp)", result,
                                   "a helper from the database's image"))
@@ -237,11 +276,17 @@ def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
         return None
     oldest = min(kept, key=lambda item: item.created_at)
     newest = max(kept, key=lambda item: item.created_at)
+    image = str(newest.extra["image"])
     found = wal.segments(settings, dbname)
-    end = wal.last_commit(settings, str(newest.extra["image"]), dbname) if found else None
+    lines = wal.timelines(settings, dbname)
+    first = wal.segment_of_lsn(str(oldest.extra["end_lsn"]))
+    path = wal.on_path(found, lines, wal.newest_timeline(found, lines))
+    end = wal.last_commit(settings, image, dbname, path)
+    spans = wal.ends(settings, image, dbname)
     return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
                                                        newest.created_at),
-                      gaps=wal.gaps(found, wal.segment_of_lsn(str(oldest.extra["end_lsn"]))))
+                      gaps=wal.gaps([s for s in path if s.number >= first], first),
+                      timelines=spans if len(spans) > 1 else [])
 
 
 # restore cluster ---------------------------------------------------------------------------------
@@ -266,15 +311,14 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
     from .volume_swap import new_dir, run_step
 
     target = volume or _data_volume(settings)
-    with Store(settings.state_dir) as store:
-        base = base_for(store, settings.postgres_db, at or utcnow())
+    base, timeline = choose(settings, settings.postgres_db, at)
     if base is None:
         raise CatalogError("no base backup finished at or before that moment (see `list`)")
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
     with hold(), scratch(settings) as work:
-        plan = gather(settings, base, work, say)
+        plan = gather(settings, base, timeline, work, say)
         _fetched(settings, base, say)
-        say(f"recovering base backup {base.path} plus WAL to {moment}")
+        say(f"recovering base backup {base.path} plus WAL to {moment}{on_which(timeline)}")
         with recovered(settings, plan, at, work) as done:
             docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
 

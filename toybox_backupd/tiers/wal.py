@@ -10,9 +10,12 @@ privileges, and mounts only the backup directory (found as transfer.py finds the
 sidecar's own volume or bind mount, or the host path on the host).
 
 The WAL archive is BACKUP_DIR/wal/<db>/: completed segments (`000000010000000000000042`) and
-the one being written (`….partial`, fsynced at every commit by `--synchronous`). A gap the
-streamer could not close moves what came before it into `wal/<db>/before-<stamp>/`, so
-pg_receivewal starts a new chain; recovery looks in both.
+the one being written (`….partial`, fsynced at every commit by `--synchronous`), and the history
+file of each timeline after the first (`00000002.history`). A gap the streamer could not close
+moves what came before it into `wal/<db>/before-<stamp>/`, so pg_receivewal starts a new chain;
+a cluster restore's new timeline moves the old timeline's branch past the fork into
+`wal/<db>/branch-<stamp>/` (follow_timeline), so pg_receivewal streams the new timeline from
+where it forked. Recovery looks in all of them, and reads one timeline's path (timelines.py).
 """
 
 from __future__ import annotations
@@ -20,21 +23,30 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import database, docker_api
-from ..basics import JobError
+from ..atomic import AtomicFile
+from ..basics import JobError, local_time, utcnow
 from ..settings import Settings
+from .timelines import (
+    SEGMENT_SIZE,
+    Timelines,
+    history_name,
+    lsn_value,
+    segment_name,
+    segment_of,
+)
 
 SLOT = "toybox_backupd"
 APPLICATION = "toybox-backupd-wal"
 MOUNT = "/backup"  # where a route helper mounts the backup directory's volume or host path
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
-SEGMENT_SIZE = 16 * 1024 * 1024
+SIDE = ("before-*", "branch-*")  # chains set aside: before a gap, a timeline's old branch
 COMMIT = re.compile(r"desc: (?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
@@ -131,28 +143,36 @@ class Segment:
     number: int  # the segment's number in the WAL (log * 256 + seg for 16 MiB segments)
     path: Path
     partial: bool
+    aside: bool = False  # in a folder set aside (before a gap, an old timeline's branch)
 
     @property
     def name(self) -> str:
         return self.path.name.removesuffix(".partial")
 
+    def rank(self) -> tuple[bool, bool]:
+        """Of two copies of one segment, the higher ranked holds more: a complete one, else
+        one set aside (what its timeline streamed while it was the server's) over one streamed
+        again up to a switch point."""
+        return (not self.partial, self.aside)
 
-def parse_segment(path: Path) -> Segment | None:
+
+def parse_segment(path: Path, aside: bool = False) -> Segment | None:
     """The segment a WAL file name names (None for any other name)."""
     match = SEGMENT.match(path.name)
     if match is None:
         return None
     tli, log, seg, partial = match.groups()
     per_log = 0x100000000 // SEGMENT_SIZE
-    return Segment(int(tli, 16), int(log, 16) * per_log + int(seg, 16), path, bool(partial))
+    return Segment(int(tli, 16), int(log, 16) * per_log + int(seg, 16), path, bool(partial),
+                   aside)
 
 
 def segments(settings: Settings, dbname: str | None = None) -> list[Segment]:
     """Every WAL segment kept (the chains before gaps too), in WAL order."""
     root = wal_dir(settings, dbname)
     found = []
-    for path in [*root.glob("*"), *root.glob("before-*/*")]:
-        segment = parse_segment(path)
+    for path in [*root.glob("*"), *(p for side in SIDE for p in root.glob(f"{side}/*"))]:
+        segment = parse_segment(path, aside=path.parent != root)
         if segment is not None and path.is_file():
             found.append(segment)
     return sorted(found, key=lambda s: (s.number, s.timeline, s.partial))
@@ -160,8 +180,35 @@ def segments(settings: Settings, dbname: str | None = None) -> list[Segment]:
 
 def segment_of_lsn(lsn: str) -> int:
     """The segment number that holds `lsn` ("0/3000028")."""
-    high, low = (int(part, 16) for part in lsn.split("/"))
-    return ((high << 32) + low) // SEGMENT_SIZE
+    return segment_of(lsn_value(lsn))
+
+
+def timelines(settings: Settings, dbname: str | None = None) -> Timelines:
+    """The timeline histories the archive holds."""
+    return Timelines.load(wal_dir(settings, dbname))
+
+
+def best_copies(found: Iterable[Segment]) -> list[Segment]:
+    """One file per segment number (the best ranked copy), in WAL order."""
+    chosen: dict[int, Segment] = {}
+    for segment in found:
+        held = chosen.get(segment.number)
+        if held is None or segment.rank() > held.rank():
+            chosen[segment.number] = segment
+    return [chosen[number] for number in sorted(chosen)]
+
+
+def on_path(found: list[Segment], lines: Timelines, timeline: int, first: int = 0,
+            ) -> list[Segment]:
+    """What a recovery to `timeline` reads from segment `first` on: each segment's file on
+    that timeline's path (timelines.py), never another branch's."""
+    return best_copies(s for s in found if s.number >= first
+                       and lines.owner(timeline, s.number) == s.timeline)
+
+
+def newest_timeline(found: list[Segment], lines: Timelines) -> int:
+    """The newest timeline the archive knows (by its segments or its history files)."""
+    return lines.known(s.timeline for s in found)[-1]
 
 
 @dataclass
@@ -171,13 +218,18 @@ class Window:
     start: datetime | None = None
     end: datetime | None = None
     gaps: list[tuple[int, int]] = field(default_factory=list)  # missing segment numbers
+    # after a cluster restore: each timeline, with its newest commit (see `ends`)
+    timelines: list[tuple[int, datetime | None]] = field(default_factory=list)
 
     def text(self, zone: Any) -> str:
-        from ..basics import local_time
-
         gaps = ", ".join(f"segments {a:X}..{b:X}" for a, b in self.gaps) or "none"
-        return (f"from {local_time(self.start, zone)} to {local_time(self.end, zone)}, "
+        text = (f"from {local_time(self.start, zone)} to {local_time(self.end, zone)}, "
                 f"gaps: {gaps}")
+        if self.timelines:
+            text += ", timelines: " + ", ".join(
+                f"{timeline} until {local_time(end, zone)}" if end else str(timeline)
+                for timeline, end in self.timelines[:-1]) + f", then {self.timelines[-1][0]}"
+        return text
 
 
 def gaps(found: list[Segment], first: int | None = None) -> list[tuple[int, int]]:
@@ -209,15 +261,18 @@ exit 0
 
 
 def last_commit(settings: Settings, image: str, dbname: str | None = None,
-                files: list[Path] | None = None) -> datetime | None:
-    """The time of the newest commit in the WAL archive, or in `files` (segments anywhere in
-    BACKUP_DIR), read with pg_waldump from the database's own image, no network, in the newest
-    four segments: the newest moment a recovery can reach. None when there is none."""
+                files: list[Segment] | None = None) -> datetime | None:
+    """The time of the newest commit in `files` (segments anywhere in BACKUP_DIR; default: the
+    newest timeline's path in the archive), read with pg_waldump from the database's own image,
+    no network, in the newest four: the newest moment a recovery can reach. None when there is
+    none."""
     if files is None:
-        files = [s.path for s in segments(settings, dbname) if s.path.parent == wal_dir(
-            settings, dbname)]
-    newest = sorted((s for s in map(parse_segment, files) if s is not None),
-                    key=lambda s: (s.number, s.timeline, s.partial), reverse=True)[:4]
+        found = segments(settings, dbname)
+        lines = timelines(settings, dbname)
+        files = on_path(found, lines, newest_timeline(found, lines))
+    if not files:
+        return None
+    newest = sorted(files, key=lambda s: (s.number, s.timeline, s.partial), reverse=True)[:4]
     where = shared(settings, settings.backup_dir, mode="ro")
     with docker_api.beside(image, None, where.mounts(), "waldump", user=owner_user(),
                            lifetime=600) as helper:
@@ -233,6 +288,28 @@ def last_commit(settings: Settings, image: str, dbname: str | None = None,
     return datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
 
 
+def ends(settings: Settings, image: str, dbname: str | None = None,
+         ) -> list[tuple[int, datetime | None]]:
+    """Each timeline the archive knows, oldest first, with the newest commit in its own WAL
+    (when it stopped being the server's: a cluster restore forked a newer one); the newest
+    timeline, still the server's, with None. One timeline: no look at the WAL."""
+    found = segments(settings, dbname)
+    known = timelines(settings, dbname).known(s.timeline for s in found)
+    return [*((timeline, last_commit(settings, image, dbname, best_copies(
+        s for s in found if s.timeline == timeline))) for timeline in known[:-1]),
+        (known[-1], None)]
+
+
+def timeline_at(at: datetime, spans: list[tuple[int, datetime | None]]) -> int:
+    """The timeline that was the server's at `at` (`spans` from `ends`): the oldest one whose
+    own WAL has a commit at or after `at`, else the newest. A moment on an old timeline's
+    branch after a cluster restore forked it is recovered on that branch."""
+    for timeline, end in spans[:-1]:
+        if end is not None and at <= end:
+            return timeline
+    return spans[-1][0]
+
+
 def make_recent_recoverable(settings: Settings) -> bool:
     """With the database up: commit now and wait until the streamer has it, so any moment up to
     now is recoverable (recovery stops at the first commit after its target). Never raises."""
@@ -243,7 +320,16 @@ def make_recent_recoverable(settings: Settings) -> bool:
 
 
 # the streamer ---------------------------------------------------------------------------------
-GAP_MARK = "has already been removed"  # the server no longer has the WAL we ask for
+GAP_MARKS = (
+    "has already been removed",  # the server no longer has the WAL we ask for
+    "is not in this server's history",  # the archive's branch is not the server's
+    "ahead of the WAL flush position",  # the archive went further than the server's WAL
+)
+
+
+def is_gap(why: str) -> bool:
+    """Whether pg_receivewal ended because the archive cannot be continued from the server."""
+    return any(mark in why for mark in GAP_MARKS)
 
 
 class Receiver:
@@ -254,11 +340,13 @@ class Receiver:
         self.owner = owner
         self.proc: docker_api.Exec | None = None
         self.ended = False
+        self.followed: str | None = None  # a new timeline it follows (follow_timeline), in words
 
     def run(self, on_started: Any = None) -> str:
         """Stream until pg_receivewal ends; return why it ended (its last words)."""
         s = self.settings
         remove_unpadded(s)
+        self.followed = follow_timeline(s, local_time(utcnow(), s.zone, "stamp"))
         created = database.ensure_slot(s, SLOT)
         port = database.server_port(s)
         local = wal_dir(s)
@@ -314,14 +402,86 @@ def close_chain(settings: Settings, stamp: str) -> Path | None:
     """Move the archive's files into before-<stamp>/ (a gap follows them), so pg_receivewal
     starts a new chain at the server's current position. Returns the directory, if any."""
     root = wal_dir(settings)
-    files = [path for path in root.glob("*") if parse_segment(path) is not None]
+    return set_aside([path for path in root.glob("*") if parse_segment(path) is not None],
+                     root / f"before-{stamp}")
+
+
+def set_aside(files: list[Path], target: Path) -> Path | None:
+    """Move `files` into the folder `target` (made 0700); None when there are none."""
     if not files:
         return None
-    target = root / f"before-{stamp}"
     target.mkdir(mode=0o700, exist_ok=True)
     for path in files:
         path.rename(target / path.name)
     return target
+
+
+def resume_key(segment: Segment) -> tuple[int, int, bool]:
+    """pg_receivewal resumes after the highest segment, on the highest timeline, complete
+    over partial."""
+    return (segment.number, segment.timeline, not segment.partial)
+
+
+def follow_timeline(settings: Settings, stamp: str) -> str | None:
+    """Before pg_receivewal starts: the server's timeline history files into the archive, and
+    when the server writes on another timeline than the archive's newest segment (a cluster
+    restore promoted it), the segments that are not on the server's path (the old timeline's
+    branch after the fork) moved to branch-<stamp>/, and pg_receivewal made to start where the
+    server's timeline began. In words, what was done (None: nothing). Raises DatabaseError."""
+    server = database.server_timeline(settings)
+    fetch_histories(settings, server)
+    root = wal_dir(settings)
+    mine = [s for s in segments(settings) if s.path.parent == root]
+    lines = timelines(settings)
+    if not mine or max(mine, key=resume_key).timeline == server or (
+            server > 1 and server not in lines.histories):
+        return None  # the same timeline; or one we cannot place: pg_receivewal says so
+    off = [s for s in mine if lines.owner(server, s.number) != s.timeline]
+    moved = set_aside([s.path for s in off], root / f"branch-{stamp}")
+    start = _start_at_fork(root, lines, server, [s for s in mine if s not in off])
+    return (f"the database server now writes timeline {server} (a cluster restore, or a "
+            f"promotion, forked it): streaming follows it"
+            + (f" from segment {start}" if start else "")
+            + (f"; the {len(off)} segment(s) of the old timeline's branch after the fork "
+               f"were moved to {moved}" if moved else ""))
+
+
+def _start_at_fork(root: Path, lines: Timelines, server: int, rest: list[Segment],
+                   ) -> str | None:
+    """When pg_receivewal would resume at the segment where the server's timeline begins but
+    on the old timeline (or has nothing to resume from), an empty `.partial` of that segment
+    on the server's timeline makes it start there, on it (it pads an empty one and streams it
+    from its start: the old timeline's WAL up to the fork, then the new one's). Returns the
+    file's name, or None (it resumes earlier, and follows the switch by itself)."""
+    begin = lines.begins(server)
+    if begin is None:
+        return None
+    if rest:
+        last = max(rest, key=resume_key)
+        if (last.number if last.partial else last.number + 1) != begin:
+            return None
+    name = segment_name(server, begin) + ".partial"
+    (root / name).touch(mode=0o600)
+    return name
+
+
+def fetch_histories(settings: Settings, server: int) -> list[str]:
+    """Copy the history files of timelines 2 to `server` the archive lacks from the server's
+    pg_wal (every one of them must be beside the WAL: a recovery numbers its new timeline
+    after the highest it finds). Returns the names copied."""
+    copied = []
+    for timeline in range(2, server + 1):
+        path = wal_dir(settings) / history_name(timeline)
+        if path.exists():
+            continue
+        data = database.timeline_history(settings, path.name)
+        if data is None:
+            continue
+        with AtomicFile(path) as out:
+            out.write(data)
+            out.commit()
+        copied.append(path.name)
+    return copied
 
 
 def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list[str]:
@@ -329,9 +489,11 @@ def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list
     base backup: no kept base backup needs them); never the one being written. Returns the
     deleted paths, relative to BACKUP_DIR."""
     deleted = []
-    for segment in segments(settings, dbname):
-        if segment.number >= keep_from or (segment.partial and segment.path.parent == wal_dir(
-                settings, dbname)):
+    found = segments(settings, dbname)
+    current = [s for s in found if s.path.parent == wal_dir(settings, dbname)]
+    writing = max(current, key=resume_key) if current else None
+    for segment in found:
+        if segment.number >= keep_from or segment == writing:
             continue
         segment.path.unlink(missing_ok=True)
         deleted.append(str(segment.path.relative_to(settings.backup_dir)))
