@@ -235,3 +235,39 @@ def _killed_restore(env: Env, docker_engine: Any, values: dict[str, str], when: 
             proc.kill()
         foreign.remove(force=True)
         theirs.unlink()
+
+
+def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -> None:
+    """A cluster restore's 00000002.history is copied off-site (encrypted) once, and fetched
+    back into an empty archive before a restore chooses its timeline; other names are left."""
+    from toybox_backupd.tiers import wal, wal_offsite
+
+    key = pyrage.x25519.Identity.generate()
+    identity = plain_env.tmp / "identity.txt"
+    identity.write_text(str(key) + "\n")
+    identity.chmod(0o600)
+    nas = plain_env.tmp / "nas"
+    nas.mkdir()
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db", OFFSITE_URL=f"file://{nas}",
+                                  OFFSITE_AGE_RECIPIENTS=str(key.to_public()),
+                                  AGE_IDENTITY_FILE=str(identity))
+    archive = wal.wal_dir(settings)
+    archive.mkdir(parents=True)
+    history = b"1\t0/5000000\tno recovery target specified\n"
+    (archive / "00000002.history").write_bytes(history)
+    (archive / "notes.history").write_text("not ours\n")
+    with Store(plain_env.state_dir) as store:
+        wal_offsite.copy_offsite(settings, store, float("-inf"), 0.0)
+        copied = nas / "wal" / "toybox" / "00000002.history.age"
+        assert copied.read_bytes().startswith(AGE_HEADER)
+        stamp = copied.stat().st_mtime_ns
+        wal_offsite.copy_offsite(settings, store, float("-inf"), 0.0)
+        assert copied.stat().st_mtime_ns == stamp  # once
+    assert not (nas / "wal" / "toybox" / "notes.history").exists()
+    shutil.rmtree(archive)  # a new host
+    said: list[str] = []
+    assert wal_offsite.fetch_histories(settings, "toybox", said.append) == ["00000002.history"]
+    assert (archive / "00000002.history").read_bytes() == history
+    assert "00000002.history" in said[0]
+    assert wal.timelines(settings).histories  # the restore now knows timeline 2's fork
+    assert wal_offsite.fetch_histories(settings, "toybox") == []  # already here

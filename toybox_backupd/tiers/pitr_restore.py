@@ -74,13 +74,16 @@ def on_timeline(lines: Timelines, timeline: int) -> Callable[[Artifact], bool]:
                                        lsn_value(str(item.extra.get("end_lsn") or "0/0")))
 
 
-def choose(settings: Settings, dbname: str, at: datetime | None) -> tuple[Artifact | None, int]:
+def choose(settings: Settings, dbname: str, at: datetime | None,
+           say: Say = silent) -> tuple[Artifact | None, int]:
     """The base backup a recovery to `at` (None: the newest moment) starts from, and the
-    timeline it follows: the one the server was on at `at` (wal.timeline_at)."""
+    timeline it follows: the one the server was on at `at` (wal.timeline_at; the timeline
+    history files off-site that are not here are fetched first)."""
     with Store(settings.state_dir) as store:
         anyone = base_for(store, dbname, at or utcnow())
     if anyone is None:
         return None, 1
+    wal_offsite.fetch_histories(settings, dbname, say)
     lines = wal.timelines(settings, dbname)
     timeline = (wal.newest_timeline(wal.segments(settings, dbname), lines) if at is None else
                 wal.timeline_at(at, wal.ends(settings, recovery_image(settings, anyone),
@@ -145,7 +148,7 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
                   hold: Hold = contextlib.nullcontext) -> None:
     """Restore the database as it was at `at` (see the module's doc)."""
     dbname = settings.postgres_db
-    base, timeline = choose(settings, dbname, at)
+    base, timeline = choose(settings, dbname, at, say)
     with scratch(settings) as work:
         plan = gather(settings, base, timeline, work, say) if base is not None else None
         end = wal.last_commit(settings, plan.image, files=plan.files) if (
@@ -311,7 +314,7 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
     from .volume_swap import new_dir, run_step
 
     target = volume or _data_volume(settings)
-    base, timeline = choose(settings, settings.postgres_db, at)
+    base, timeline = choose(settings, settings.postgres_db, at, say)
     if base is None:
         raise CatalogError("no base backup finished at or before that moment (see `list`)")
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"

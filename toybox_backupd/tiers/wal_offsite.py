@@ -15,6 +15,7 @@ off-site needs, and each `.partial` whose completed segment is there.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from . import wal
 STATE_OFFSITE = "pitr.offsite_upto"  # the newest completed segment copied off-site
 PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
 SUM_SUFFIX = ".sha256"
+STATE_HISTORIES = "pitr.offsite_histories"  # the timeline history files copied off-site
+HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
 
 
 # copying -------------------------------------------------------------------------------------
@@ -71,7 +74,49 @@ def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float
             f"{stored['source_sha256']}  {segment.name}\n".encode()))
         store.set_state(STATE_OFFSITE, segment.name)
         done = segment.name
+    _copy_histories(settings, store, target)
     return last_partial
+
+
+def _copy_histories(settings: Settings, store: Any, target: Target) -> None:
+    """Each timeline history file (`00000002.history`, written once when a cluster restore
+    forks a timeline) copied once: a restore from off-site alone needs it to follow a timeline."""
+    copied = set((store.get_state(STATE_HISTORIES) or "").split())
+    for path in sorted(wal.wal_dir(settings).glob("*.history")):
+        if path.name in copied or not HISTORY.match(path.name):
+            continue
+        put_file(settings, target, str(path.relative_to(settings.backup_dir)))
+        copied.add(path.name)
+        store.set_state(STATE_HISTORIES, " ".join(sorted(copied)))
+
+
+def fetch_histories(settings: Settings, dbname: str, say: Say = silent) -> list[str]:
+    """The timeline history files off-site that the archive here lacks, fetched into it (so a
+    restore on a new host follows the timelines the old one had); their names. Nothing when
+    off-site copies are off or the target cannot be listed (said)."""
+    target = open_target(settings)
+    if target is None:
+        return []
+    prefix, folder = f"wal/{dbname}/", wal.wal_dir(settings, dbname)
+    try:
+        keys = [key for key in target.keys(prefix)
+                if HISTORY.match(key[len(prefix):].removesuffix(AGE_SUFFIX))]
+    except OffsiteError as exc:
+        say(f"the WAL off-site cannot be listed ({exc}); only the WAL here is used")
+        return []
+    fetched = []
+    for key in keys:
+        path = folder / key[len(prefix):].removesuffix(AGE_SUFFIX)
+        if path.exists():
+            continue
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with AtomicFile(path) as out:
+            download(settings, target, {"key": key, "encrypted": key.endswith(AGE_SUFFIX)}, out)
+            out.commit()
+        fetched.append(path.name)
+    if fetched:
+        say(f"fetched the timeline history file(s) {', '.join(fetched)} from off-site")
+    return fetched
 
 
 # what is there -------------------------------------------------------------------------------
