@@ -180,7 +180,7 @@ def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
 
 def remove_pg(pg: PG) -> None:
     with contextlib.suppress(Exception):
-        pg.container.remove(force=True)
+        pg.container.remove(force=True, v=True)
     with contextlib.suppress(Exception):
         pg.container.client.volumes.get(pg.volume).remove(force=True)
 

@@ -409,7 +409,7 @@ def teardown(st: Stack) -> None:
     with contextlib.suppress(Exception):
         for container in client.containers.list(
                 all=True, filters={"label": f"com.docker.compose.project={st.project}"}):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     with contextlib.suppress(Exception):
         for container in [*st.helpers(), *st.beside()]:
             container.remove(force=True, v=True)

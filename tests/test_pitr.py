@@ -128,7 +128,7 @@ def streaming(env: Env, pg: PG, docker_engine: Any) -> Iterator[Daemon]:
     finally:
         daemon.kill()
     for container in wal_helpers(docker_engine, env):
-        container.remove(force=True)
+        container.remove(force=True, v=True)
 
 
 def streamer_pid(helper: Any) -> int:
@@ -200,7 +200,7 @@ def test_a_stopped_sidecar_leaves_no_slot_and_streams_on_when_started(
     finally:
         second.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
 
 
 # restore to a moment ---------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, stre
         pg.container.kill(signal="SIGKILL")  # the server is lost mid-write...
     finally:
         writer.finish(failing=True)
-    pg.container.remove(force=True)
+    pg.container.remove(force=True, v=True)
     docker_engine.volumes.get(pg.volume).remove(force=True)  # ...and its disk with it
     [base] = artifacts(env, "base")
     newest = wal.last_commit(env.settings(**PITR), base.extra["image"])
@@ -367,7 +367,7 @@ def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, stre
             assert len(settled) <= len(restored) <= len(committed) + 1
             assert back.rows("users")  # the seeded tables too
         finally:
-            back.container.remove(force=True)
+            back.container.remove(force=True, v=True)
     finally:
         with contextlib.suppress(Exception):
             docker_engine.volumes.get(volume).remove(force=True)
@@ -605,7 +605,7 @@ def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_
     finally:
         first.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     pg.psql("SELECT pg_drop_replication_slot('toybox_backupd')")
     pg.psql("CREATE TABLE filler (x text)")
     for _ in range(8):  # the server moves on and recycles what the archive would need next
@@ -630,7 +630,7 @@ def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_
     finally:
         second.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
 
 
 def test_check_tries_the_route_and_says_what_fails(env: Env, pg: PG) -> None:
@@ -785,7 +785,7 @@ def test_pg_wal_stays_bounded_while_the_streamer_is_down(env: Env, pg: PG, docke
                 part.stop()
         daemon.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
 
 
 def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None:

@@ -143,7 +143,7 @@ def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
     finally:
         daemon.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     at_db, at_cluster = _moments(rows, second.created_at)
 
     # 4. a new host with the directory target: reindex --offsite, then a restore to a moment
@@ -179,7 +179,7 @@ def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
         try:
             assert stamps(back) == [row for row in rows if row[1] <= at_cluster]
         finally:
-            back.container.remove(force=True)
+            back.container.remove(force=True, v=True)
     finally:
         with contextlib.suppress(Exception):
             docker_engine.volumes.get(volume).remove(force=True)
@@ -233,7 +233,7 @@ def _killed_restore(env: Env, docker_engine: Any, values: dict[str, str], when: 
     finally:
         if proc.poll() is None:
             proc.kill()
-        foreign.remove(force=True)
+        foreign.remove(force=True, v=True)
         theirs.unlink()
 
 
