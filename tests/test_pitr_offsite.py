@@ -233,7 +233,7 @@ def _killed_restore(env: Env, docker_engine: Any, values: dict[str, str], when: 
     finally:
         if proc.poll() is None:
             proc.kill()
-        foreign.remove(force=True, v=True)
+        foreign.remove(force=True)
         theirs.unlink()
 
 
