@@ -20,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import PG, Env, start_pg
+from conftest import PG, Env, remove_pg, start_pg
 from test_daemon import Daemon, wait_for
 
 from toybox_backupd.store import Store
@@ -460,6 +460,67 @@ def test_after_restore_cluster_streaming_follows_the_new_timeline(
     assert "WAL gap" not in streaming.log
     assert pg.psql("SELECT active FROM pg_replication_slots WHERE slot_name = "
                    "'toybox_backupd'") == "t"
+
+
+@pytest.mark.fixed_port
+def test_a_replaced_cluster_sets_its_wal_aside_and_both_stay_recoverable(
+        env: Env, pg: PG, streaming: Daemon, docker_engine: Any) -> None:
+    """The database container replaced by a fresh cluster under the same name and port (a
+    major-version upgrade by dump and restore into a new volume): the streamer sets the old
+    cluster's archive aside (other-*), streams the new one with no "ahead of the WAL flush
+    position" loop, a base backup of it follows, and `restore db --at` gives each cluster's rows
+    at a moment in its own time, from its own base backup and its own WAL."""
+    from toybox_backupd.tiers import wal
+
+    old_system = pg.psql("SELECT system_identifier FROM pg_control_system()")
+    writer = Writer(pg)
+    try:
+        time.sleep(2)
+        result = env.cli("backup", "base", **PITR)
+        assert result.returncode == 0, result.stderr
+        time.sleep(3)
+    finally:
+        writer.finish()
+    old_rows = stamps(pg)
+    [old_base] = artifacts(env, "base")
+    assert old_base.extra["system_identifier"] == old_system
+    # each segment's own header names its cluster (xlp_sysid at the offset read)
+    assert {s.system() for s in segments(env)} - {None} == {old_system}
+    at_old = between(old_rows, old_base.created_at + timedelta(seconds=1), old_rows[-1][1])
+    pg.container.remove(force=True)  # its volume stays: the fixture removes it
+    new = start_pg(docker_engine, name=pg.name, port=pg.port, password=pg.password)
+    try:
+        new_system = new.psql("SELECT system_identifier FROM pg_control_system()")
+        assert new_system != old_system
+        writer = Writer(new)
+        try:
+            wait_for("a base backup of the new cluster", lambda: len(artifacts(env, "base")) == 2,
+                     180, lambda: streaming.log)
+            time.sleep(3)
+        finally:
+            writer.finish()
+        new_rows = stamps(new)
+        new_base = max(artifacts(env, "base"), key=lambda item: item.created_at)
+        assert new_base.extra["system_identifier"] == new_system
+        root = wal.wal_dir(env.settings(**PITR))
+        [aside] = root.glob("other-*")
+        assert (aside / "system_identifier").read_text().strip() == old_system
+        assert (root / "system_identifier").read_text().strip() == new_system
+        assert "the database cluster was replaced" in streaming.log
+        assert "ahead of the WAL flush position" not in streaming.log
+        at_new = between(new_rows, new_base.created_at + timedelta(seconds=1), new_rows[-1][1])
+        for name, moment, rows, start in (("at_new", at_new, new_rows, new_base),
+                                          ("at_old", at_old, old_rows, old_base)):
+            result = env.cli("restore", "db", "--at", at_text(moment), "--into", name, "--yes",
+                             **PITR)
+            assert result.returncode == 0, result.stderr + result.stdout
+            assert f"recovering base backup {start.path} " in result.stdout, result.stdout
+            assert stamps(new, db=name) == [row for row in rows if row[1] <= moment], name
+        listed = env.cli("list", **PITR)
+        assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none", listed.stdout), \
+            listed.stdout
+    finally:
+        remove_pg(new)
 
 
 def utc_now() -> datetime:

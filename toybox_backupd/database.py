@@ -303,6 +303,15 @@ def server_timeline(settings: Settings) -> int:
     return int(str(row[0])[:8], 16) if row else 1
 
 
+def system_identifier(settings: Settings) -> str:
+    """The database cluster's system identifier (pg_control_system()): initdb draws a new one
+    for every cluster, so a cluster replaced under the same container (a major-version upgrade
+    by dump and restore, a volume initialised again) has another."""
+    with admin(settings) as conn:
+        row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    return str(row[0]) if row else ""
+
+
 def timeline_history(settings: Settings, name: str) -> bytes | None:
     """The server's timeline history file `name` (`00000002.history`) from its pg_wal; None when
     it has none, or POSTGRES_USER may not read it (a superuser may)."""

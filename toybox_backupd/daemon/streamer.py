@@ -13,9 +13,11 @@ A gap pg_receivewal reports ("requested WAL segment … has already been removed
 the same way: the archive so far is moved aside (wal/<db>/before-<stamp>/), the stream starts a
 new chain at the server's position, and a base backup is requested.
 While it is down, a restart of the database container (a restore with --stop-containers) ends
-the wait at once. Before each start, wal.follow_timeline puts the archive on the server's
-timeline (after a cluster restore: the old branch set aside, streaming from the fork); that is
-said, emailed, and a base backup taken on the new timeline.
+the wait at once. Before each start, wal.follow_system sets the whole archive aside
+(wal/<db>/other-<stamp>/) when the server is another database cluster (replaced under the same
+container: its system identifier differs), and wal.follow_timeline puts the archive on the
+server's timeline (after a cluster restore: the old branch set aside, streaming from the fork);
+either is said, emailed, and a base backup taken of the new cluster or timeline.
 """
 
 from __future__ import annotations
@@ -150,10 +152,16 @@ class Streamer:
         self.streamed_on = self._db_started()
         log.info("WAL streamer running", directory=str(wal.wal_dir(self.settings)),
                  slot=wal.SLOT, slot_created=slot_created)
-        followed = self.receiver.followed if self.receiver is not None else None
-        if followed:
+        receiver = self.receiver
+        if receiver is not None and receiver.replaced:
+            alert(self.settings, "the database cluster was replaced",
+                  f"{receiver.replaced}. A base backup of the new cluster is taken now; "
+                  "moments before the replacement are recovered from the old cluster's base "
+                  "backups and WAL.")
+            self.request_base("database cluster replaced")
+        elif receiver is not None and receiver.followed:
             alert(self.settings, "WAL streamer follows a new timeline",
-                  f"{followed}. A base backup is taken now, on the new timeline.")
+                  f"{receiver.followed}. A base backup is taken now, on the new timeline.")
             self.request_base("new timeline")
 
     def _down(self, why: str) -> None:

@@ -111,14 +111,23 @@ def gather(settings: Settings, base: Artifact, timeline: int, work: Scratch,
     now is recoverable."""
     wal.make_recent_recoverable(settings)
     start = int(base.extra.get("start_segment", 0))
-    local = [s for s in wal.segments(settings, base.target) if s.number >= start]
+    system = system_of(base)  # only the WAL of the cluster the base backup was taken of
+    local = wal.of_system((s for s in wal.segments(settings, base.target) if s.number >= start),
+                          system)
     fetched = wal_offsite.fetch(settings, base.target, start, local, work.wal, say)
-    found = local + [s for s in (wal.parse_segment(p, aside=p.parent != work.wal)
-                                 for p in fetched) if s is not None]
+    found = local + wal.of_system((s for s in (wal.parse_segment(p, aside=p.parent != work.wal)
+                                               for p in fetched) if s is not None), system)
     lines = wal.timelines(settings, base.target)
     histories = [wal.wal_dir(settings, base.target) / history_name(t) for t in lines.histories]
     return Plan(base, recovery_image(settings, base, say), timeline,
                 wal.on_path(found, lines, timeline, start), histories)
+
+
+def system_of(base: Artifact) -> str | None:
+    """The system identifier of the cluster a base backup was taken of (None: not recorded, a
+    base backup older than that record)."""
+    system = base.extra.get("system_identifier")
+    return str(system) if system else None
 
 
 def recovery_image(settings: Settings, base: Artifact, say: Say = silent) -> str:
@@ -271,16 +280,19 @@ def dumped(settings: Settings, server: Any, dbname: str, at: datetime,
 
 def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
     """What `restore db --at` can reach: from the oldest kept base backup to the newest commit
-    in the WAL archive, with the gaps between (None: no base backup yet)."""
+    in the WAL archive, with the gaps between (None: no base backup yet); of the database
+    cluster of the newest base backup only."""
     dbname = dbname or settings.postgres_db
     with Store(settings.state_dir) as store:
         kept = restorable(store, BASE_TIER, dbname)
     if not kept:
         return None
-    oldest = min(kept, key=lambda item: item.created_at)
     newest = max(kept, key=lambda item: item.created_at)
+    system = system_of(newest)  # the cluster now: another one replaced before is not counted
+    oldest = min((item for item in kept if system_of(item) in (None, system)),
+                 key=lambda item: item.created_at)
     image = str(newest.extra["image"])
-    found = wal.segments(settings, dbname)
+    found = wal.of_system(wal.segments(settings, dbname), system)
     lines = wal.timelines(settings, dbname)
     first = wal.segment_of_lsn(str(oldest.extra["end_lsn"]))
     path = wal.on_path(found, lines, wal.newest_timeline(found, lines))

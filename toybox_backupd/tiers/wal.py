@@ -15,7 +15,11 @@ file of each timeline after the first (`00000002.history`). A gap the streamer c
 moves what came before it into `wal/<db>/before-<stamp>/`, so pg_receivewal starts a new chain;
 a cluster restore's new timeline moves the old timeline's branch past the fork into
 `wal/<db>/branch-<stamp>/` (follow_timeline), so pg_receivewal streams the new timeline from
-where it forked. Recovery looks in all of them, and reads one timeline's path (timelines.py).
+where it forked. A database cluster replaced under the same container (its system identifier,
+recorded in `wal/<db>/system_identifier`, differs) moves the whole chain into
+`wal/<db>/other-<stamp>/` (follow_system). Recovery looks in all of them, reads only the
+segments of the base backup's cluster (each segment's own header names it: segment_system),
+and one timeline's path (timelines.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,7 +51,14 @@ SLOT = "toybox_backupd"
 APPLICATION = "toybox-backupd-wal"
 MOUNT = "/backup"  # where a route helper mounts the backup directory's volume or host path
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
-SIDE = ("before-*", "branch-*")  # chains set aside: before a gap, a timeline's old branch
+# chains set aside: before a gap, a timeline's old branch, another database cluster's
+SIDE = ("before-*", "branch-*", "other-*")
+SYSTEM_FILE = "system_identifier"  # the cluster a chain's folder holds the WAL of
+# the first page of every segment: XLogLongPageHeaderData (PostgreSQL's xlog_internal.h):
+# xlp_magic, xlp_info, xlp_tli, xlp_pageaddr, xlp_rem_len (padded to 24), xlp_sysid,
+# xlp_seg_size, xlp_xlog_blcksz; native byte order (little-endian here)
+LONG_HEADER = struct.Struct("<HHIQI4xQII")
+XLP_LONG_HEADER = 0x0002
 COMMIT = re.compile(r"desc: (?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
@@ -149,6 +161,10 @@ class Segment:
     def name(self) -> str:
         return self.path.name.removesuffix(".partial")
 
+    def system(self) -> str | None:
+        """The system identifier of the cluster that wrote it (its own header)."""
+        return segment_system(self.path)
+
     def rank(self) -> tuple[bool, bool]:
         """Of two copies of one segment, the higher ranked holds more: a complete one, else
         one set aside (what its timeline streamed while it was the server's) over one streamed
@@ -165,6 +181,29 @@ def parse_segment(path: Path, aside: bool = False) -> Segment | None:
     per_log = 0x100000000 // SEGMENT_SIZE
     return Segment(int(tli, 16), int(log, 16) * per_log + int(seg, 16), path, bool(partial),
                    aside)
+
+
+def segment_system(path: Path) -> str | None:
+    """The system identifier a WAL segment's first page carries (xlp_sysid): the database
+    cluster that wrote it, whatever folder it lies in. None when the file holds no WAL yet (a
+    `.partial` pg_receivewal has only padded with zeros) or is unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(LONG_HEADER.size)
+    except OSError:
+        return None
+    if len(head) < LONG_HEADER.size:
+        return None
+    magic, info, _tli, _addr, _rem, sysid, _size, _block = LONG_HEADER.unpack(head)
+    if magic == 0 or not info & XLP_LONG_HEADER or sysid == 0:
+        return None
+    return str(sysid)
+
+
+def of_system(found: Iterable[Segment], system: str | None) -> list[Segment]:
+    """The segments the cluster `system` wrote (by each one's own header), in their order; all
+    of them when `system` is None (a base backup taken before its system was recorded)."""
+    return [s for s in found if system is None or s.system() == system]
 
 
 def segments(settings: Settings, dbname: str | None = None) -> list[Segment]:
@@ -341,12 +380,15 @@ class Receiver:
         self.proc: docker_api.Exec | None = None
         self.ended = False
         self.followed: str | None = None  # a new timeline it follows (follow_timeline), in words
+        self.replaced: str | None = None  # the cluster was replaced (follow_system), in words
 
     def run(self, on_started: Any = None) -> str:
         """Stream until pg_receivewal ends; return why it ended (its last words)."""
         s = self.settings
         remove_unpadded(s)
-        self.followed = follow_timeline(s, local_time(utcnow(), s.zone, "stamp"))
+        stamp = local_time(utcnow(), s.zone, "stamp")
+        self.replaced = follow_system(s, stamp)
+        self.followed = follow_timeline(s, stamp)
         created = database.ensure_slot(s, SLOT)
         port = database.server_port(s)
         local = wal_dir(s)
@@ -404,6 +446,51 @@ def close_chain(settings: Settings, stamp: str) -> Path | None:
     root = wal_dir(settings)
     return set_aside([path for path in root.glob("*") if parse_segment(path) is not None],
                      root / f"before-{stamp}")
+
+
+def archive_system(settings: Settings) -> str | None:
+    """The cluster the archive's current chain holds: the header of its newest segment that
+    has one, else the chain's recorded system identifier; None when it holds neither."""
+    root = wal_dir(settings)
+    mine = [s for s in segments(settings) if s.path.parent == root]
+    for segment in sorted(mine, key=resume_key, reverse=True):
+        system = segment.system()
+        if system is not None:
+            return system
+    recorded = root / SYSTEM_FILE
+    return recorded.read_text(encoding="ascii", errors="replace").strip() or None if (
+        recorded.is_file()) else None
+
+
+def follow_system(settings: Settings, stamp: str) -> str | None:
+    """Before pg_receivewal starts: when the server is another database cluster than the one
+    the archive's chain holds (replaced under the same container: a major-version upgrade by
+    dump and restore, a volume initialised again), the whole chain (segments, timeline
+    histories, its system_identifier) is moved to other-<stamp>/, so pg_receivewal starts a new
+    chain at the new server's position. The server's system identifier is then recorded in
+    wal/<db>/system_identifier. In words, what was done (None: nothing). Raises
+    DatabaseError."""
+    server = database.system_identifier(settings)
+    root = wal_dir(settings)
+    held = archive_system(settings)
+    said = None
+    if held is not None and held != server:
+        files = [path for path in root.glob("*") if path.is_file() and (
+            parse_segment(path) is not None or path.suffix == ".history"
+            or path.name == SYSTEM_FILE)]
+        moved = set_aside(files, root / f"other-{stamp}")
+        said = (f"the database server is another database cluster (system identifier "
+                f"{server}) than the one the WAL archive holds ({held}): it was replaced "
+                f"(a major-version upgrade, a volume initialised again). The old cluster's "
+                f"WAL was moved to {moved} (kept while a base backup of it is kept); "
+                "streaming starts a new chain")
+    recorded = root / SYSTEM_FILE
+    if not recorded.is_file() or recorded.read_text(encoding="ascii").strip() != server:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with AtomicFile(recorded) as out:
+            out.write(f"{server}\n".encode())
+            out.commit()
+    return said
 
 
 def set_aside(files: list[Path], target: Path) -> Path | None:
@@ -484,23 +571,43 @@ def fetch_histories(settings: Settings, server: int) -> list[str]:
     return copied
 
 
-def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list[str]:
-    """Delete the archived WAL segments before segment `keep_from` (the start of the oldest kept
-    base backup: no kept base backup needs them); never the one being written. Returns the
-    deleted paths, relative to BACKUP_DIR."""
+def prune(settings: Settings, keep: dict[str | None, int], dbname: str | None = None,
+          ) -> list[str]:
+    """Delete the archived WAL segments no kept base backup needs (`keep`, from
+    retention.wal_keep: for each database cluster a base backup is kept of, the segment the
+    oldest one starts in); never the one being written. Returns the deleted paths, relative to
+    BACKUP_DIR."""
     deleted = []
+    root = wal_dir(settings, dbname)
     found = segments(settings, dbname)
-    current = [s for s in found if s.path.parent == wal_dir(settings, dbname)]
+    current = [s for s in found if s.path.parent == root]
     writing = max(current, key=resume_key) if current else None
     for segment in found:
-        if segment.number >= keep_from or segment == writing:
+        if segment == writing or segment.number >= needed_from(segment, keep, root):
             continue
         segment.path.unlink(missing_ok=True)
         deleted.append(str(segment.path.relative_to(settings.backup_dir)))
-    for folder in wal_dir(settings, dbname).glob("before-*"):
+    for folder in (path for side in SIDE for path in root.glob(side)):
         with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] == [SYSTEM_FILE]:
+                (folder / SYSTEM_FILE).unlink()
             folder.rmdir()  # only once empty
     return deleted
+
+
+def needed_from(segment: Segment, keep: dict[str | None, int], root: Path) -> float:
+    """The first segment number of `segment`'s cluster that a kept base backup needs: the start
+    of the oldest base backup kept of that cluster (or of one that recorded no cluster). Whose
+    segment it is unknown (no header yet): the oldest start of all. A cluster no base backup is
+    kept of: the current chain stays whole (its first base backup is to come), a chain set
+    aside goes whole (a cluster replaced, whose base backups are all gone)."""
+    system = segment.system()
+    if system is None:
+        return min(keep.values(), default=0)
+    limits = [keep[key] for key in (system, None) if key in keep]
+    if limits:
+        return min(limits)
+    return 0 if segment.path.parent == root else float("inf")
 
 
 def check_route(settings: Settings) -> str:

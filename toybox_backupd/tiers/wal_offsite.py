@@ -134,9 +134,10 @@ class Remote:
 
 
 def _in_layout(rest: str) -> bool:
-    """`<segment>` or `before-<stamp>/<segment>` below `wal/<db>/`."""
+    """`<segment>`, `before-<stamp>/<segment>` or `other-<stamp>/<segment>` (a replaced
+    cluster's chain) below `wal/<db>/`."""
     parts = rest.split("/")
-    return len(parts) == 1 or (len(parts) == 2 and parts[0].startswith("before-"))
+    return len(parts) == 1 or (len(parts) == 2 and parts[0].startswith(("before-", "other-")))
 
 
 def listing(target: Target, dbname: str) -> tuple[list[Remote], set[str]]:
