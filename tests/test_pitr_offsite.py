@@ -271,3 +271,50 @@ def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -
     assert "00000002.history" in said[0]
     assert wal.timelines(settings).histories  # the restore now knows timeline 2's fork
     assert wal_offsite.fetch_histories(settings, "toybox") == []  # already here
+
+
+def _fake_segment(path: Path, system: int) -> None:
+    """A whole 16 MiB WAL file whose first page's long header names cluster `system`."""
+    from toybox_backupd.tiers import wal
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(wal.LONG_HEADER.pack(0xD110, wal.XLP_LONG_HEADER, 1, 0, 0, system,
+                                       wal.SEGMENT_SIZE, 8192))
+        out.write(system.to_bytes(8, "little") * 16)  # content that differs per cluster
+        out.truncate(wal.SEGMENT_SIZE)
+
+
+def test_a_replacing_clusters_wal_goes_off_site_beside_the_first_ones(plain_env: Env) -> None:
+    """The cluster that replaced the first one writes segments of the same names: off-site they
+    go to wal/<db>/cluster-<system>/ with their own progress, the first cluster's objects are
+    never overwritten, and a restore on a new host gets both back, told apart by header."""
+    from toybox_backupd.tiers import wal, wal_offsite
+
+    nas = plain_env.tmp / "nas"
+    nas.mkdir()
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db", OFFSITE_URL=f"file://{nas}")
+    archive = wal.wal_dir(settings)
+    names = ["000000010000000000000001", "000000010000000000000002"]
+    for name in names:
+        _fake_segment(archive / name, 111)
+    remote = nas / "wal" / "toybox"
+    with Store(plain_env.state_dir) as store:
+        wal_offsite.copy_offsite(settings, store, 0.0, 0.0)
+        first = {name: (remote / name).read_bytes() for name in names}
+        assert wal.segment_system(remote / names[0]) == "111"
+        # cluster 222 replaced it (the streamer's follow_system): the chain set aside, a new one
+        wal.set_aside([archive / name for name in names], archive / "other-20261201-1200")
+        for name in names:
+            _fake_segment(archive / name, 222)
+        (archive / wal.SYSTEM_FILE).write_text("222\n")
+        wal_offsite.copy_offsite(settings, store, 0.0, 0.0)
+        wal_offsite.copy_offsite(settings, store, 0.0, 0.0)
+    assert {name: (remote / name).read_bytes() for name in names} == first  # untouched
+    for name in names:
+        assert wal.segment_system(remote / "cluster-222" / name) == "222"
+        assert (remote / "cluster-222" / f"{name}.sha256").is_file()
+    into = plain_env.tmp / "fetched"
+    got = wal_offsite.fetch(settings, "toybox", 0, [], into)
+    systems = sorted(wal.segment_system(path) or "" for path in got)
+    assert systems == ["111", "111", "222", "222"]

@@ -33,6 +33,7 @@ from . import wal
 STATE_OFFSITE = "pitr.offsite_upto"  # the newest completed segment copied off-site
 PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
 SUM_SUFFIX = ".sha256"
+STATE_SYSTEM = "pitr.offsite_system"  # the cluster whose chain is copied to wal/<db>/ itself
 STATE_HISTORIES = "pitr.offsite_histories"  # the timeline history files copied off-site
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
 
@@ -55,27 +56,64 @@ def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float
     target = open_target(settings)
     if target is None:
         return last_partial
-    done = store.get_state(STATE_OFFSITE) or ""
+    folder, marker = _chain_place(settings, store)
+    root = wal.wal_dir(settings)
+    marks = {key: store.get_state(key) or "" for key in {marker, STATE_OFFSITE}}
     for segment in wal.segments(settings):
         relative = str(segment.path.relative_to(settings.backup_dir))
         if segment.partial:
-            if (segment.path.parent == wal.wal_dir(settings)
-                    and now - last_partial >= PARTIAL_EVERY):
-                put_file(settings, target, relative)
+            if segment.path.parent == root and now - last_partial >= PARTIAL_EVERY:
+                put_file(settings, target, relative, _remote_key(settings, segment, folder))
                 last_partial = now
             continue
-        if segment.name <= done:
-            continue
-        problem = verify_segment(segment)
-        if problem:
-            raise JobError(f"not copied off-site: {problem}")
-        stored = put_file(settings, target, relative)
-        target.put(relative + SUM_SUFFIX, io.BytesIO(
-            f"{stored['source_sha256']}  {segment.name}\n".encode()))
-        store.set_state(STATE_OFFSITE, segment.name)
-        done = segment.name
+        # a chain set aside keeps the place (and marker) it had: the first cluster's
+        current = segment.path.parent == root
+        _copy_completed(settings, (store, marks), target, segment,
+                        (folder, marker) if current else ("", STATE_OFFSITE))
     _copy_histories(settings, store, target)
     return last_partial
+
+
+def _copy_completed(settings: Settings, progress_: tuple[Any, dict[str, str]], target: Target,
+                    segment: wal.Segment, place: tuple[str, str]) -> None:
+    """One completed segment not yet off-site (after its chain's marker, in `progress_`: the
+    store and the markers read): checked whole, copied, then its `.sha256`; the marker moved
+    on."""
+    store, marks = progress_
+    folder, marker = place
+    if segment.name <= marks[marker]:
+        return
+    problem = verify_segment(segment)
+    if problem:
+        raise JobError(f"not copied off-site: {problem}")
+    remote = _remote_key(settings, segment, folder)
+    stored = put_file(settings, target, str(segment.path.relative_to(settings.backup_dir)),
+                      remote)
+    target.put(remote + SUM_SUFFIX, io.BytesIO(
+        f"{stored['source_sha256']}  {segment.name}\n".encode()))
+    store.set_state(marker, segment.name)
+    marks[marker] = segment.name
+
+
+def _chain_place(settings: Settings, store: Any) -> tuple[str, str]:
+    """Where the archive's current chain goes off-site, and its progress marker. The first
+    cluster copied goes to `wal/<db>/` itself; a cluster that replaced it (its segments would
+    carry the same names) to `wal/<db>/cluster-<system identifier>/`, with a marker of its own,
+    so no cluster's copy ever overwrites another's."""
+    system = wal.archive_system(settings)
+    first = store.get_state(STATE_SYSTEM)
+    if not first and system:
+        store.set_state(STATE_SYSTEM, system)
+        first = system
+    if system is None or system == first:
+        return "", STATE_OFFSITE
+    return f"cluster-{system}/", f"{STATE_OFFSITE}.{system}"
+
+
+def _remote_key(settings: Settings, segment: wal.Segment, folder: str) -> str:
+    """The object key of a segment of the current chain (`folder`: see _chain_place)."""
+    relative = segment.path.relative_to(settings.backup_dir)
+    return str(relative.parent / folder / relative.name) if folder else str(relative)
 
 
 def _copy_histories(settings: Settings, store: Any, target: Target) -> None:
@@ -134,10 +172,12 @@ class Remote:
 
 
 def _in_layout(rest: str) -> bool:
-    """`<segment>`, `before-<stamp>/<segment>` or `other-<stamp>/<segment>` (a replaced
-    cluster's chain) below `wal/<db>/`."""
+    """`<segment>`, `before-<stamp>/<segment>`, `other-<stamp>/<segment>` (a replaced
+    cluster's chain) or `cluster-<system>/<segment>` (the chain of the cluster that replaced
+    the first one copied) below `wal/<db>/`."""
     parts = rest.split("/")
-    return len(parts) == 1 or (len(parts) == 2 and parts[0].startswith(("before-", "other-")))
+    return len(parts) == 1 or (len(parts) == 2 and parts[0].startswith(
+        ("before-", "other-", "cluster-")))
 
 
 def listing(target: Target, dbname: str) -> tuple[list[Remote], set[str]]:
