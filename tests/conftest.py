@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -153,8 +154,9 @@ class PG:
 def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
              labels: dict[str, str] | None = None, name: str | None = None,
              password: str | None = None, network: str | None = None,
-             encoding: str = "UTF8") -> PG:
-    """A new PostgreSQL 15 container (its cluster in `encoding`, see ENCODINGS), ready."""
+             encoding: str = "UTF8", port: int | None = None) -> PG:
+    """A new PostgreSQL 15 container (its cluster in `encoding`, see ENCODINGS), ready; on
+    host port `port` (default: one the engine picks, and picks again when it restarts)."""
     name = name or unique("tbt-pg")
     volume = volume or unique("tbt-pgdata")
     password = password or "pw-" + secrets.token_urlsafe(12) + "!$'\""
@@ -163,7 +165,7 @@ def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
         environment={"POSTGRES_USER": "toybox", "POSTGRES_PASSWORD": password,
                      "POSTGRES_DB": "toybox", "POSTGRES_INITDB_ARGS": ENCODINGS[encoding]},
         volumes={volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
-        ports={"5432/tcp": ("127.0.0.1", None)}, network=network,
+        ports={"5432/tcp": ("127.0.0.1", port)}, network=network,
     )
     container.reload()
     port = int(container.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
@@ -178,14 +180,23 @@ def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
 
 def remove_pg(pg: PG) -> None:
     with contextlib.suppress(Exception):
-        pg.container.remove(force=True)
+        pg.container.remove(force=True, v=True)
     with contextlib.suppress(Exception):
         pg.container.client.volumes.get(pg.volume).remove(force=True)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def pg(request: pytest.FixtureRequest, images: dict[str, str], docker_engine: Any) -> Iterator[PG]:
-    instance = start_pg(docker_engine, encoding=getattr(request, "param", "UTF8"))
+    """A seeded server; a test marked `fixed_port` gets one that keeps its host port when its
+    container is stopped and started again (as a restore with --stop-containers does)."""
+    port = free_port() if request.node.get_closest_marker("fixed_port") else None
+    instance = start_pg(docker_engine, encoding=getattr(request, "param", "UTF8"), port=port)
     yield instance
     remove_pg(instance)
 

@@ -300,6 +300,14 @@ class Stack:
         return [volume.name for volume in self.client.volumes.list(filters={"dangling": True})
                 if volume.name in made]
 
+    def beside(self) -> list[Any]:
+        """The containers the sidecar started beside the database (PITR), writing into this
+        stack's backup directory."""
+        return [c for c in self.client.containers.list(all=True,
+                                                       filters={"label": "toybox-backupd.beside"})
+                if any(Path(m.get("Source") or "/").is_relative_to(self.backups)
+                       for m in c.attrs.get("Mounts", []))]
+
     def helpers(self) -> list[Any]:
         return [c for c in self.client.containers.list(all=True,
                                                        filters={"label": "toybox-backupd.helper"})
@@ -403,9 +411,9 @@ def teardown(st: Stack) -> None:
     with contextlib.suppress(Exception):
         for container in client.containers.list(
                 all=True, filters={"label": f"com.docker.compose.project={st.project}"}):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     with contextlib.suppress(Exception):
-        for container in st.helpers():
+        for container in [*st.helpers(), *st.beside()]:
             container.remove(force=True, v=True)
     for name in (st.pg_volume, st.media_volume, f"{st.project}_state"):
         with contextlib.suppress(Exception):

@@ -306,7 +306,7 @@ def test_recover_restarts_containers_and_removes_helpers(plain_env: Env, docker_
     finally:
         for container in (app, helper, others):
             with contextlib.suppress(Exception):
-                container.remove(force=True)
+                container.remove(force=True, v=True)
 
 
 def test_missed_jobs_rules(plain_env: Env) -> None:
@@ -469,7 +469,7 @@ def test_second_signal_aborts_a_volume_run_and_restarts_containers(
             all=True, filters={"label": docker_api.HELPER_LABEL, "volume": volume})
         assert helpers == []
     finally:
-        app.remove(force=True)
+        app.remove(force=True, v=True)
 
 
 def test_time_limit_ends_a_hung_run(env: Env, pg: PG, table_lock: TableLock,
@@ -630,4 +630,4 @@ def test_kill_9_of_a_backup_mid_archive_then_daemon_start_restarts_the_container
     finally:
         if backup.poll() is None:
             backup.kill()
-        app.remove(force=True)
+        app.remove(force=True, v=True)

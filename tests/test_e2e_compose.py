@@ -14,6 +14,9 @@ Under v2 only what Compose itself does is repeated: up, exec, ps, logs, the heal
 emails, and the lost-server runbook (down -v, up, reindex, restore the volumes, up). The
 restores that only talk to the sidecar through `exec` (scenarios 1, 3 and 4) and the stop in
 the middle of a full archive (an engine-level signal, the same under both) run under v1 only.
+Point-in-time recovery runs under v2 only, last: PITR=on in .env and the sidecar recreated
+(`up -d backupd`), then the WAL streamer beside the database as uid 10001, `backup base` and a
+`restore db --at` to the second, all through `exec`.
 
 Mail: a real SMTP server (aiosmtpd from Debian) runs as the demo's `mail` service on the test
 network, storing messages in a Maildir that the test reads through `docker exec`.
@@ -33,6 +36,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -45,9 +49,11 @@ from e2e_stack import (
     Stack,
     build_e2e_images,
     clean_environment,
+    env_file,
     log,
     need_compose,
     new_stack,
+    pin_backupd_image,
     run_id_of,
     start,
     teardown,
@@ -68,8 +74,10 @@ def stack(request: pytest.FixtureRequest, docker_engine: Any, e2e_images: dict[s
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     variant = str(request.param)
     need_compose(variant)
+    # a tag of this tree's image: a run from another checkout may rebuild IMAGE meanwhile
+    image = pin_backupd_image(docker_engine, f"toybox-backupd:e2e-{uuid.uuid4().hex[:8]}")
     st = new_stack(docker_engine, tmp_path_factory.mktemp(f"e2e-project-{variant}"),
-                   variant=variant)
+                   variant=variant, image=image)
     try:
         start(st)
         yield st
@@ -168,6 +176,8 @@ def _scenarios(st: Stack) -> None:
     _lost_server(st, zone, expected_rows, media_before_diff)
     if st.variant == "v1":
         _stop_mid_full(st, expected_rows)
+    else:
+        _point_in_time(st, zone)
     # helper containers run the sidecar's image, whose VOLUME lines make anonymous volumes:
     # they go with the helpers
     assert not st.leaked_volumes(test_started)
@@ -308,6 +318,43 @@ def _stop_mid_full(st: Stack, expected_rows: dict[str, list[str]]) -> None:
     st.wait_pg()
     assert st.rows() == expected_rows
     timings["stop mid-full"] = time.monotonic() - started
+
+
+def _point_in_time(st: Stack, zone: ZoneInfo) -> None:
+    """PITR=on: the streamer runs beside the database as the image's uid 10001, writing into the
+    bind-mounted backup directory; a base backup, rows after it, and `restore db --at T` gives
+    exactly the rows committed by T."""
+    timings = st.timings
+    started = time.monotonic()
+    env = st.directory / ".env"
+    env.write_text(env_file(env.read_text(encoding="utf-8"), {"PITR": "on"}), encoding="utf-8")
+    st.compose("up", "-d", "backupd", timeout=180)  # recreated with the new .env
+    st.wait_backupd()
+    wal = st.backups / "wal" / "toybox"
+    deadline = time.monotonic() + 90
+    while not list(wal.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(wal.glob("*.partial")), st.logs("backupd")
+    postgres = st.container("postgres")
+    [streamer] = [c for c in st.beside() if c.labels.get("toybox-backupd.beside") == "wal"]
+    assert streamer.attrs["HostConfig"]["NetworkMode"] == f"container:{postgres.id}"
+    assert streamer.attrs["Config"]["User"] == f"{UID}:{UID}"
+    st.tool("backup", "base", timeout=600)
+    st.psql("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz NOT NULL "
+            "DEFAULT clock_timestamp())")
+    for _ in range(5):  # one transaction each, half a second apart
+        st.psql("INSERT INTO stamps DEFAULT VALUES")
+        time.sleep(0.5)
+    rows = [(int(i), float(at)) for i, at in (line.split("|") for line in st.psql(
+        "SELECT id, extract(epoch FROM at) FROM stamps ORDER BY id").splitlines())]
+    assert len(rows) == 5 and rows[3][1] - rows[2][1] > 0.4, rows
+    moment = datetime.fromtimestamp((rows[2][1] + rows[3][1]) / 2, UTC).astimezone(zone)
+    result = st.tool("restore", "db", "--at", moment.isoformat(), "--yes", timeout=600)
+    assert "recovering base backup" in result.stdout, result.stdout
+    assert st.psql("SELECT id FROM stamps ORDER BY id").split() == [str(r[0]) for r in rows[:3]]
+    assert st.rows()["users"]  # the whole database, as it was then
+    assert all(p.stat().st_uid == UID for p in st.backups.rglob("*") if p.is_file())
+    timings["point in time"] = time.monotonic() - started
 
 
 def test_env_example_lists_every_setting() -> None:

@@ -5,10 +5,12 @@ backups and restores to a moment, against a real PostgreSQL 15 set up like the o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import threading
 import time
@@ -18,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import PG, Env, start_pg
+from conftest import PG, Env, remove_pg, start_pg
 from test_daemon import Daemon, wait_for
 
 from toybox_backupd.store import Store
@@ -76,6 +78,25 @@ def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
     assert result.returncode == 0, result.stderr
     assert "no base backup finished at or before it; using the newest dump" in result.stdout
     assert pg.snapshot("before") == pg.snapshot()
+    # the catalog rebuilt from the backup directory alone: the base backup comes back as it was
+    # written; a copy of it without its pg_wal.tar.gz is not trusted, and said so
+    broken = folder.parent / "toybox_20200101-000000"
+    shutil.copytree(folder, broken)
+    (broken / "pg_wal.tar.gz").unlink()
+    shutil.rmtree(env.state_dir)
+    result = env.cli("reindex", **PITR)
+    assert result.returncode == 0, result.stderr
+    assert "2 artifact(s) added" in result.stdout, result.stdout  # the dump and the base backup
+    assert ("skipped base/toybox/toybox_20200101-000000/base.tar.gz: pg_wal.tar.gz is missing"
+            in result.stdout), result.stdout
+    [back] = artifacts(env, "base")
+    assert (back.path, back.created_at, back.size, back.sha256, back.status) == (
+        item.path, item.created_at, item.size, item.sha256, "ok")
+    for key in ("start_lsn", "end_lsn", "start_segment", "timeline", "image", "files"):
+        assert back.extra[key] == item.extra[key], key
+    shutil.rmtree(broken)
+    result = env.cli("verify", **PITR)
+    assert result.returncode == 0 and "CORRUPT" not in result.stdout, result.stdout
 
 
 # the streamer ----------------------------------------------------------------------------------
@@ -107,7 +128,7 @@ def streaming(env: Env, pg: PG, docker_engine: Any) -> Iterator[Daemon]:
     finally:
         daemon.kill()
     for container in wal_helpers(docker_engine, env):
-        container.remove(force=True)
+        container.remove(force=True, v=True)
 
 
 def streamer_pid(helper: Any) -> int:
@@ -179,7 +200,7 @@ def test_a_stopped_sidecar_leaves_no_slot_and_streams_on_when_started(
     finally:
         second.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
 
 
 # restore to a moment ---------------------------------------------------------------------------
@@ -193,12 +214,14 @@ class Writer:
     """Inserts a row stamped with its commit time (clock_timestamp(), in its own one-statement
     transaction) every 200 ms, on a thread, until stopped."""
 
-    def __init__(self, pg: PG):
+    def __init__(self, pg: PG, create: bool = True):
         import psycopg
 
         self.conn = psycopg.connect(host=pg.host, port=pg.port, user=pg.user,
                                     password=pg.password, dbname=pg.db, autocommit=True)
-        self.conn.execute("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz NOT NULL)")
+        if create:
+            self.conn.execute("CREATE TABLE stamps (id serial PRIMARY KEY, at timestamptz "
+                              "NOT NULL)")
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -318,7 +341,7 @@ def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, stre
         pg.container.kill(signal="SIGKILL")  # the server is lost mid-write...
     finally:
         writer.finish(failing=True)
-    pg.container.remove(force=True)
+    pg.container.remove(force=True, v=True)
     docker_engine.volumes.get(pg.volume).remove(force=True)  # ...and its disk with it
     [base] = artifacts(env, "base")
     newest = wal.last_commit(env.settings(**PITR), base.extra["image"])
@@ -344,10 +367,202 @@ def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, stre
             assert len(settled) <= len(restored) <= len(committed) + 1
             assert back.rows("users")  # the seeded tables too
         finally:
-            back.container.remove(force=True)
+            back.container.remove(force=True, v=True)
     finally:
         with contextlib.suppress(Exception):
             docker_engine.volumes.get(volume).remove(force=True)
+
+
+def between(rows: list[tuple[int, datetime]], after: datetime, before: datetime) -> datetime:
+    """A moment halfway between two rows committed after `after` and before `before`, at least
+    0.1 s apart (so no commit falls on either side of it by chance); the first such one."""
+    for (_, a), (_, b) in itertools.pairwise(rows):
+        if a > after and b < before and (b - a).total_seconds() >= 0.1:
+            return a + (b - a) / 2
+    raise AssertionError(f"no two rows between {after} and {before}: {rows[-5:]}")
+
+
+def at_text(moment: datetime) -> str:
+    return moment.astimezone(ZoneInfo("Asia/Tokyo")).isoformat()
+
+
+@pytest.mark.fixed_port
+def test_after_restore_cluster_streaming_follows_the_new_timeline(
+        env: Env, pg: PG, streaming: Daemon, docker_engine: Any) -> None:
+    """restore cluster --at T1 into the live volume, the daemon streaming: the server comes back
+    on timeline 2; the streamer streams it with no gap, a base backup follows, and `restore db
+    --at` reaches moments on either side: after the restore (timeline 2: the rows up to T1, then
+    the new ones) and between T1 and the restore (timeline 1's abandoned branch)."""
+    from toybox_backupd.tiers import wal
+
+    writer = Writer(pg)
+    try:
+        time.sleep(2)
+        result = env.cli("backup", "base", **PITR)
+        assert result.returncode == 0, result.stderr
+        [base] = artifacts(env, "base")
+        time.sleep(4)
+        switched = utc_now()
+        for _ in range(3):  # timeline 1 goes on for segments past T1's before the restore
+            time.sleep(1)
+            pg.psql("SELECT pg_switch_wal()")
+        time.sleep(2)
+    finally:
+        writer.finish()
+    old = stamps(pg)
+    t1 = between(old, base.created_at + timedelta(seconds=1), switched)
+    branch = between(old, switched + timedelta(seconds=1), old[-1][1])  # timeline 1 after T1
+    started = time.monotonic()
+    result = env.cli("restore", "cluster", "--at", at_text(t1), "--yes", "--stop-containers",
+                     **PITR)
+    assert result.returncode == 0, result.stderr + result.stdout
+    sys.stderr.write(f"\nrestore cluster: {time.monotonic() - started:.1f} s\n")
+    pg.container.reload()
+    pg.wait_ready()
+    assert stamps(pg) == [row for row in old if row[1] <= t1]
+    assert pg.psql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)") == "00000002"
+    restored = utc_now()
+    writer = Writer(pg, create=False)
+    try:
+        root = wal.wal_dir(env.settings(**PITR))
+        wait_for("streaming on timeline 2", lambda: any(
+            s.partial and s.timeline == 2 and s.path.parent == root for s in segments(env)),
+            180, lambda: streaming.log)
+        wait_for("a base backup after the restore", lambda: len(artifacts(env, "base")) == 2,
+                 180, lambda: streaming.log)
+        time.sleep(4)
+    finally:
+        writer.finish()
+    final = stamps(pg)
+    newer = max(artifacts(env, "base"), key=lambda item: item.created_at)
+    assert newer.extra["timeline"] == 2
+    assert (root / "00000002.history").is_file()
+    crossing = between(final, restored, newer.created_at)  # from the first base, across
+    latest = between(final, newer.created_at, final[-1][1])  # from the new base
+    for name, moment, expected, start in (
+            ("crossing", crossing, [row for row in final if row[1] <= crossing], base),
+            ("latest", latest, [row for row in final if row[1] <= latest], newer),
+            ("branch", branch, [row for row in old if row[1] <= branch], base)):
+        result = env.cli("restore", "db", "--at", at_text(moment), "--into", name, "--yes",
+                         **PITR)
+        assert result.returncode == 0, result.stderr + result.stdout
+        timeline = 1 if name == "branch" else 2
+        assert f"recovering base backup {start.path} " in result.stdout, result.stdout
+        assert (f"on timeline {timeline}" in result.stdout) == (timeline > 1), result.stdout
+        got = stamps(pg, db=name)
+        assert got == expected, (name, len(got), len(expected), got[-3:], expected[-3:])
+    listed = env.cli("list", **PITR)
+    assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none, timelines: 1 "
+                     r"until .*, then 2", listed.stdout), listed.stdout
+    with Store(env.state_dir) as history:
+        assert not history.get_state("pitr.gap")
+        assert not history.get_state("pitr.down_since")
+    assert "WAL gap" not in streaming.log
+    assert pg.psql("SELECT active FROM pg_replication_slots WHERE slot_name = "
+                   "'toybox_backupd'") == "t"
+
+
+@pytest.mark.fixed_port
+def test_a_replaced_cluster_sets_its_wal_aside_and_both_stay_recoverable(
+        env: Env, pg: PG, streaming: Daemon, docker_engine: Any) -> None:
+    """The database container replaced by a fresh cluster under the same name and port (a
+    major-version upgrade by dump and restore into a new volume): the streamer sets the old
+    cluster's archive aside (other-*), streams the new one with no "ahead of the WAL flush
+    position" loop, a base backup of it follows, and `restore db --at` gives each cluster's rows
+    at a moment in its own time, from its own base backup and its own WAL."""
+    from toybox_backupd.tiers import wal
+
+    old_system = pg.psql("SELECT system_identifier FROM pg_control_system()")
+    writer = Writer(pg)
+    try:
+        time.sleep(2)
+        result = env.cli("backup", "base", **PITR)
+        assert result.returncode == 0, result.stderr
+        time.sleep(3)
+    finally:
+        writer.finish()
+    old_rows = stamps(pg)
+    [old_base] = artifacts(env, "base")
+    assert old_base.extra["system_identifier"] == old_system
+    # each segment's own header names its cluster (xlp_sysid at the offset read)
+    assert {s.system() for s in segments(env)} - {None} == {old_system}
+    at_old = between(old_rows, old_base.created_at + timedelta(seconds=1), old_rows[-1][1])
+    pg.container.remove(force=True)  # its volume stays: the fixture removes it
+    new = start_pg(docker_engine, name=pg.name, port=pg.port, password=pg.password)
+    try:
+        new_system = new.psql("SELECT system_identifier FROM pg_control_system()")
+        assert new_system != old_system
+        writer = Writer(new)
+        try:
+            wait_for("a base backup of the new cluster", lambda: len(artifacts(env, "base")) == 2,
+                     180, lambda: streaming.log)
+            time.sleep(3)
+        finally:
+            writer.finish()
+        new_rows = stamps(new)
+        new_base = max(artifacts(env, "base"), key=lambda item: item.created_at)
+        assert new_base.extra["system_identifier"] == new_system
+        root = wal.wal_dir(env.settings(**PITR))
+        [aside] = root.glob("other-*")
+        assert (aside / "system_identifier").read_text().strip() == old_system
+        assert (root / "system_identifier").read_text().strip() == new_system
+        assert "the database cluster was replaced" in streaming.log
+        assert "ahead of the WAL flush position" not in streaming.log
+        at_new = between(new_rows, new_base.created_at + timedelta(seconds=1), new_rows[-1][1])
+        for name, moment, rows, start in (("at_new", at_new, new_rows, new_base),
+                                          ("at_old", at_old, old_rows, old_base)):
+            result = env.cli("restore", "db", "--at", at_text(moment), "--into", name, "--yes",
+                             **PITR)
+            assert result.returncode == 0, result.stderr + result.stdout
+            assert f"recovering base backup {start.path} " in result.stdout, result.stdout
+            assert stamps(new, db=name) == [row for row in rows if row[1] <= moment], name
+        listed = env.cli("list", **PITR)
+        assert re.search(r"point in time \(toybox\): from .* to .*, gaps: none", listed.stdout), \
+            listed.stdout
+    finally:
+        remove_pg(new)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.mark.fixed_port
+def test_the_streamer_starts_again_when_the_database_container_does(
+        env: Env, pg: PG, streaming: Daemon) -> None:
+    """The database container stopped (as a restore with --stop-containers does): the
+    streamer's retries fail and it backs off for a minute; the container started again, it
+    streams again at once, not a minute later."""
+    pg.stop()
+    wait_for("the streamer to back off", lambda: "in_s=60.0" in streaming.log, 60,
+             lambda: streaming.log)
+    time.sleep(3)
+    pg.start()
+    started = time.monotonic()
+    wait_for("streaming again", lambda: streaming.log.count("WAL streamer running") >= 2, 40,
+             lambda: streaming.log)
+    sys.stderr.write(f"\nstreaming again {time.monotonic() - started:.1f} s after the "
+                     "database container started\n")
+    assert "the database container was started again" in streaming.log
+    wait_for("the slot in use", lambda: pg.psql(
+        "SELECT active FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'") == "t", 30)
+
+
+def test_a_database_started_before_the_wait_began_ends_it_too(env: Env, pg: PG) -> None:
+    """The race a restore makes: its container is started again just before the streamer's
+    quick retry, which fails (the server is still starting) and begins a minute's wait. That
+    start is still new to the streamer (it last streamed before it): the wait ends at once,
+    once for that start."""
+    from toybox_backupd import docker_api
+    from toybox_backupd.daemon.streamer import WATCH_SECONDS, Streamer
+
+    streamer = Streamer(env.settings(**PITR), lambda why: None)
+    streamer.streamed_on = "a start before the restore"
+    began = time.monotonic()
+    assert streamer._pause(60)
+    assert time.monotonic() - began < WATCH_SECONDS + 15
+    assert streamer.woken_for == docker_api.started_at(pg.name)
+    assert not streamer._pause(1)  # not again for the same start
 
 
 def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
@@ -389,7 +604,10 @@ def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
 
 def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
                                                             streaming: Daemon) -> None:
-    from toybox_backupd.tiers import wal
+    import hashlib
+
+    from toybox_backupd.offsite.target import OffsiteError
+    from toybox_backupd.tiers import wal, wal_offsite
 
     for _ in range(2):
         pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1); "
@@ -400,16 +618,41 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
     remote.mkdir()
     settings = env.settings(**PITR, OFFSITE_URL=f"file://{remote}")
     with Store(env.state_dir) as history:
-        stamp = wal.copy_offsite(settings, history, float("-inf"), 100.0)
+        stamp = wal_offsite.copy_offsite(settings, history, float("-inf"), 100.0)
         assert stamp == 100.0  # the segment being written went too
         completed = [s for s in wal.segments(settings) if not s.partial]
-        assert history.get_state(wal.STATE_OFFSITE) == completed[-1].name
+        assert history.get_state(wal_offsite.STATE_OFFSITE) == completed[-1].name
         # a second pass copies nothing new, and not the partial again within the minute
-        assert wal.copy_offsite(settings, history, stamp, 130.0) == stamp
+        assert wal_offsite.copy_offsite(settings, history, stamp, 130.0) == stamp
     for segment in wal.segments(settings):
         copy = remote / segment.path.relative_to(env.backup_dir)
         assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
         assert copy.stat().st_size == wal.SEGMENT_SIZE
+        summed = copy.with_name(segment.path.name + ".sha256")  # sha256sum's format
+        assert summed.exists() != segment.partial
+        if not segment.partial:
+            digest = hashlib.sha256(segment.path.read_bytes()).hexdigest()
+            assert summed.read_text() == f"{digest}  {segment.name}\n"
+    # fetched back where none are here: every segment, checked; a damaged copy never lands
+    copies = {p.name: p for p in (remote / "wal" / "toybox").iterdir()
+              if not p.name.endswith(".sha256")}
+    fetched = wal_offsite.fetch(settings, "toybox", 0, [], env.tmp / "fetched")
+    assert sorted(p.name for p in fetched) == sorted(copies)
+    assert all(p.read_bytes() == copies[p.name].read_bytes() for p in fetched)
+    local = wal.segments(settings)
+    assert wal_offsite.fetch(settings, "toybox", 0, local, env.tmp / "none") == []
+    first = remote / completed[0].path.relative_to(env.backup_dir)
+    first.write_bytes(first.read_bytes()[:-1] + b"!")
+    with pytest.raises(OffsiteError, match=r"does not match its \.sha256"):
+        wal_offsite.fetch(settings, "toybox", 0, [], env.tmp / "damaged")
+    assert not [p for p in (env.tmp / "damaged").rglob("*") if p.is_file()]
+    # pruned off-site: the segments before the one given, with their .sha256; nothing foreign
+    (remote / "wal" / "toybox" / "README").write_text("not ours")
+    gone = wal_offsite.prune(settings, completed[1].number, "toybox")
+    name = str(completed[0].path.relative_to(env.backup_dir))
+    assert sorted(gone) == sorted([name, name + ".sha256"])
+    assert not first.exists() and (remote / "wal" / "toybox" / "README").exists()
+    assert (remote / completed[1].path.relative_to(env.backup_dir)).exists()
 
 
 def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_engine: Any) -> None:
@@ -423,7 +666,7 @@ def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_
     finally:
         first.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     pg.psql("SELECT pg_drop_replication_slot('toybox_backupd')")
     pg.psql("CREATE TABLE filler (x text)")
     for _ in range(8):  # the server moves on and recycles what the archive would need next
@@ -448,7 +691,7 @@ def test_a_gap_is_reported_and_closed_by_a_base_backup(env: Env, pg: PG, docker_
     finally:
         second.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
 
 
 def test_check_tries_the_route_and_says_what_fails(env: Env, pg: PG) -> None:
@@ -603,7 +846,7 @@ def test_pg_wal_stays_bounded_while_the_streamer_is_down(env: Env, pg: PG, docke
                 part.stop()
         daemon.kill()
         for container in wal_helpers(docker_engine, env):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
 
 
 def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None:
@@ -621,3 +864,40 @@ def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None
     assert sorted(p.name for p in root.iterdir()) == ["000000010000000000000003"]
     (root / "000000010000000000000004.partial").write_bytes(b"\0" * 1000 + b"\1")
     assert wal.remove_unpadded(settings) == []
+
+
+def test_a_recovery_reads_one_timelines_path(plain_env: Env) -> None:
+    """Timeline 2 forked from 1 in segment 3: a recovery to timeline 2 reads 1's segments
+    before 3 and 2's from 3 on; one to timeline 1 reads 1's only, its branch's copies (what
+    it streamed while it was the server's) over one streamed again up to the fork."""
+    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.timelines import Timelines, parse_history
+
+    settings = plain_env.settings(**PITR, PG_CONTAINER="db")
+    root = wal.wal_dir(settings)
+    (root / "branch-x").mkdir(parents=True)
+    (root / "00000002.history").write_text("1\t0/3000580\tbefore 2026-01-26 05:00:00+00\n")
+    for name in ("000000010000000000000001", "000000010000000000000002",
+                 "000000010000000000000003.partial", "000000020000000000000003",
+                 "000000020000000000000004.partial", "branch-x/000000010000000000000003",
+                 "branch-x/000000010000000000000004.partial"):
+        (root / name).write_bytes(b"")
+    found = wal.segments(settings)
+    lines = wal.timelines(settings)
+    assert lines.histories == {2: parse_history("1\t0/3000580\n")}
+    assert lines.begins(2) == 3 and lines.begins(1) is None
+    two = [str(s.path.relative_to(root)) for s in wal.on_path(found, lines, 2)]
+    assert two == ["000000010000000000000001", "000000010000000000000002",
+                   "000000020000000000000003", "000000020000000000000004.partial"]
+    one = [str(s.path.relative_to(root)) for s in wal.on_path(found, lines, 1, first=2)]
+    assert one == ["000000010000000000000002", "branch-x/000000010000000000000003",
+                   "branch-x/000000010000000000000004.partial"]
+    # a base backup taken on timeline 1 before the fork is on timeline 2's path; after, not
+    assert lines.contains(2, 1, 0x3000580) and not lines.contains(2, 1, 0x3000581)
+    assert not Timelines().contains(2, 1, 0)
+    # the moment decides: up to timeline 1's last commit, timeline 1; later, timeline 2
+    end = datetime(2026, 1, 26, 5, 1, tzinfo=UTC)
+    spans = [(1, end), (2, None)]
+    assert wal.timeline_at(end, spans) == 1
+    assert wal.timeline_at(end + timedelta(microseconds=1), spans) == 2
+    assert wal.timeline_at(end, [(1, None), (2, None)]) == 2  # no commit on 1: the newest

@@ -296,6 +296,34 @@ def server_port(settings: Settings) -> int:
     return int(row[0]) if row else 5432
 
 
+def server_timeline(settings: Settings) -> int:
+    """The timeline the server writes its WAL on now (2 and up after a restore to a moment)."""
+    with admin(settings) as conn:
+        row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    return int(str(row[0])[:8], 16) if row else 1
+
+
+def system_identifier(settings: Settings) -> str:
+    """The database cluster's system identifier (pg_control_system()): initdb draws a new one
+    for every cluster, so a cluster replaced under the same container (a major-version upgrade
+    by dump and restore, a volume initialised again) has another."""
+    with admin(settings) as conn:
+        row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    return str(row[0]) if row else ""
+
+
+def timeline_history(settings: Settings, name: str) -> bytes | None:
+    """The server's timeline history file `name` (`00000002.history`) from its pg_wal; None when
+    it has none, or POSTGRES_USER may not read it (a superuser may)."""
+    try:
+        with admin(settings) as conn:
+            row = conn.execute("SELECT pg_read_binary_file('pg_wal/' || %s, 0, 1048576, true)",
+                               (name,)).fetchone()
+    except psycopg.Error:
+        return None
+    return bytes(row[0]) if row and row[0] is not None else None
+
+
 def ensure_slot(settings: Settings, slot: str) -> bool:
     """Create the physical replication slot `slot` (WAL reserved at once) unless it exists.
 
@@ -376,8 +404,13 @@ def _drop_slot(settings: Settings, slot: str) -> None:
 
 def mark_and_flush(settings: Settings, application: str, wait: float = 10.0) -> bool:
     """Commit a transaction now (a WAL commit record stamped with this moment), then wait up to
-    `wait` s until the WAL receiver `application` has flushed it. True if it has."""
+    `wait` s until the WAL receiver `application` has flushed it. True if it has; False at
+    once when no such receiver is connected (nothing streams: waiting would change nothing)."""
     with admin(settings) as conn:
+        streaming = conn.execute("SELECT count(*) FROM pg_stat_replication WHERE "
+                                 "application_name = %s", (application,)).fetchone()
+        if not streaming or not streaming[0]:
+            return False
         row = conn.execute("SELECT txid_current(), pg_current_wal_insert_lsn()").fetchone()
         if row is None:
             return False

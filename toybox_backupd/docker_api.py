@@ -36,6 +36,7 @@ STOP_LABEL = "toybox-backupd.stop-during-backup"
 HELPER_LABEL = "toybox-backupd.helper"
 OWNER_LABEL = "toybox-backupd.owner"
 KEPT_LABEL = "toybox-backupd.kept"  # a helper the daemon keeps between runs
+SCRATCH_LABEL = "toybox-backupd.scratch"  # a volume made for one restore, removed after it
 COMPOSE_SERVICE = "com.docker.compose.service"
 STDERR_KEEP = 64 * 1024
 READ_SIZE = 1024 * 1024
@@ -185,6 +186,16 @@ def container_state(container_id: str) -> str | None:
         return None
 
 
+def started_at(name: str) -> str | None:
+    """The id and last start time of container `name` (as find_container finds it), None when
+    there is none: it changes whenever the container is started again or replaced."""
+    try:
+        container = find_container(name)
+    except (DockerError, DockerException):
+        return None
+    return f"{container.id} {container.attrs.get('State', {}).get('StartedAt', '')}"
+
+
 @lru_cache(maxsize=1)
 def own_container() -> Container | None:
     """The container this process runs in, if any."""
@@ -277,9 +288,39 @@ def volume_names() -> list[str]:
     return [str(volume.name) for volume in client().volumes.list()]
 
 
-def create_volume(name: str) -> None:
-    """Create an empty named volume."""
-    client().volumes.create(name)
+def create_volume(name: str, labels: dict[str, str] | None = None) -> None:
+    """Create an empty named volume (with `labels`)."""
+    client().volumes.create(name, labels=labels or {})
+
+
+def scratch_volumes(owner: str) -> list[str]:
+    """The names of the scratch volumes this instance (`owner`) created (SCRATCH_LABEL)."""
+    return [str(volume.name) for volume in client().volumes.list(
+        filters={"label": [SCRATCH_LABEL, f"{OWNER_LABEL}={owner}"]})]
+
+
+def remove_scratch_volume(name: str, owner: str) -> None:
+    """Remove a scratch volume with the containers of this instance (`owner`) that mount it (a
+    killed restore's throwaway server). DockerError if something else still uses it."""
+    for container in client().containers.list(
+            all=True, filters={"volume": name, "label": f"{OWNER_LABEL}={owner}"}):
+        with contextlib.suppress(NotFound):
+            container.remove(force=True, v=True)
+    try:
+        client().volumes.get(name).remove(force=True)
+    except NotFound:
+        pass
+    except APIError as exc:
+        raise DockerError(f"cannot remove volume {name}: {_short(exc)}") from None
+
+
+def image_present(image: str) -> bool:
+    """Whether `image` (a name or id) is on this engine (nothing is pulled)."""
+    try:
+        client().images.get(image)
+        return True
+    except ImageNotFound:
+        return False
 
 
 # helper containers ------------------------------------------------------------------------

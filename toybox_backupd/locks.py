@@ -79,3 +79,51 @@ def daemon_lock(state_dir: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def held(path: Path, what: str) -> Iterator[None]:
+    """An exclusive lock on `path` (created) while the block runs, the file removed at its end.
+
+    For work that leaves things behind if its process is killed (a restore's scratch volume):
+    the kernel lets go of the lock when the process dies, so `in_use(path)` tells a live
+    holder from a dead one, whatever process, container or host PID namespace asks."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = _locked_file(path)
+    try:
+        _write(handle, f"{what} (pid {os.getpid()} on {socket.gethostname()})")
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _locked_file(path: Path) -> IO[str]:
+    """`path` opened and locked; again if it was removed meanwhile (by a clean-up that found
+    it unlocked), so that the lock held is always the one on the file at `path`."""
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 (closed by the caller)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def in_use(path: Path) -> bool:
+    """Whether a live process holds the lock `held(path)` takes (False: none, or it died)."""
+    try:
+        handle = open(path)  # noqa: SIM115 (closed below, also when the lock is taken)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _try(handle):
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+    finally:
+        handle.close()

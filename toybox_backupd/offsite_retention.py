@@ -6,7 +6,9 @@ differential needs. Only objects this tool wrote and recorded in the catalog are
 manifest first (so a half-deleted restore point never looks complete to `reindex --offsite`).
 A copy under an Object Lock retain-until date is left alone until that date.
 Runs only after a successful copy, in the run that made it, after local retention passed its
-clock check.
+clock check. After a base backup run, the WAL segments off-site that no base backup kept here
+or off-site needs go too (tiers.wal_offsite.prune), and each `.partial` copy whose completed
+segment is there.
 """
 
 from __future__ import annotations
@@ -66,7 +68,26 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
         deleted.append(item.path)
         log.info("off-site retention: deleted", path=item.path, url=target.url,
                  reason=decided.reasons[item.id])
+    if job == "base":
+        deleted += _prune_wal(settings, store, targets)
     return deleted
+
+
+def _prune_wal(settings: Settings, store: Store, targets: list[str]) -> list[str]:
+    """The off-site WAL no kept base backup (here or off-site) needs, chain-aware as locally."""
+    from .tiers import wal_offsite
+
+    gone: list[str] = []
+    for target in targets:
+        oldest = retention.wal_keep_from(store, target)
+        if oldest is not None:
+            gone += wal_offsite.prune(settings, oldest, target,
+                                      warn=lambda text: log.warning(text))
+    if not gone:
+        return []
+    log.info("off-site retention: WAL no kept base backup needs deleted", count=len(gone),
+             first=gone[0], last=gone[-1])
+    return [f"{len(gone)} off-site WAL object(s) {gone[0]} … {gone[-1]}"]
 
 
 def _delete(target: Target, copy: Copy) -> None:

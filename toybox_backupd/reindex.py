@@ -1,10 +1,12 @@
 """`toybox-backupd reindex`: rebuild the catalog from the manifests in BACKUP_DIR alone.
 
 Only the tool's own layout counts, because a restore from the catalog pipes a dump into psql:
-`logical/<db>/<db>_<stamp>.dump|.sql.gz` (tier logical, target <db>) and
-`volumes/<v>/<v>_<stamp>_full|diff.tar[.zst|.gz]` (that tier, target <v>), each a regular file
-beside its regular `.manifest.json` that names it, with the file's size, dated no later than
-now. Anything else, such as files restored into BACKUP_DIR/restore, is never read.
+`logical/<db>/<db>_<stamp>.dump|.sql.gz` (tier logical, target <db>),
+`volumes/<v>/<v>_<stamp>_full|diff.tar[.zst|.gz]` (that tier, target <v>) and
+`base/<db>/<db>_<stamp>/base.tar.gz` (tier base, target <db>; with its pg_wal.tar.gz and
+backup_manifest beside it, as its manifest lists them), each a regular file beside its regular
+`.manifest.json` that names it, with the file's size, dated no later than now. Anything else,
+such as files restored into BACKUP_DIR/restore, is never read.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from .basics import utcnow
 from .manifests import MANIFEST_SUFFIX, TOOL, companion_paths, index_path, read_index
 from .store import Store
 
-TOP_TIERS = {"logical": ("logical",), "volumes": ("full", "diff")}
+TOP_TIERS = {"logical": ("logical",), "volumes": ("full", "diff"), "base": ("base",)}
 _STEM = r"_\d{8}-\d{6}(?:-\d+)?"
+# an artifact's name below `<top>/<target>/` (a base backup is a directory of files)
 _NAMES = {"logical": _STEM + r"\.(?:dump|sql\.gz)",
-          "volumes": _STEM + r"_(full|diff)\.tar(?:\.zst|\.gz)?"}
+          "volumes": _STEM + r"_(full|diff)\.tar(?:\.zst|\.gz)?",
+          "base": _STEM + r"/base\.tar\.gz"}
+BASE_FILES = ("pg_wal.tar.gz", "backup_manifest")  # beside a base backup's base.tar.gz
+_LSN = r"[0-9A-F]{1,8}/[0-9A-F]{1,8}"
 
 
 @dataclass
@@ -57,7 +63,7 @@ def reindex(backup_dir: Path, state_dir: Path, now: datetime | None = None) -> R
 
 
 def unknown_files(backup_dir: Path, store: Store) -> list[str]:
-    """Files under `logical/` and `volumes/` that the catalog does not know, relative to
+    """Files under `logical/`, `volumes/` and `base/` that the catalog does not know, relative to
     BACKUP_DIR, sorted: for `verify` to report.
 
     Known are the kept (ok or corrupt) artifacts and the files the tool writes beside them
@@ -65,7 +71,8 @@ def unknown_files(backup_dir: Path, store: Store) -> list[str]:
     whose catalog row a crash kept from being written (a run renames its files, then adds the
     row: `reindex` adds it), one of a backup the catalog marks deleted (copied back by hand,
     or left alone by retention because it had been replaced), or anything put there by hand.
-    `*.partial` files are left out: a run is writing them, or start-up recovery removes them.
+    `*.partial` files (and the files of a base backup's `.…partial` directory) are left out:
+    a run is writing them, or start-up recovery (the next base backup) removes them.
     Symbolic links are listed, never followed.
     """
     known: set[str] = set()
@@ -77,6 +84,8 @@ def unknown_files(backup_dir: Path, store: Store) -> list[str]:
         if not _is_dir(backup_dir / top):
             continue
         for directory, _, names in os.walk(backup_dir / top):
+            if directory.endswith(PARTIAL):
+                continue
             for name in names:
                 relative = str((Path(directory) / name).relative_to(backup_dir))
                 if not name.endswith(PARTIAL) and relative not in known:
@@ -84,16 +93,33 @@ def unknown_files(backup_dir: Path, store: Store) -> list[str]:
     return sorted(found)
 
 
+def _subdirs(parent: Path) -> list[Path]:
+    """The real directories in `parent` (none when it is not one), sorted."""
+    if not _is_dir(parent):
+        return []
+    return [parent / name for name in sorted(os.listdir(parent)) if _is_dir(parent / name)]
+
+
 def layout_dirs(backup_dir: Path) -> list[tuple[str, Path]]:
-    """(top, directory) for each `logical/<db>/` and `volumes/<v>/` (real directories only)."""
+    """(top, directory) for each `logical/<db>/`, `volumes/<v>/` and `base/<db>/<db>_<stamp>/`
+    (real directories only) where artifacts and their manifests lie."""
     found = []
     for top in TOP_TIERS:
-        parent = backup_dir / top
-        if not _is_dir(parent):
-            continue
-        found += [(top, parent / name) for name in sorted(os.listdir(parent))
-                  if _is_dir(parent / name)]
+        for directory in _subdirs(backup_dir / top):
+            if top == "base":  # one directory per base backup
+                found += [(top, folder) for folder in _subdirs(directory)]
+            else:
+                found.append((top, directory))
     return found
+
+
+def split_layout(relative: str) -> tuple[str, str, str] | None:
+    """(top, target, name below `<top>/<target>/`) of an artifact path in the tool's layout
+    (None when it has not the layout's depth: `base/<db>/<folder>/<file>`, else 3 parts)."""
+    parts = relative.split("/")
+    if parts[0] not in TOP_TIERS or len(parts) != (4 if parts[0] == "base" else 3):
+        return None
+    return parts[0], parts[1], "/".join(parts[2:])
 
 
 def candidates(backup_dir: Path, now: datetime) -> tuple[list[tuple[str, dict[str, Any]]],
@@ -101,13 +127,13 @@ def candidates(backup_dir: Path, now: datetime) -> tuple[list[tuple[str, dict[st
     """([(artifact path, manifest)], [(artifact path, why it is not trusted)]) in the layout."""
     found: list[tuple[str, dict[str, Any]]] = []
     skipped: list[tuple[str, str]] = []
-    for top, directory in layout_dirs(backup_dir):
+    for _top, directory in layout_dirs(backup_dir):
         for manifest in sorted(directory.glob("*" + MANIFEST_SUFFIX)):
             name = manifest.name[: -len(MANIFEST_SUFFIX)]
-            relative = f"{top}/{directory.name}/{name}"
+            relative = str((directory / name).relative_to(backup_dir))
             data, problem = _read(manifest)
             if data is not None:
-                problem = problem_of(directory / name, top, data, now)
+                problem = problem_of(backup_dir, relative, data, now)
             if problem:
                 skipped.append((relative, problem))
             elif data is not None:
@@ -127,16 +153,30 @@ def _read(manifest: Path) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
-def problem_of(path: Path, top: str, data: dict[str, Any], now: datetime) -> str | None:
-    """Why the artifact at `path` (in `<top>/<target>/`) with this manifest is not trusted."""
-    problem = manifest_problem(top, path.parent.name, path.name, data, now)
+def problem_of(backup_dir: Path, relative: str, data: dict[str, Any],
+               now: datetime) -> str | None:
+    """Why the artifact at `relative` (in the layout) with this manifest is not trusted."""
+    where = split_layout(relative)
+    if where is None:
+        return "it is not where this tool writes its backups"
+    problem = manifest_problem(*where, data, now)
     if problem:
         return problem
-    if not _is_regular(path):
-        return "the artifact is missing or not a regular file"
-    if data.get("size") != path.stat().st_size:
-        return f"it has {path.stat().st_size} bytes, its manifest says {data.get('size')}"
+    path = backup_dir / relative
+    for other, size in [(path, data.get("size")), *_base_files(path, data)]:
+        if not _is_regular(other):
+            return f"{other.name} is missing or not a regular file"
+        if size != other.stat().st_size:
+            return f"{other.name} has {other.stat().st_size} bytes, its manifest says {size}"
     return None
+
+
+def _base_files(path: Path, data: dict[str, Any]) -> list[tuple[Path, Any]]:
+    """(file, size its manifest says) of the files beside a base backup's base.tar.gz."""
+    if data.get("tier") != "base":
+        return []
+    files = (data.get("extra") or {}).get("files") or {}
+    return [(path.parent / name, (files.get(name) or {}).get("size")) for name in BASE_FILES]
 
 
 def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
@@ -148,7 +188,7 @@ def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
                 f"{top}/{target}/ holds {'/'.join(TOP_TIERS[top])} backups of {target!r}")
     if match is None or (top == "volumes" and match.group(1) != data["tier"]):
         return f"the name {name!r} is not one this tool gives a {data['tier']} of {target!r}"
-    if data.get("file") != name:
+    if data.get("file") != name.rsplit("/", 1)[-1]:
         return f"its manifest names another file ({data.get('file')!r})"
     if not re.fullmatch(r"[0-9a-f]{64}", str(data.get("sha256"))):
         return "its manifest has no valid sha256"
@@ -156,7 +196,8 @@ def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
         return f"its base full ({data.get('base')!r}) is not one of {target}'s"
     if not isinstance(data.get("size"), int):
         return "its manifest has no size"
-    return _date_problem(data, now) or _globals_problem(target, name, data)
+    return (_date_problem(data, now) or _globals_problem(target, name, data)
+            or _base_problem(data))
 
 
 def _date_problem(data: dict[str, Any], now: datetime) -> str | None:
@@ -181,6 +222,26 @@ def _globals_problem(target: str, name: str, data: dict[str, Any]) -> str | None
     own = f"logical/{target}/{stem}.globals.sql.gz"
     if not isinstance(info, dict) or info.get("path") != own:
         return f"its manifest names a roles file that is not its own ({info!r})"
+    return None
+
+
+def _base_problem(data: dict[str, Any]) -> str | None:
+    """What a restore to a moment needs of a base backup's manifest: its WAL start, the
+    image it was taken with and its other files' sizes and checksums."""
+    if data.get("tier") != "base":
+        return None
+    extra = data.get("extra")
+    if not isinstance(extra, dict):
+        return "its manifest has no description of the base backup (extra)"
+    files = extra.get("files")
+    if not isinstance(extra.get("start_segment"), int) or not re.fullmatch(
+            _LSN, str(extra.get("end_lsn"))) or not isinstance(extra.get("image"), str):
+        return "its manifest has no valid WAL range (start_segment, end_lsn) or image"
+    if not isinstance(files, dict) or not all(
+            isinstance(files.get(name), dict) and isinstance(files[name].get("size"), int)
+            and re.fullmatch(r"[0-9a-f]{64}", str(files[name].get("sha256")))
+            for name in BASE_FILES):
+        return f"its manifest does not describe its {' and '.join(BASE_FILES)}"
     return None
 
 

@@ -21,7 +21,7 @@ from .basics import CatalogError, iso, utcnow
 from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
 from .offsite.fetch import download
 from .offsite.target import OffsiteError, Target, open_target
-from .reindex import TOP_TIERS, Reindexed, fields, manifest_problem
+from .reindex import BASE_FILES, Reindexed, fields, manifest_problem, split_layout
 from .settings import Settings
 from .store import Store
 
@@ -41,11 +41,10 @@ def _read(target: Target, key: str) -> dict[str, Any] | None:
 
 
 def _problem(relative: str, data: dict[str, Any] | None, now: datetime) -> str | None:
-    parts = relative.split("/")
-    if data is None:
+    where = split_layout(relative)
+    if data is None or where is None:
         return "its manifest is not JSON"
-    top, target, name = parts
-    problem = manifest_problem(top, target, name, data, now)
+    problem = manifest_problem(*where, data, now)
     if problem:
         return problem
     objects = (data.get("offsite") or {}).get("objects")
@@ -53,6 +52,21 @@ def _problem(relative: str, data: dict[str, Any] | None, now: datetime) -> str |
         return "its manifest does not describe a complete off-site copy"
     if objects[0].get("source_sha256") != data.get("sha256"):
         return "its off-site copy does not hold the file its manifest describes"
+    return _base_objects_problem(relative, data, objects)
+
+
+def _base_objects_problem(relative: str, data: dict[str, Any],
+                          objects: list[dict[str, Any]]) -> str | None:
+    """A base backup is copied with its pg_wal.tar.gz and backup_manifest, as it lists them."""
+    if data.get("tier") != "base":
+        return None
+    folder = relative.rsplit("/", 1)[0]
+    sums = {obj.get("source"): obj.get("source_sha256") for obj in objects}
+    files = data["extra"]["files"]
+    missing = [name for name in BASE_FILES
+               if sums.get(f"{folder}/{name}") != files[name]["sha256"]]
+    if missing:
+        return f"its off-site copy lacks {' and '.join(missing)} (or holds others)"
     return None
 
 
@@ -65,8 +79,7 @@ def candidates(target: Target, now: datetime) -> tuple[list[tuple[str, dict[str,
         if not key.endswith(MANIFEST_SUFFIX):
             continue
         relative = key[: -len(MANIFEST_SUFFIX)]
-        parts = relative.split("/")
-        if len(parts) != 3 or parts[0] not in TOP_TIERS or ".globals." in parts[2]:
+        if split_layout(relative) is None or ".globals." in relative.rsplit("/", 1)[-1]:
             continue
         data = _read(target, key)
         problem = _problem(relative, data, now)

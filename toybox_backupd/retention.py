@@ -32,6 +32,7 @@ from pathlib import Path
 from . import jobs, logs, manifests, schedule
 from .basics import ToyboxError, ago, local_time, utcnow
 from .manifests import MANIFEST_SUFFIX, TOOL
+from .restore_points import restorable
 from .settings import Settings
 from .store import Artifact, Store
 
@@ -195,17 +196,37 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     return deleted
 
 
+def wal_keep(store: Store, target: str) -> dict[str | None, int]:
+    """For each database cluster a base backup of `target` kept here or off-site is of (its
+    system identifier; None for base backups that recorded none), the first WAL segment the
+    oldest of them needs. The WAL from there on stays, here and off-site, so that every kept
+    base backup, wherever it lies, can be recovered to any moment after it, with its own
+    cluster's WAL: after a cluster was replaced (a major-version upgrade), the old one's too."""
+    keep: dict[str | None, int] = {}
+    for item in restorable(store, "base", target):
+        system = str(item.extra.get("system_identifier") or "") or None
+        start = int(item.extra.get("start_segment", 0))
+        keep[system] = min(start, keep.get(system, start))
+    return keep
+
+
+def wal_keep_from(store: Store, target: str) -> int | None:
+    """The first WAL segment any kept base backup of `target` needs, whatever its cluster
+    (None: no base backup is kept anywhere): the off-site WAL, whose objects are not read, is
+    kept from there on."""
+    return min(wal_keep(store, target).values(), default=None)
+
+
 def _prune_wal(settings: Settings, store: Store, targets: list[str]) -> list[str]:
-    """The WAL no kept base backup needs (chain-aware: everything from the oldest kept base
-    backup's start on stays)."""
+    """The WAL no kept base backup needs (chain-aware: of each cluster, everything from the
+    oldest kept base backup's start on stays)."""
     from .tiers import wal
 
     gone: list[str] = []
     for target in targets:
-        kept = store.artifacts(tier="base", target=target, statuses=("ok",))
-        if kept:
-            oldest = min(int(item.extra.get("start_segment", 0)) for item in kept)
-            gone += wal.prune(settings, oldest, target)
+        keep = wal_keep(store, target)
+        if keep:
+            gone += wal.prune(settings, keep, target)
     if not gone:
         return []
     log.info("retention: WAL segments no kept base backup needs deleted", count=len(gone),

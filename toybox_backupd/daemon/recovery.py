@@ -11,7 +11,7 @@ from ..atomic import remove_partials
 from ..basics import iso, local_time, parse_iso
 from ..settings import Settings
 from ..store import Store
-from ..tiers import transfer, volume_swap
+from ..tiers import pitr_scratch, transfer, volume_swap
 from .keys import STATE_HEARTBEAT
 
 log = logs.get("toybox_backupd.daemon")
@@ -26,11 +26,12 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
     estimates when that happened. Returns what was done:
     {"interrupted": [run ids], "partials_removed": [paths], "restores": [{"volume", "outcome"}],
      "containers_started": [names], "containers_failed": [{"name", "error"}],
-     "helpers_removed": n, "spool_removed": [FIFO directories]}.
+     "helpers_removed": n, "spool_removed": [FIFO directories],
+     "scratch_removed": [volumes and files of killed restores to a moment]}.
     """
     result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "restores": [],
                               "containers_started": [], "containers_failed": [],
-                              "helpers_removed": 0}
+                              "helpers_removed": 0, "scratch_removed": []}
     with locks.run_lock(
         settings.state_dir, "start-up recovery",
         wait_log=lambda holder: log.info("recovery waits for the current run", holder=holder),
@@ -42,6 +43,8 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             result["partials_removed"].append(relative)
             log.warning("partial file removed", file=relative)
         result["spool_removed"] = transfer.remove_leftovers(settings.state_dir)
+        if settings.pitr:
+            _remove_scratch(settings, result)
         held = _settle_restores(settings, store, result)
         stopped = [row for row in store.stopped_containers() if row["container_id"] not in held]
         if stopped or settings.backup_volumes:
@@ -93,6 +96,22 @@ def _settle_restores(settings: Settings, store: Store, result: dict[str, Any]) -
     return held
 
 
+def _remove_scratch(settings: Settings, result: dict[str, Any]) -> None:
+    """The scratch volumes and files of restores to a moment whose process was killed; those
+    of a restore still running (started by hand meanwhile: it does not hold the run lock while
+    it recovers) stay."""
+    try:
+        removed, running = pitr_scratch.remove_leftovers(settings)
+    except Exception as exc:
+        log.error("could not remove what killed restores to a moment left", error=str(exc))
+        return
+    result["scratch_removed"] = removed
+    if removed:
+        log.warning("scratch of a restore cut short removed", items=", ".join(removed))
+    if running:
+        log.info("scratch of a restore still running left alone", items=", ".join(running))
+
+
 def _restart_containers(store: Store, stopped: list[Any], result: dict[str, Any]) -> None:
     """Start the containers a crashed run left stopped (recorded before they were stopped)."""
     for row in stopped:
@@ -130,6 +149,7 @@ def _log_summary(result: dict[str, Any]) -> None:
                  restores_settled=len(result["restores"]),
                  containers_started=", ".join(result["containers_started"]) or "-",
                  containers_failed=len(result["containers_failed"]),
-                 helpers_removed=result["helpers_removed"])
+                 helpers_removed=result["helpers_removed"],
+                 scratch_removed=len(result["scratch_removed"]))
     else:
         log.info("start-up recovery: nothing to recover")

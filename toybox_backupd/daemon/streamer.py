@@ -12,10 +12,17 @@ server writes in a second.
 A gap pg_receivewal reports ("requested WAL segment … has already been removed") is closed
 the same way: the archive so far is moved aside (wal/<db>/before-<stamp>/), the stream starts a
 new chain at the server's position, and a base backup is requested.
+While it is down, a restart of the database container (a restore with --stop-containers) ends
+the wait at once. Before each start, wal.follow_system sets the whole archive aside
+(wal/<db>/other-<stamp>/) when the server is another database cluster (replaced under the same
+container: its system identifier differs), and wal.follow_timeline puts the archive on the
+server's timeline (after a cluster restore: the old branch set aside, streaming from the fork);
+either is said, emailed, and a base backup taken of the new cluster or timeline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -23,11 +30,11 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-from .. import database, logs, notify, redact, report
+from .. import database, docker_api, logs, notify, redact, report
 from ..basics import ToyboxError, backoff, describe_unexpected, human, iso, local_time, parse_iso, utcnow
 from ..settings import Settings
 from ..store import Store
-from ..tiers import wal
+from ..tiers import wal, wal_offsite
 from .keys import STATE_PITR_ALERTED as STATE_ALERTED
 from .keys import STATE_PITR_DOWN as STATE_DOWN
 from .keys import STATE_PITR_ERROR as STATE_ERROR
@@ -52,6 +59,10 @@ class Streamer:
         self.stopping = threading.Event()
         self.receiver: wal.Receiver | None = None
         self.partial_copied = float("-inf")  # when the segment being written was last copied
+        # the database container's start (docker_api.started_at) when pg_receivewal last ran,
+        # and the one a wait was last cut short for
+        self.streamed_on: str | None = None
+        self.woken_for: str | None = None
         self.thread = threading.Thread(target=self._loop, name="wal-streamer", daemon=True)
         self.slot_thread = threading.Thread(target=self._slot_loop, name="wal-slot-watch",
                                             daemon=True)
@@ -103,19 +114,55 @@ class Streamer:
             if self.stopping.is_set():
                 return
             self._down(why)
-            if wal.GAP_MARK in why:
+            if wal.is_gap(why):
                 self._gap(why)
             attempts = 1 if time.monotonic() - began >= HEALTHY_RUN else attempts + 1
             delay = QUICK_RESTART if attempts == 1 else backoff(attempts - 1).total_seconds()
             log.warning("WAL streamer down; starting it again", in_s=delay, error=why)
-            self.stopping.wait(delay)
+            if self._pause(delay):
+                attempts = 0
+
+    def _pause(self, delay: float) -> bool:
+        """Wait `delay` s before the next start, or less: until the database container has been
+        started again since pg_receivewal last ran (a restore with --stop-containers, `docker
+        compose restart`; once per start of it) and its server answers. True if it was."""
+        deadline = time.monotonic() + delay
+        while not self.stopping.wait(max(0.0, min(WATCH_SECONDS, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            now = self._db_started()
+            if now is not None and now not in (self.streamed_on, self.woken_for):
+                self.woken_for = now
+                with contextlib.suppress(database.DatabaseError):
+                    database.check_reachable(self.settings)
+                log.info("the database container was started again: streaming starts again")
+                return True
+        return False
+
+    def _db_started(self) -> str | None:
+        """When the database container (PG_CONTAINER) last started; None if unknown."""
+        name = self.settings.pg_container
+        return docker_api.started_at(name) if name else None
 
     def _started(self, slot_created: bool) -> None:
         """pg_receivewal runs; the watch counts it as streaming once it has lasted STEADY
-        seconds (one that fails at once, over and over, stays down for the alert)."""
+        seconds (one that fails at once, over and over, stays down for the alert). On a new
+        timeline (a cluster restore): said, emailed, and a base backup taken on it."""
         self._set(STATE_STREAMING, iso())
+        self.streamed_on = self._db_started()
         log.info("WAL streamer running", directory=str(wal.wal_dir(self.settings)),
                  slot=wal.SLOT, slot_created=slot_created)
+        receiver = self.receiver
+        if receiver is not None and receiver.replaced:
+            alert(self.settings, "the database cluster was replaced",
+                  f"{receiver.replaced}. A base backup of the new cluster is taken now; "
+                  "moments before the replacement are recovered from the old cluster's base "
+                  "backups and WAL.")
+            self.request_base("database cluster replaced")
+        elif receiver is not None and receiver.followed:
+            alert(self.settings, "WAL streamer follows a new timeline",
+                  f"{receiver.followed}. A base backup is taken now, on the new timeline.")
+            self.request_base("new timeline")
 
     def _down(self, why: str) -> None:
         with Store(self.settings.state_dir) as store:
@@ -150,8 +197,8 @@ class Streamer:
             return
         try:
             with Store(self.settings.state_dir) as store:
-                self.partial_copied = wal.copy_offsite(self.settings, store, self.partial_copied,
-                                                       time.monotonic())
+                self.partial_copied = wal_offsite.copy_offsite(
+                    self.settings, store, self.partial_copied, time.monotonic())
         except Exception as exc:  # tried again at the next watch
             log.warning("WAL off-site copy pending", error=redact.redact(
                 str(exc) if isinstance(exc, ToyboxError) else describe_unexpected(exc)))

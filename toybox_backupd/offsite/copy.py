@@ -77,10 +77,11 @@ def _encrypting(source: BinaryIO, recipients: list[str]) -> contextlib.AbstractC
 
 
 def _put_file(settings: Settings, target: Target, relative: str,
-              retain_until: datetime | None) -> dict[str, Any]:
-    """Copy one local file; the object's description for the remote manifest."""
+              retain_until: datetime | None, remote: str | None = None) -> dict[str, Any]:
+    """Copy one local file (to `remote`, default its own path); the object's description for
+    the remote manifest."""
     recipients = [] if relative.endswith(MANIFEST_SUFFIX) else settings.offsite_age_recipients
-    key = relative + (AGE_SUFFIX if recipients else "")
+    key = (remote or relative) + (AGE_SUFFIX if recipients else "")
     with open(settings.backup_dir / relative, "rb") as handle:
         if recipients:  # the plaintext is hashed on its way into the encryption
             reader = HashingReader(handle)
@@ -95,10 +96,12 @@ def _put_file(settings: Settings, target: Target, relative: str,
             "encrypted": bool(recipients), "verified_by": stored.verified_by}
 
 
-def put_file(settings: Settings, target: Target, relative: str) -> dict[str, Any]:
-    """Copy one file of BACKUP_DIR (e.g. a WAL segment) to the same path off-site, encrypted
-    when OFFSITE_AGE_RECIPIENTS is set and verified; its object's description."""
-    return _put_file(settings, target, relative, None)
+def put_file(settings: Settings, target: Target, relative: str,
+             remote: str | None = None) -> dict[str, Any]:
+    """Copy one file of BACKUP_DIR (e.g. a WAL segment) to the same path off-site (or to
+    `remote`), encrypted when OFFSITE_AGE_RECIPIENTS is set and verified; its object's
+    description."""
+    return _put_file(settings, target, relative, None, remote)
 
 
 def _local_manifest(settings: Settings, item: Artifact) -> dict[str, Any]:

@@ -38,6 +38,7 @@ def backup(ctx: RunContext) -> TierResult:
     try:
         version = database.check_reachable(settings)
         port = database.server_port(settings)
+        system = database.system_identifier(settings)  # the cluster its WAL must come from
     except database.DatabaseError as exc:
         raise JobError(str(exc)) from None
     ctx.check()
@@ -50,7 +51,8 @@ def backup(ctx: RunContext) -> TierResult:
         image = _run_basebackup(ctx, port, partial)
         files = _check_files(partial)
         final = root / stem
-        extra = _describe(partial, files, image, version, dbname, created)
+        extra = {**_describe(partial, files, image, version, dbname, created),
+                 "system_identifier": system}
         main = final / FILES[0]
         write_manifest(partial / FILES[0], {
             "tool": TOOL, "version": __version__, "tier": TIER, "target": dbname,

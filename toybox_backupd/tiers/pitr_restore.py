@@ -6,14 +6,18 @@ image (no network, a scratch volume, `recovery_target_time = T`, promoted at the
 the database from it with pg_dump, and restores that dump into the live database exactly as a
 dump restore does (logical.restore_dump: beside it, then swapped; single tables; --into).
 When T is outside what the WAL reaches, the newest dump at or before T is used, as before.
+
+What is not here comes from off-site (OFFSITE_URL): the base backup (restore_points.local_copy,
+as any restore point) and the WAL segments the archive here lacks (wal_offsite.fetch, into the
+restore's scratch). The scratch (volume, dump, fetched WAL) is the restore's own
+(pitr_scratch): removed when it ends, or by start-up recovery when its process was killed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +27,13 @@ from .. import docker_api
 from ..atomic import AtomicFile
 from ..basics import CatalogError, Confirm, JobError, Say, iso, local_time, silent, utcnow
 from ..pgtools import OS_USER, tool_error
-from ..restore_points import check_file, restorable
+from ..restore_points import local_copy, restorable
 from ..settings import Settings
 from ..store import Artifact, Store
-from . import logical, wal
+from . import logical, wal, wal_offsite
 from .logical import Hold
+from .pitr_scratch import Scratch, scratch
+from .timelines import Timelines, history_name, lsn_value
 
 BASE_TIER = "base"
 DATA = "/pgdata/data"
@@ -52,18 +58,98 @@ chmod 700 /pgdata/data
 """
 
 
-def base_for(store: Store, dbname: str, at: datetime) -> Artifact | None:
-    """The newest intact base backup finished at or before `at` (None: there is none)."""
+def base_for(store: Store, dbname: str, at: datetime,
+             fits: Callable[[Artifact], bool] = lambda item: True) -> Artifact | None:
+    """The newest base backup finished at or before `at` that is intact here or off-site and
+    `fits` (None: there is none)."""
     kept = [item for item in restorable(store, BASE_TIER, dbname)
-            if item.status == "ok" and item.created_at <= at]
+            if item.created_at <= at and fits(item)]
     return max(kept, key=lambda item: (item.created_at, item.id), default=None)
 
 
-def window_end(settings: Settings, image: str) -> datetime | None:
-    """The newest moment the WAL archive reaches (the database committing once more first, when
-    it is up, so that every moment up to now is recoverable)."""
+def on_timeline(lines: Timelines, timeline: int) -> Callable[[Artifact], bool]:
+    """Whether a base backup is on `timeline`'s path (taken on it, or on an ancestor before
+    the fork): a recovery to that timeline can start from it."""
+    return lambda item: lines.contains(timeline, int(item.extra.get("timeline") or 1),
+                                       lsn_value(str(item.extra.get("end_lsn") or "0/0")))
+
+
+def choose(settings: Settings, dbname: str, at: datetime | None,
+           say: Say = silent) -> tuple[Artifact | None, int]:
+    """The base backup a recovery to `at` (None: the newest moment) starts from, and the
+    timeline it follows: the one the server was on at `at` (wal.timeline_at; the timeline
+    history files off-site that are not here are fetched first)."""
+    with Store(settings.state_dir) as store:
+        anyone = base_for(store, dbname, at or utcnow())
+    if anyone is None:
+        return None, 1
+    wal_offsite.fetch_histories(settings, dbname, say)
+    lines = wal.timelines(settings, dbname)
+    timeline = (wal.newest_timeline(wal.segments(settings, dbname), lines) if at is None else
+                wal.timeline_at(at, wal.ends(settings, recovery_image(settings, anyone),
+                                             dbname)))
+    with Store(settings.state_dir) as store:
+        return base_for(store, dbname, at or utcnow(), on_timeline(lines, timeline)), timeline
+
+
+@dataclass
+class Plan:
+    """What a recovery from `base` works with."""
+
+    base: Artifact
+    image: str  # the database image the throwaway server runs
+    timeline: int  # the timeline it follows
+    files: list[wal.Segment]  # the WAL on that timeline's path (here, or fetched into the scratch)
+    histories: list[Path]  # every timeline history file
+
+
+def gather(settings: Settings, base: Artifact, timeline: int, work: Scratch,
+           say: Say = silent) -> Plan:
+    """The WAL a recovery from `base` along `timeline` needs: the segments on its path from the
+    base's start on, here, and those the archive here lacks fetched from off-site into the
+    scratch. The database commits once more first, when it is up, so that every moment up to
+    now is recoverable."""
     wal.make_recent_recoverable(settings)
-    return wal.last_commit(settings, image)
+    start = int(base.extra.get("start_segment", 0))
+    system = system_of(base)  # only the WAL of the cluster the base backup was taken of
+    local = wal.of_system((s for s in wal.segments(settings, base.target) if s.number >= start),
+                          system)
+    fetched = wal_offsite.fetch(settings, base.target, start, local, work.wal, say)
+    found = local + wal.of_system((s for s in (wal.parse_segment(p, aside=p.parent != work.wal)
+                                               for p in fetched) if s is not None), system)
+    lines = wal.timelines(settings, base.target)
+    histories = [wal.wal_dir(settings, base.target) / history_name(t) for t in lines.histories]
+    return Plan(base, recovery_image(settings, base, say), timeline,
+                wal.on_path(found, lines, timeline, start), histories)
+
+
+def system_of(base: Artifact) -> str | None:
+    """The system identifier of the cluster a base backup was taken of (None: not recorded, a
+    base backup older than that record)."""
+    system = base.extra.get("system_identifier")
+    return str(system) if system else None
+
+
+def recovery_image(settings: Settings, base: Artifact, say: Say = silent) -> str:
+    """The image the base backup was taken with, or (a new host that lacks it) the database
+    container's, which must run the same PostgreSQL major version."""
+    recorded = str(base.extra["image"])
+    if docker_api.image_present(recorded):
+        return recorded
+    try:
+        image = docker_api.image_of(docker_api.find_container(settings.pg_container or ""))
+    except docker_api.DockerError as exc:
+        raise JobError(f"the image the base backup was taken with ({recorded[:19]}…) is not on "
+                       f"this Docker engine, and PG_CONTAINER's cannot stand in: {exc}") from None
+    say(f"the base backup's image ({recorded[:19]}…) is not on this engine: recovering with "
+        f"the database container's ({image[:19]}…)")
+    return image
+
+
+def _fetched(settings: Settings, base: Artifact, say: Say) -> None:
+    """The base backup's files here and checked (fetched from off-site when they are not)."""
+    with Store(settings.state_dir) as store:
+        local_copy(settings, store, base, say)
 
 
 def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (),
@@ -71,25 +157,29 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
                   hold: Hold = contextlib.nullcontext) -> None:
     """Restore the database as it was at `at` (see the module's doc)."""
     dbname = settings.postgres_db
-    with Store(settings.state_dir) as store:
-        base = base_for(store, dbname, at)
-    end = window_end(settings, str(base.extra["image"])) if base is not None else None
-    if base is None or end is None or at > end:
-        why = ("no base backup finished at or before it" if base is None else
-               f"the WAL archive reaches only {local_time(end, settings.zone)}" if end else
-               "the WAL archive holds no commit")
-        say(f"point in time: {why}; using the newest dump at or before "
-            f"{local_time(at, settings.zone)}")
-        logical.restore_db(settings, at=at, tables=tables, into=into, confirm=confirm, say=say,
-                           hold=hold)
-        return
-    check_file(settings.backup_dir, base)
-    say(f"recovering base backup {base.path} ({local_time(base.created_at, settings.zone)}) "
-        f"plus WAL to {local_time(at, settings.zone)}")
-    with recovered(settings, base, at) as done, dumped(settings, done.server, dbname, at) as item:
-        say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
-        logical.restore_dump(settings, item, settings.backup_dir / item.path, tables=tables,
-                             into=into, confirm=confirm, say=say, hold=hold)
+    base, timeline = choose(settings, dbname, at, say)
+    with scratch(settings) as work:
+        plan = gather(settings, base, timeline, work, say) if base is not None else None
+        end = wal.last_commit(settings, plan.image, files=plan.files) if (
+            plan and plan.files) else None
+        if plan is not None and end is not None and at <= end:
+            _fetched(settings, plan.base, say)
+            say(f"recovering base backup {plan.base.path} "
+                f"({local_time(plan.base.created_at, settings.zone)}) plus WAL to "
+                f"{local_time(at, settings.zone)}" + on_which(timeline))
+            with recovered(settings, plan, at, work) as done, \
+                    dumped(settings, done.server, dbname, at, work.dump) as item:
+                say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
+                logical.restore_dump(settings, item, settings.backup_dir / item.path,
+                                     tables=tables, into=into, confirm=confirm, say=say, hold=hold)
+            return
+    why = ("no base backup finished at or before it" if base is None else
+           f"the WAL archive reaches only {local_time(end, settings.zone)}" if end else
+           "the WAL archive holds no commit")
+    say(f"point in time: {why}; using the newest dump at or before "
+        f"{local_time(at, settings.zone)}")
+    logical.restore_db(settings, at=at, tables=tables, into=into, confirm=confirm, say=say,
+                       hold=hold)
 
 
 @dataclass
@@ -98,44 +188,48 @@ class Recovery:
     scratch: str  # its data volume (the cluster in data/)
 
 
+def on_which(timeline: int) -> str:
+    """` on timeline N` after a cluster restore forked one, else nothing."""
+    return f" on timeline {timeline}" if timeline > 1 else ""
+
+
 @contextlib.contextmanager
-def recovered(settings: Settings, base: Artifact, at: datetime | None) -> Iterator[Recovery]:
-    """A throwaway server recovered from `base` plus the WAL to `at` (None: to the end of the
-    archive), promoted; removed with its scratch volume afterwards."""
-    image = str(base.extra["image"])
-    scratch = f"toybox-backupd-recover-{secrets.token_hex(5)}"
-    docker_api.create_volume(scratch)
+def recovered(settings: Settings, plan: Plan, at: datetime | None,
+              work: Scratch) -> Iterator[Recovery]:
+    """A throwaway server recovered from the plan's base backup plus the WAL of its timeline's
+    path to `at` (None: to the end of it), promoted, in the scratch's volume; removed with it afterwards."""
+    work.create_volume()
     try:
-        _prepare(settings, base, at, image, scratch)
-        with docker_api.beside(image, None, {scratch: ("/pgdata", "rw")}, "recover",
-                               user=OS_USER, command=["postgres", "-D", DATA]) as server:
+        _prepare(settings, plan, at, work)
+        with docker_api.beside(plan.image, None, {work.volume: ("/pgdata", "rw")}, "recover",
+                               user=OS_USER, owner=work.owner,
+                               command=["postgres", "-D", DATA]) as server:
             _wait_promoted(settings, server)
-            yield Recovery(server, scratch)
+            yield Recovery(server, work.volume)
     finally:
-        docker_api.remove_volume(scratch)
+        docker_api.remove_scratch_volume(work.volume, work.owner)
 
 
-def _prepare(settings: Settings, base: Artifact, at: datetime | None, image: str,
-             scratch: str) -> None:
-    """Unpack the base backup into the scratch volume, copy the WAL it needs beside it, and set
-    the recovery target (a root helper from the database's image, no network)."""
+def _prepare(settings: Settings, plan: Plan, at: datetime | None, work: Scratch) -> None:
+    """Unpack the base backup into the scratch volume, copy beside it the WAL on the path of
+    the plan's timeline and every timeline history file (the new timeline a promotion makes is
+    numbered after the highest), and set the recovery target (a root helper from the
+    database's image, no network)."""
     where = wal.shared(settings, settings.backup_dir, mode="ro")
-    needed = [s.path for s in wal.segments(settings, base.target)
-              if s.number >= int(base.extra.get("start_segment", 0))]
-    names = {p.name.removesuffix(".partial") for p in needed if not p.name.endswith(".partial")}
-    files = [where.path(p) for p in needed
-             if not (p.name.endswith(".partial") and p.name[:-8] in names)]
-    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'", "recovery_target_timeline = 'latest'",
+    conf = [f"restore_command = 'cp {ARCHIVE}/%f %p'",
+            f"recovery_target_timeline = '{plan.timeline}'",
             "archive_mode = 'off'", "listen_addresses = ''", "hot_standby = 'on'",
             "unix_socket_directories = '/pgdata'"]
     if at is not None:
         conf += [f"recovery_target_time = '{iso(at)}'", "recovery_target_action = 'promote'",
                  "recovery_target_inclusive = 'on'"]
-    folder = where.path((settings.backup_dir / base.path).parent)
-    with docker_api.beside(image, None, {**where.mounts(), scratch: ("/pgdata", "rw")},
-                           "recover-setup", user="0:0", caps=SETUP_CAPS) as helper:
+    folder = where.path((settings.backup_dir / plan.base.path).parent)
+    with docker_api.beside(plan.image, None, {**where.mounts(), work.volume: ("/pgdata", "rw")},
+                           "recover-setup", user="0:0", caps=SETUP_CAPS,
+                           owner=work.owner) as helper:
         result, _ = docker_api.run(helper, ["sh", "-c", SETUP, "sh", "\n".join(conf), folder,
-                                            *files])
+                                            *(where.path(s.path) for s in plan.files),
+                                            *(where.path(p) for p in plan.histories)])
     if result.exit_code != 0:
         raise JobError(tool_error("the recovery set-up (tar, cp)", result,
                                   "a helper from the database's image"))
@@ -161,13 +255,12 @@ def _wait_promoted(settings: Settings, server: Any, timeout: float = 3600) -> No
 
 
 @contextlib.contextmanager
-def dumped(settings: Settings, server: Any, dbname: str, at: datetime) -> Iterator[Artifact]:
-    """pg_dump -Fc of `dbname` from the recovered server into a scratch file in BACKUP_DIR
-    (removed afterwards), as a dump restore point."""
-    path = settings.backup_dir / f".pitr-{secrets.token_hex(5)}.dump"
-    proc = docker_api.Exec(server, ["pg_dump", "-h", "/pgdata", "-U", settings.postgres_user, "-Fc",
-                                    "-d", dbname],
-                           user=OS_USER)
+def dumped(settings: Settings, server: Any, dbname: str, at: datetime,
+           path: Path) -> Iterator[Artifact]:
+    """pg_dump -Fc of `dbname` from the recovered server into the scratch file `path` in
+    BACKUP_DIR (removed afterwards), as a dump restore point."""
+    proc = docker_api.Exec(server, ["pg_dump", "-h", "/pgdata", "-U", settings.postgres_user,
+                                    "-Fc", "-d", dbname], user=OS_USER)
     try:
         with AtomicFile(path) as out:
             for chunk in proc.stdout():
@@ -187,19 +280,28 @@ def dumped(settings: Settings, server: Any, dbname: str, at: datetime) -> Iterat
 
 def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
     """What `restore db --at` can reach: from the oldest kept base backup to the newest commit
-    in the WAL archive, with the gaps between (None: no base backup yet)."""
+    in the WAL archive, with the gaps between (None: no base backup yet); of the database
+    cluster of the newest base backup only."""
     dbname = dbname or settings.postgres_db
     with Store(settings.state_dir) as store:
-        kept = [item for item in restorable(store, BASE_TIER, dbname) if item.status == "ok"]
+        kept = restorable(store, BASE_TIER, dbname)
     if not kept:
         return None
-    oldest = min(kept, key=lambda item: item.created_at)
     newest = max(kept, key=lambda item: item.created_at)
-    found = wal.segments(settings, dbname)
-    end = wal.last_commit(settings, str(newest.extra["image"]), dbname) if found else None
+    system = system_of(newest)  # the cluster now: another one replaced before is not counted
+    oldest = min((item for item in kept if system_of(item) in (None, system)),
+                 key=lambda item: item.created_at)
+    image = str(newest.extra["image"])
+    found = wal.of_system(wal.segments(settings, dbname), system)
+    lines = wal.timelines(settings, dbname)
+    first = wal.segment_of_lsn(str(oldest.extra["end_lsn"]))
+    path = wal.on_path(found, lines, wal.newest_timeline(found, lines))
+    end = wal.last_commit(settings, image, dbname, path)
+    spans = wal.ends(settings, image, dbname)
     return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
                                                        newest.created_at),
-                      gaps=wal.gaps(found, wal.segment_of_lsn(str(oldest.extra["end_lsn"]))))
+                      gaps=wal.gaps([s for s in path if s.number >= first], first),
+                      timelines=spans if len(spans) > 1 else [])
 
 
 # restore cluster ---------------------------------------------------------------------------------
@@ -224,23 +326,24 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
     from .volume_swap import new_dir, run_step
 
     target = volume or _data_volume(settings)
-    with Store(settings.state_dir) as store:
-        base = base_for(store, settings.postgres_db, at or utcnow())
+    base, timeline = choose(settings, settings.postgres_db, at, say)
     if base is None:
         raise CatalogError("no base backup finished at or before that moment (see `list`)")
-    check_file(settings.backup_dir, base)
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
-    say(f"recovering base backup {base.path} plus WAL to {moment}")
-    with hold(), recovered(settings, base, at) as done:
-        docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
+    with hold(), scratch(settings) as work:
+        plan = gather(settings, base, timeline, work, say)
+        _fetched(settings, base, say)
+        say(f"recovering base backup {base.path} plus WAL to {moment}{on_which(timeline)}")
+        with recovered(settings, plan, at, work) as done:
+            docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
 
-        def fill(helper: Any, staging: str) -> None:
-            run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
-                     "copying the recovered cluster")
+            def fill(helper: Any, staging: str) -> None:
+                run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
+                         "copying the recovered cluster")
 
-        restore_filled(settings, target, what=f"the cluster recovered to {moment}", when=moment,
-                       fill=fill, mounts={done.scratch: ("/recovered", "ro")}, confirm=confirm,
-                       stop_containers=stop_containers, say=say)
+            restore_filled(settings, target, what=f"the cluster recovered to {moment}",
+                           when=moment, fill=fill, mounts={done.scratch: ("/recovered", "ro")},
+                           confirm=confirm, stop_containers=stop_containers, say=say)
 
 
 def _data_volume(settings: Settings) -> str:

@@ -10,9 +10,16 @@ privileges, and mounts only the backup directory (found as transfer.py finds the
 sidecar's own volume or bind mount, or the host path on the host).
 
 The WAL archive is BACKUP_DIR/wal/<db>/: completed segments (`000000010000000000000042`) and
-the one being written (`….partial`, fsynced at every commit by `--synchronous`). A gap the
-streamer could not close moves what came before it into `wal/<db>/before-<stamp>/`, so
-pg_receivewal starts a new chain; recovery looks in both.
+the one being written (`….partial`, fsynced at every commit by `--synchronous`), and the history
+file of each timeline after the first (`00000002.history`). A gap the streamer could not close
+moves what came before it into `wal/<db>/before-<stamp>/`, so pg_receivewal starts a new chain;
+a cluster restore's new timeline moves the old timeline's branch past the fork into
+`wal/<db>/branch-<stamp>/` (follow_timeline), so pg_receivewal streams the new timeline from
+where it forked. A database cluster replaced under the same container (its system identifier,
+recorded in `wal/<db>/system_identifier`, differs) moves the whole chain into
+`wal/<db>/other-<stamp>/` (follow_system). Recovery looks in all of them, reads only the
+segments of the base backup's cluster (each segment's own header names it: segment_system),
+and one timeline's path (timelines.py).
 """
 
 from __future__ import annotations
@@ -20,21 +27,38 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import database, docker_api
-from ..basics import JobError
+from ..atomic import AtomicFile
+from ..basics import JobError, local_time, utcnow
 from ..settings import Settings
+from .timelines import (
+    SEGMENT_SIZE,
+    Timelines,
+    history_name,
+    lsn_value,
+    segment_name,
+    segment_of,
+)
 
 SLOT = "toybox_backupd"
 APPLICATION = "toybox-backupd-wal"
 MOUNT = "/backup"  # where a route helper mounts the backup directory's volume or host path
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
-SEGMENT_SIZE = 16 * 1024 * 1024
+# chains set aside: before a gap, a timeline's old branch, another database cluster's
+SIDE = ("before-*", "branch-*", "other-*")
+SYSTEM_FILE = "system_identifier"  # the cluster a chain's folder holds the WAL of
+# the first page of every segment: XLogLongPageHeaderData (PostgreSQL's xlog_internal.h):
+# xlp_magic, xlp_info, xlp_tli, xlp_pageaddr, xlp_rem_len (padded to 24), xlp_sysid,
+# xlp_seg_size, xlp_xlog_blcksz; native byte order (little-endian here)
+LONG_HEADER = struct.Struct("<HHIQI4xQII")
+XLP_LONG_HEADER = 0x0002
 COMMIT = re.compile(r"desc: (?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
@@ -131,28 +155,63 @@ class Segment:
     number: int  # the segment's number in the WAL (log * 256 + seg for 16 MiB segments)
     path: Path
     partial: bool
+    aside: bool = False  # in a folder set aside (before a gap, an old timeline's branch)
 
     @property
     def name(self) -> str:
         return self.path.name.removesuffix(".partial")
 
+    def system(self) -> str | None:
+        """The system identifier of the cluster that wrote it (its own header)."""
+        return segment_system(self.path)
 
-def parse_segment(path: Path) -> Segment | None:
+    def rank(self) -> tuple[bool, bool]:
+        """Of two copies of one segment, the higher ranked holds more: a complete one, else
+        one set aside (what its timeline streamed while it was the server's) over one streamed
+        again up to a switch point."""
+        return (not self.partial, self.aside)
+
+
+def parse_segment(path: Path, aside: bool = False) -> Segment | None:
     """The segment a WAL file name names (None for any other name)."""
     match = SEGMENT.match(path.name)
     if match is None:
         return None
     tli, log, seg, partial = match.groups()
     per_log = 0x100000000 // SEGMENT_SIZE
-    return Segment(int(tli, 16), int(log, 16) * per_log + int(seg, 16), path, bool(partial))
+    return Segment(int(tli, 16), int(log, 16) * per_log + int(seg, 16), path, bool(partial),
+                   aside)
+
+
+def segment_system(path: Path) -> str | None:
+    """The system identifier a WAL segment's first page carries (xlp_sysid): the database
+    cluster that wrote it, whatever folder it lies in. None when the file holds no WAL yet (a
+    `.partial` pg_receivewal has only padded with zeros) or is unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(LONG_HEADER.size)
+    except OSError:
+        return None
+    if len(head) < LONG_HEADER.size:
+        return None
+    magic, info, _tli, _addr, _rem, sysid, _size, _block = LONG_HEADER.unpack(head)
+    if magic == 0 or not info & XLP_LONG_HEADER or sysid == 0:
+        return None
+    return str(sysid)
+
+
+def of_system(found: Iterable[Segment], system: str | None) -> list[Segment]:
+    """The segments the cluster `system` wrote (by each one's own header), in their order; all
+    of them when `system` is None (a base backup taken before its system was recorded)."""
+    return [s for s in found if system is None or s.system() == system]
 
 
 def segments(settings: Settings, dbname: str | None = None) -> list[Segment]:
     """Every WAL segment kept (the chains before gaps too), in WAL order."""
     root = wal_dir(settings, dbname)
     found = []
-    for path in [*root.glob("*"), *root.glob("before-*/*")]:
-        segment = parse_segment(path)
+    for path in [*root.glob("*"), *(p for side in SIDE for p in root.glob(f"{side}/*"))]:
+        segment = parse_segment(path, aside=path.parent != root)
         if segment is not None and path.is_file():
             found.append(segment)
     return sorted(found, key=lambda s: (s.number, s.timeline, s.partial))
@@ -160,8 +219,35 @@ def segments(settings: Settings, dbname: str | None = None) -> list[Segment]:
 
 def segment_of_lsn(lsn: str) -> int:
     """The segment number that holds `lsn` ("0/3000028")."""
-    high, low = (int(part, 16) for part in lsn.split("/"))
-    return ((high << 32) + low) // SEGMENT_SIZE
+    return segment_of(lsn_value(lsn))
+
+
+def timelines(settings: Settings, dbname: str | None = None) -> Timelines:
+    """The timeline histories the archive holds."""
+    return Timelines.load(wal_dir(settings, dbname))
+
+
+def best_copies(found: Iterable[Segment]) -> list[Segment]:
+    """One file per segment number (the best ranked copy), in WAL order."""
+    chosen: dict[int, Segment] = {}
+    for segment in found:
+        held = chosen.get(segment.number)
+        if held is None or segment.rank() > held.rank():
+            chosen[segment.number] = segment
+    return [chosen[number] for number in sorted(chosen)]
+
+
+def on_path(found: list[Segment], lines: Timelines, timeline: int, first: int = 0,
+            ) -> list[Segment]:
+    """What a recovery to `timeline` reads from segment `first` on: each segment's file on
+    that timeline's path (timelines.py), never another branch's."""
+    return best_copies(s for s in found if s.number >= first
+                       and lines.owner(timeline, s.number) == s.timeline)
+
+
+def newest_timeline(found: list[Segment], lines: Timelines) -> int:
+    """The newest timeline the archive knows (by its segments or its history files)."""
+    return lines.known(s.timeline for s in found)[-1]
 
 
 @dataclass
@@ -171,13 +257,18 @@ class Window:
     start: datetime | None = None
     end: datetime | None = None
     gaps: list[tuple[int, int]] = field(default_factory=list)  # missing segment numbers
+    # after a cluster restore: each timeline, with its newest commit (see `ends`)
+    timelines: list[tuple[int, datetime | None]] = field(default_factory=list)
 
     def text(self, zone: Any) -> str:
-        from ..basics import local_time
-
         gaps = ", ".join(f"segments {a:X}..{b:X}" for a, b in self.gaps) or "none"
-        return (f"from {local_time(self.start, zone)} to {local_time(self.end, zone)}, "
+        text = (f"from {local_time(self.start, zone)} to {local_time(self.end, zone)}, "
                 f"gaps: {gaps}")
+        if self.timelines:
+            text += ", timelines: " + ", ".join(
+                f"{timeline} until {local_time(end, zone)}" if end else str(timeline)
+                for timeline, end in self.timelines[:-1]) + f", then {self.timelines[-1][0]}"
+        return text
 
 
 def gaps(found: list[Segment], first: int | None = None) -> list[tuple[int, int]]:
@@ -196,25 +287,36 @@ def gaps(found: list[Segment], first: int | None = None) -> list[tuple[int, int]
 
 
 WALDUMP_SCRIPT = r"""
-cd "$1" || exit 3
-for f in $(ls -1 | grep -E '^[0-9A-F]{24}(\.partial)?$' | sort -r | head -n 4); do
-  cp "$f" "/tmp/${f%.partial}" || exit 4
-  out=$(pg_waldump -r Transaction "/tmp/${f%.partial}" 2>/dev/null \
+for f in "$@"; do
+  name=$(basename "$f"); name=${name%.partial}
+  cp "$f" "/tmp/$name" || exit 4
+  out=$(pg_waldump -r Transaction "/tmp/$name" 2>/dev/null \
         | grep -E 'desc: (COMMIT|ABORT) ' | tail -n 1)
-  rm -f "/tmp/${f%.partial}"
+  rm -f "/tmp/$name"
   if [ -n "$out" ]; then echo "$out"; exit 0; fi
 done
 exit 0
 """
 
 
-def last_commit(settings: Settings, image: str, dbname: str | None = None) -> datetime | None:
-    """The time of the newest commit in the WAL archive (pg_waldump from the database's own
-    image, no network): the newest moment a recovery can reach. None when there is none."""
-    where = shared(settings, wal_dir(settings, dbname), mode="ro")
+def last_commit(settings: Settings, image: str, dbname: str | None = None,
+                files: list[Segment] | None = None) -> datetime | None:
+    """The time of the newest commit in `files` (segments anywhere in BACKUP_DIR; default: the
+    newest timeline's path in the archive), read with pg_waldump from the database's own image,
+    no network, in the newest four: the newest moment a recovery can reach. None when there is
+    none."""
+    if files is None:
+        found = segments(settings, dbname)
+        lines = timelines(settings, dbname)
+        files = on_path(found, lines, newest_timeline(found, lines))
+    if not files:
+        return None
+    newest = sorted(files, key=lambda s: (s.number, s.timeline, s.partial), reverse=True)[:4]
+    where = shared(settings, settings.backup_dir, mode="ro")
     with docker_api.beside(image, None, where.mounts(), "waldump", user=owner_user(),
                            lifetime=600) as helper:
-        result, out = docker_api.run(helper, ["sh", "-c", WALDUMP_SCRIPT, "sh", where.inside],
+        result, out = docker_api.run(helper, ["sh", "-c", WALDUMP_SCRIPT, "sh",
+                                              *(where.path(s.path) for s in newest)],
                                      environment={"TZ": "UTC"})
     if result.exit_code != 0:
         raise JobError(f"pg_waldump could not read the WAL archive {wal_dir(settings, dbname)} "
@@ -223,6 +325,28 @@ def last_commit(settings: Settings, image: str, dbname: str | None = None) -> da
     if match is None:
         return None
     return datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
+
+
+def ends(settings: Settings, image: str, dbname: str | None = None,
+         ) -> list[tuple[int, datetime | None]]:
+    """Each timeline the archive knows, oldest first, with the newest commit in its own WAL
+    (when it stopped being the server's: a cluster restore forked a newer one); the newest
+    timeline, still the server's, with None. One timeline: no look at the WAL."""
+    found = segments(settings, dbname)
+    known = timelines(settings, dbname).known(s.timeline for s in found)
+    return [*((timeline, last_commit(settings, image, dbname, best_copies(
+        s for s in found if s.timeline == timeline))) for timeline in known[:-1]),
+        (known[-1], None)]
+
+
+def timeline_at(at: datetime, spans: list[tuple[int, datetime | None]]) -> int:
+    """The timeline that was the server's at `at` (`spans` from `ends`): the oldest one whose
+    own WAL has a commit at or after `at`, else the newest. A moment on an old timeline's
+    branch after a cluster restore forked it is recovered on that branch."""
+    for timeline, end in spans[:-1]:
+        if end is not None and at <= end:
+            return timeline
+    return spans[-1][0]
 
 
 def make_recent_recoverable(settings: Settings) -> bool:
@@ -235,7 +359,16 @@ def make_recent_recoverable(settings: Settings) -> bool:
 
 
 # the streamer ---------------------------------------------------------------------------------
-GAP_MARK = "has already been removed"  # the server no longer has the WAL we ask for
+GAP_MARKS = (
+    "has already been removed",  # the server no longer has the WAL we ask for
+    "is not in this server's history",  # the archive's branch is not the server's
+    "ahead of the WAL flush position",  # the archive went further than the server's WAL
+)
+
+
+def is_gap(why: str) -> bool:
+    """Whether pg_receivewal ended because the archive cannot be continued from the server."""
+    return any(mark in why for mark in GAP_MARKS)
 
 
 class Receiver:
@@ -246,11 +379,16 @@ class Receiver:
         self.owner = owner
         self.proc: docker_api.Exec | None = None
         self.ended = False
+        self.followed: str | None = None  # a new timeline it follows (follow_timeline), in words
+        self.replaced: str | None = None  # the cluster was replaced (follow_system), in words
 
     def run(self, on_started: Any = None) -> str:
         """Stream until pg_receivewal ends; return why it ended (its last words)."""
         s = self.settings
         remove_unpadded(s)
+        stamp = local_time(utcnow(), s.zone, "stamp")
+        self.replaced = follow_system(s, stamp)
+        self.followed = follow_timeline(s, stamp)
         created = database.ensure_slot(s, SLOT)
         port = database.server_port(s)
         local = wal_dir(s)
@@ -306,73 +444,170 @@ def close_chain(settings: Settings, stamp: str) -> Path | None:
     """Move the archive's files into before-<stamp>/ (a gap follows them), so pg_receivewal
     starts a new chain at the server's current position. Returns the directory, if any."""
     root = wal_dir(settings)
-    files = [path for path in root.glob("*") if parse_segment(path) is not None]
+    return set_aside([path for path in root.glob("*") if parse_segment(path) is not None],
+                     root / f"before-{stamp}")
+
+
+def archive_system(settings: Settings) -> str | None:
+    """The cluster the archive's current chain holds: the header of its newest segment that
+    has one, else the chain's recorded system identifier; None when it holds neither."""
+    root = wal_dir(settings)
+    mine = [s for s in segments(settings) if s.path.parent == root]
+    for segment in sorted(mine, key=resume_key, reverse=True):
+        system = segment.system()
+        if system is not None:
+            return system
+    recorded = root / SYSTEM_FILE
+    return recorded.read_text(encoding="ascii", errors="replace").strip() or None if (
+        recorded.is_file()) else None
+
+
+def follow_system(settings: Settings, stamp: str) -> str | None:
+    """Before pg_receivewal starts: when the server is another database cluster than the one
+    the archive's chain holds (replaced under the same container: a major-version upgrade by
+    dump and restore, a volume initialised again), the whole chain (segments, timeline
+    histories, its system_identifier) is moved to other-<stamp>/, so pg_receivewal starts a new
+    chain at the new server's position. The server's system identifier is then recorded in
+    wal/<db>/system_identifier. In words, what was done (None: nothing). Raises
+    DatabaseError."""
+    server = database.system_identifier(settings)
+    root = wal_dir(settings)
+    held = archive_system(settings)
+    said = None
+    if held is not None and held != server:
+        files = [path for path in root.glob("*") if path.is_file() and (
+            parse_segment(path) is not None or path.suffix == ".history"
+            or path.name == SYSTEM_FILE)]
+        moved = set_aside(files, root / f"other-{stamp}")
+        said = (f"the database server is another database cluster (system identifier "
+                f"{server}) than the one the WAL archive holds ({held}): it was replaced "
+                f"(a major-version upgrade, a volume initialised again). The old cluster's "
+                f"WAL was moved to {moved} (kept while a base backup of it is kept); "
+                "streaming starts a new chain")
+    recorded = root / SYSTEM_FILE
+    if not recorded.is_file() or recorded.read_text(encoding="ascii").strip() != server:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with AtomicFile(recorded) as out:
+            out.write(f"{server}\n".encode())
+            out.commit()
+    return said
+
+
+def set_aside(files: list[Path], target: Path) -> Path | None:
+    """Move `files` into the folder `target` (made 0700); None when there are none."""
     if not files:
         return None
-    target = root / f"before-{stamp}"
     target.mkdir(mode=0o700, exist_ok=True)
     for path in files:
         path.rename(target / path.name)
     return target
 
 
-def prune(settings: Settings, keep_from: int, dbname: str | None = None) -> list[str]:
-    """Delete the archived WAL segments before segment `keep_from` (the start of the oldest kept
-    base backup: no kept base backup needs them); never the one being written. Returns the
-    deleted paths, relative to BACKUP_DIR."""
+def resume_key(segment: Segment) -> tuple[int, int, bool]:
+    """pg_receivewal resumes after the highest segment, on the highest timeline, complete
+    over partial."""
+    return (segment.number, segment.timeline, not segment.partial)
+
+
+def follow_timeline(settings: Settings, stamp: str) -> str | None:
+    """Before pg_receivewal starts: the server's timeline history files into the archive, and
+    when the server writes on another timeline than the archive's newest segment (a cluster
+    restore promoted it), the segments that are not on the server's path (the old timeline's
+    branch after the fork) moved to branch-<stamp>/, and pg_receivewal made to start where the
+    server's timeline began. In words, what was done (None: nothing). Raises DatabaseError."""
+    server = database.server_timeline(settings)
+    fetch_histories(settings, server)
+    root = wal_dir(settings)
+    mine = [s for s in segments(settings) if s.path.parent == root]
+    lines = timelines(settings)
+    if not mine or max(mine, key=resume_key).timeline == server or (
+            server > 1 and server not in lines.histories):
+        return None  # the same timeline; or one we cannot place: pg_receivewal says so
+    off = [s for s in mine if lines.owner(server, s.number) != s.timeline]
+    moved = set_aside([s.path for s in off], root / f"branch-{stamp}")
+    start = _start_at_fork(root, lines, server, [s for s in mine if s not in off])
+    return (f"the database server now writes timeline {server} (a cluster restore, or a "
+            f"promotion, forked it): streaming follows it"
+            + (f" from segment {start}" if start else "")
+            + (f"; the {len(off)} segment(s) of the old timeline's branch after the fork "
+               f"were moved to {moved}" if moved else ""))
+
+
+def _start_at_fork(root: Path, lines: Timelines, server: int, rest: list[Segment],
+                   ) -> str | None:
+    """When pg_receivewal would resume at the segment where the server's timeline begins but
+    on the old timeline (or has nothing to resume from), an empty `.partial` of that segment
+    on the server's timeline makes it start there, on it (it pads an empty one and streams it
+    from its start: the old timeline's WAL up to the fork, then the new one's). Returns the
+    file's name, or None (it resumes earlier, and follows the switch by itself)."""
+    begin = lines.begins(server)
+    if begin is None:
+        return None
+    if rest:
+        last = max(rest, key=resume_key)
+        if (last.number if last.partial else last.number + 1) != begin:
+            return None
+    name = segment_name(server, begin) + ".partial"
+    (root / name).touch(mode=0o600)
+    return name
+
+
+def fetch_histories(settings: Settings, server: int) -> list[str]:
+    """Copy the history files of timelines 2 to `server` the archive lacks from the server's
+    pg_wal (every one of them must be beside the WAL: a recovery numbers its new timeline
+    after the highest it finds). Returns the names copied."""
+    copied = []
+    for timeline in range(2, server + 1):
+        path = wal_dir(settings) / history_name(timeline)
+        if path.exists():
+            continue
+        data = database.timeline_history(settings, path.name)
+        if data is None:
+            continue
+        with AtomicFile(path) as out:
+            out.write(data)
+            out.commit()
+        copied.append(path.name)
+    return copied
+
+
+def prune(settings: Settings, keep: dict[str | None, int], dbname: str | None = None,
+          ) -> list[str]:
+    """Delete the archived WAL segments no kept base backup needs (`keep`, from
+    retention.wal_keep: for each database cluster a base backup is kept of, the segment the
+    oldest one starts in); never the one being written. Returns the deleted paths, relative to
+    BACKUP_DIR."""
     deleted = []
-    for segment in segments(settings, dbname):
-        if segment.number >= keep_from or (segment.partial and segment.path.parent == wal_dir(
-                settings, dbname)):
+    root = wal_dir(settings, dbname)
+    found = segments(settings, dbname)
+    current = [s for s in found if s.path.parent == root]
+    writing = max(current, key=resume_key) if current else None
+    for segment in found:
+        if segment == writing or segment.number >= needed_from(segment, keep, root):
             continue
         segment.path.unlink(missing_ok=True)
         deleted.append(str(segment.path.relative_to(settings.backup_dir)))
-    for folder in wal_dir(settings, dbname).glob("before-*"):
+    for folder in (path for side in SIDE for path in root.glob(side)):
         with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] == [SYSTEM_FILE]:
+                (folder / SYSTEM_FILE).unlink()
             folder.rmdir()  # only once empty
     return deleted
 
 
-STATE_OFFSITE = "pitr.offsite_upto"  # the newest completed segment copied off-site
-PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
-
-
-def verify_segment(segment: Segment) -> str | None:
-    """None if a completed segment is whole (16 MiB), else what is wrong."""
-    size = segment.path.stat().st_size
-    if not segment.partial and size != SEGMENT_SIZE:
-        return f"{segment.path.name} is {size} bytes, not a whole segment ({SEGMENT_SIZE})"
-    return None
-
-
-def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float) -> float:
-    """Copy the completed segments not yet off-site (each checked, then verified there), and the
-    one being written when `PARTIAL_EVERY` has passed since `last_partial`; returns the time of
-    the last partial copy. Raises ToyboxError (OffsiteError) when the target fails: the next
-    watch tries again from where this one stopped."""
-    from ..offsite.copy import put_file
-    from ..offsite.target import open_target
-
-    target = open_target(settings)
-    if target is None:
-        return last_partial
-    done = store.get_state(STATE_OFFSITE) or ""
-    for segment in segments(settings):
-        relative = str(segment.path.relative_to(settings.backup_dir))
-        if segment.partial:
-            if segment.path.parent == wal_dir(settings) and now - last_partial >= PARTIAL_EVERY:
-                put_file(settings, target, relative)
-                last_partial = now
-            continue
-        if segment.name <= done:
-            continue
-        problem = verify_segment(segment)
-        if problem:
-            raise JobError(f"not copied off-site: {problem}")
-        put_file(settings, target, relative)
-        store.set_state(STATE_OFFSITE, segment.name)
-        done = segment.name
-    return last_partial
+def needed_from(segment: Segment, keep: dict[str | None, int], root: Path) -> float:
+    """The first segment number of `segment`'s cluster that a kept base backup needs: the start
+    of the oldest base backup kept of that cluster (or of one that recorded no cluster). Whose
+    segment it is unknown (no header yet): the oldest start of all. A cluster no base backup is
+    kept of: the current chain stays whole (its first base backup is to come), a chain set
+    aside goes whole (a cluster replaced, whose base backups are all gone)."""
+    system = segment.system()
+    if system is None:
+        return min(keep.values(), default=0)
+    limits = [keep[key] for key in (system, None) if key in keep]
+    if limits:
+        return min(limits)
+    return 0 if segment.path.parent == root else float("inf")
 
 
 def check_route(settings: Settings) -> str:
