@@ -31,7 +31,7 @@ from ..basics import Cancelled, describe_unexpected, iso, local_time, parse_iso,
 from ..settings import Settings
 from ..store import Store
 from ..tiers import kept_helper
-from . import handoff_server
+from . import handoff_server, memory
 from .catchup import missed_jobs
 from .keys import (
     HEARTBEAT_SECONDS,
@@ -117,6 +117,7 @@ class Daemon:
             with self._state_lock:
                 if any(self._ctx is ctx for ctx in mine):
                     self._register(None)
+            memory.release()  # what the run freed goes back: the daemon stays flat
 
     def accepting(self) -> bool:
         """Whether a command may hand its run over (handoff_server)."""
@@ -392,6 +393,7 @@ class Daemon:
                           state_dir=str(settings.state_dir), holder=holder or "?")
                 return 1
             self.install_signals()
+            memory.limit_arenas()  # before the daemon's threads: see memory.py
             handoff_server.remove_stale(settings.state_dir)  # a killed daemon's socket
             log.info("toybox-backupd starting", version=__version__, pid=os.getpid(),
                      tz=settings.tz, backup_dir=str(settings.backup_dir),
