@@ -2,8 +2,9 @@
 
 Copies are kept OFFSITE_KEEP_DAYS (default: each tier's local keep days); the newest good
 copies of each tier and target stay whatever their age, and so does the full a kept
-differential needs. Only objects this tool wrote and recorded in the catalog are deleted, the
-manifest first (so a half-deleted restore point never looks complete to `reindex --offsite`).
+differential needs. Only objects this tool wrote and recorded in the catalog are deleted, and
+only keys derived from the restore point's own files (offsite.trust); the manifest first (so a
+half-deleted restore point never looks complete to `reindex --offsite`).
 A copy under an Object Lock retain-until date is left alone until that date.
 Runs only after a successful copy, in the run that made it, after local retention passed its
 clock check. After a base backup run, the WAL segments off-site that no base backup kept here
@@ -18,6 +19,7 @@ from datetime import datetime
 
 from . import jobs, logs, retention
 from .basics import local_time, utcnow
+from .offsite import trust
 from .offsite.target import OffsiteError, Target, open_target
 from .restore_points import ANYWHERE
 from .settings import Settings
@@ -55,9 +57,7 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     deleted: list[str] = []
     for item in decided.delete:
         copy = copies[item.id]
-        if copy.retain_until and copy.retain_until > now:
-            log.info("off-site retention: kept by its Object Lock", path=item.path,
-                     until=local_time(copy.retain_until, settings.zone, "minutes"))
+        if not _may_delete(settings, item, copy, now):
             continue
         try:
             _delete(target, copy)
@@ -71,6 +71,21 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
     if job == "base":
         deleted += _prune_wal(settings, store, targets)
     return deleted
+
+
+def _may_delete(settings: Settings, item: Artifact, copy: Copy, now: datetime) -> bool:
+    """False (and why, logged) when the copy's Object Lock holds it, or its record names
+    objects that are not the restore point's own (a prune must not delete someone else's)."""
+    problem = trust.objects_problem(item.tier, item.path, item.extra, copy.objects)
+    if problem:
+        log.warning("off-site retention: refusing to delete objects that are not the restore "
+                    "point's own", path=item.path, problem=problem)
+        return False
+    if copy.retain_until and copy.retain_until > now:
+        log.info("off-site retention: kept by its Object Lock", path=item.path,
+                 until=local_time(copy.retain_until, settings.zone, "minutes"))
+        return False
+    return True
 
 
 def _prune_wal(settings: Settings, store: Store, targets: list[str]) -> list[str]:

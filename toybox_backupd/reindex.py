@@ -182,6 +182,9 @@ def _base_files(path: Path, data: dict[str, Any]) -> list[tuple[Path, Any]]:
 def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
                      now: datetime) -> str | None:
     """Why a manifest for `<top>/<target>/<name>` is not trusted (the file itself unseen)."""
+    shape = _shape_problem(data)
+    if shape:
+        return shape
     match = re.fullmatch(re.escape(target) + _NAMES[top], name)
     if data.get("tier") not in TOP_TIERS[top] or data.get("target") != target:
         return (f"its manifest says tier {data.get('tier')!r}, target {data.get('target')!r}; "
@@ -198,6 +201,18 @@ def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
         return "its manifest has no size"
     return (_date_problem(data, now) or _globals_problem(target, name, data)
             or _base_problem(data))
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    """Why the manifest's optional fields are not of the shape this tool writes."""
+    if not isinstance(data.get("extra", {}), dict):
+        return "its manifest's extra (the description of the backup) is not a JSON object"
+    deleted = data.get("deleted") or []
+    if not isinstance(deleted, list) or not all(isinstance(path, str) for path in deleted):
+        return "its manifest's deleted (the paths deleted since the full) is not a list of paths"
+    if not isinstance(data.get("base") or "", str):
+        return f"its manifest's base ({data.get('base')!r:.60}) is not a path"
+    return None
 
 
 def _date_problem(data: dict[str, Any], now: datetime) -> str | None:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from . import logs
-from .basics import CatalogError, iso, utcnow
+from .atomic import sha256_of
+from .basics import CatalogError, ToyboxError, iso, utcnow
 from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
+from .offsite import trust
 from .offsite.fetch import download
 from .offsite.target import OffsiteError, Target, open_target
 from .reindex import BASE_FILES, Reindexed, fields, manifest_problem, split_layout
@@ -43,16 +45,41 @@ def _read(target: Target, key: str) -> dict[str, Any] | None:
 def _problem(relative: str, data: dict[str, Any] | None, now: datetime) -> str | None:
     where = split_layout(relative)
     if data is None or where is None:
-        return "its manifest is not JSON"
-    problem = manifest_problem(*where, data, now)
+        return "its manifest is not a JSON object"
+    problem = manifest_problem(*where, data, now) or _offsite_problem(data)
     if problem:
         return problem
-    objects = (data.get("offsite") or {}).get("objects")
-    if not isinstance(objects, list) or not objects or objects[0].get("source") != relative:
-        return "its manifest does not describe a complete off-site copy"
+    objects = _objects(relative, data)
+    problem = trust.objects_problem(data["tier"], relative, data.get("extra", {}), objects)
+    if problem:
+        return problem
     if objects[0].get("source_sha256") != data.get("sha256"):
         return "its off-site copy does not hold the file its manifest describes"
     return _base_objects_problem(relative, data, objects)
+
+
+def _offsite_problem(data: dict[str, Any]) -> str | None:
+    """Why the manifest's `offsite` section is not of the shape a copy writes."""
+    offsite = data.get("offsite")
+    if not isinstance(offsite, dict) or not isinstance(offsite.get("objects"), list):
+        return "its manifest does not describe a complete off-site copy"
+    recipients = offsite.get("recipients") or []
+    if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+        return f"its off-site recipients are not a list of age recipients ({recipients!r:.60})"
+    try:
+        datetime.fromisoformat(offsite.get("copied_at") or iso())
+    except (TypeError, ValueError):
+        return f"its off-site copied_at ({offsite.get('copied_at')!r:.40}) is not a time"
+    return None
+
+
+def _objects(relative: str, data: dict[str, Any]) -> list[Any]:
+    """The restore point's objects as the catalog records them: those its manifest lists, then
+    the manifest itself."""
+    return [*data["offsite"]["objects"], {
+        "key": relative + MANIFEST_SUFFIX, "source": relative + MANIFEST_SUFFIX,
+        "size": data.get("_manifest_size"), "sha256": None, "etag": None, "encrypted": False,
+        "manifest": True}]
 
 
 def _base_objects_problem(relative: str, data: dict[str, Any],
@@ -81,7 +108,11 @@ def candidates(target: Target, now: datetime) -> tuple[list[tuple[str, dict[str,
         relative = key[: -len(MANIFEST_SUFFIX)]
         if split_layout(relative) is None or ".globals." in relative.rsplit("/", 1)[-1]:
             continue
-        data = _read(target, key)
+        try:
+            data = _read(target, key)
+        except OffsiteError as exc:
+            skipped.append((relative, f"its manifest cannot be read ({exc})"))
+            continue
         problem = _problem(relative, data, now)
         if problem:
             skipped.append((relative, problem))
@@ -99,18 +130,26 @@ def _index_rows(settings: Settings, target: Target, objects: list[dict[str, Any]
         return []
     with tempfile.TemporaryDirectory(dir=settings.state_dir) as scratch:
         path = Path(scratch) / "index.jsonl.gz"
-        with open(path, "wb") as out:
-            download(settings, target, obj, out)
-        return read_index(path)
+        try:
+            with open(path, "wb") as out:
+                download(settings, target, obj, out)
+            if sha256_of(path) != obj["source_sha256"]:
+                raise ValueError("its sha256 is not the one its manifest recorded")
+            return read_index(path)
+        except (ToyboxError, OSError, ValueError, EOFError) as exc:
+            raise IndexUnreadable(f"its file index object {obj['key']} cannot be read "
+                                  f"({exc})") from None
+
+
+class IndexUnreadable(ToyboxError):
+    """The file index object a remote manifest lists cannot be read, or is not the one it
+    recorded: the restore point is skipped."""
 
 
 def _add(settings: Settings, store: Store, target: Target, relative: str,
          data: dict[str, Any]) -> None:
     offsite = data["offsite"]
-    objects = [*offsite["objects"], {
-        "key": relative + MANIFEST_SUFFIX, "source": relative + MANIFEST_SUFFIX,
-        "size": data.pop("_manifest_size"), "sha256": None, "etag": None, "encrypted": False,
-        "manifest": True}]
+    objects = _objects(relative, data)
     known = store.artifact_by_path(relative)
     if known is None:
         artifact_id = store.add_artifact(
@@ -145,7 +184,11 @@ def reindex_offsite(settings: Settings, now: datetime | None = None) -> Reindexe
                     if (known := store.artifact_by_path(relative)) else None)
             if copy is not None and copy.status == "ok":
                 continue
-            _add(settings, store, target, relative, data)
+            try:
+                _add(settings, store, target, relative, data)
+            except IndexUnreadable as exc:
+                result.skipped.append((relative, str(exc)))
+                continue
             result.added.append(relative)
     log.info("reindexed from off-site", url=target.url, added=len(result.added),
              skipped=len(result.skipped))

@@ -19,6 +19,7 @@ from ..basics import CatalogError, Say, silent
 from ..manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
 from ..settings import Settings
 from ..store import Artifact, Copy, Store
+from . import trust
 from .target import OffsiteError, Target, open_target
 
 log = logs.get("toybox_backupd.offsite")
@@ -61,14 +62,16 @@ def _manifest_body(target: Target, obj: dict[str, Any]) -> bytes:
 def bring_back(settings: Settings, store: Store, item: Artifact, say: Say = silent) -> Path:
     """Fetch `item` from off-site into BACKUP_DIR (see the module's doc); its local path.
 
-    Raises CatalogError (no copy, no identity) or OffsiteError (target unreachable, an
+    Raises CatalogError (no copy, no identity, a record of objects that are not the restore
+    point's own files: offsite.trust) or OffsiteError (target unreachable, an
     object missing or not what the manifest says); nothing is left half-written."""
     target, copy = _copy_for(settings, store, item)
+    trust.check_objects(item.tier, item.path, item.extra, copy.objects, "to fetch")
     say(f"fetching {item.path} from off-site ({copy.url})")
     root = settings.backup_dir
     with Batch() as batch:
         for obj in copy.objects:
-            out = batch.open(root / obj["source"])
+            out = batch.open(trust.local_path(root, obj["source"]))
             if obj.get("manifest"):
                 out.write(_manifest_body(target, obj))
                 continue
