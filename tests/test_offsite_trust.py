@@ -296,3 +296,38 @@ def test_one_malformed_manifest_is_skipped_with_its_name_and_the_others_are_rein
     with Store(copied.new.state_dir) as store:
         assert [item.path for item in store.artifacts(tier="logical", statuses=("remote",))] == [
             copied.path]
+
+
+# a directory target never follows a link planted on the share ----------------------------------
+def test_a_directory_target_refuses_a_symlinked_folder_on_the_share(plain_env: Env,
+                                                                    tmp_path: Path) -> None:
+    nas, elsewhere = tmp_path / "nas", tmp_path / "elsewhere"
+    nas.mkdir()
+    (elsewhere / "toybox").mkdir(parents=True)
+    (elsewhere / "toybox" / "old.dump").write_bytes(b"someone else's file")
+    (nas / "logical").symlink_to(elsewhere)
+    target = DirectoryTarget(plain_env.settings(OFFSITE_URL=f"file://{nas}"))
+    key = "logical/toybox/toybox_20260101-000000.dump"
+
+    with pytest.raises(OffsiteError, match=f"{nas / 'logical'}.*symbolic link"):
+        target.put(key, io.BytesIO(b"dump"))
+    assert sorted(p.name for p in (elsewhere / "toybox").iterdir()) == ["old.dump"]
+    with pytest.raises(OffsiteError, match="symbolic link"):
+        target.open("logical/toybox/old.dump")
+    with pytest.raises(OffsiteError, match="symbolic link"):
+        target.delete("logical/toybox/old.dump")
+    assert (elsewhere / "toybox" / "old.dump").read_bytes() == b"someone else's file"
+    assert "logical/toybox/old.dump" not in set(target.keys())
+
+    # a link as the object itself is never read through either, and a check names it
+    (nas / "volumes").mkdir()
+    (nas / "volumes" / "v.tar").symlink_to(elsewhere / "toybox" / "old.dump")
+    with pytest.raises(OffsiteError, match="symbolic link"):
+        target.open("volumes/v.tar")
+    from toybox_backupd.offsite.base import Stored
+    problem = target.check(Stored("volumes/v.tar", 19, "0" * 64, "read-back"))
+    assert problem is not None and "symbolic link" in problem
+    # and a put replaces the link, never writes through it
+    target.put("volumes/v.tar", io.BytesIO(b"ours"))
+    assert (elsewhere / "toybox" / "old.dump").read_bytes() == b"someone else's file"
+    assert not (nas / "volumes" / "v.tar").is_symlink()

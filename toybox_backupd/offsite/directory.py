@@ -2,7 +2,8 @@
 
 Objects are files under the directory (sub-directories 0700, files 0600). A put writes a
 hidden temporary file beside the final one while hashing, fsyncs it, renames it into place,
-fsyncs the directory, then reads the file back and compares sha256 ("read-back").
+fsyncs the directory, then reads the file back and compares sha256 ("read-back"). A symbolic
+link on the share (a folder or an object) is never followed: the operation is refused.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import hashlib
 import io
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from ..atomic import fsync_dir
 from ..settings import Settings
 from .base import OffsiteError, Stored
 from .paths import check_key
@@ -28,26 +29,72 @@ CHUNK = 1024 * 1024
 TEMP_PREFIX = ".toybox-partial-"
 
 
-def _sha256_of(path: Path) -> tuple[int, str]:
+def _sha256_of(handle: BinaryIO) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+    while chunk := handle.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
     return size, digest.hexdigest()
 
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_LINKED = (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW met a link (or a file stands for a folder)
+
+
 class DirectoryTarget:
-    """`file:///absolute/directory`."""
+    """`file:///absolute/directory`. Every object is reached from the root one folder at a
+    time by descriptor, never through a symbolic link (a link planted on the share is refused
+    with its path named), so puts, reads and deletes stay inside the root."""
 
     def __init__(self, settings: Settings) -> None:
         self.url = settings.offsite_url
         self.root = Path(self.url.removeprefix("file://") or "/")
 
-    def _path(self, key: str, *, root_ok: bool = False) -> Path:
-        check_key(key, self.url, root_ok=root_ok)
-        return self.root / key if key else self.root
+    @contextlib.contextmanager
+    def _folder(self, key: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+        """(a descriptor of the key's folder, the key's last part). FileNotFoundError when a
+        folder is missing (and not `create`), OffsiteError when one is a link."""
+        parts = check_key(key, self.url).split("/")
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for depth, part in enumerate(parts[:-1], 1):
+                try:
+                    inner = self._enter(fd, part, create)
+                except OSError as exc:
+                    if exc.errno not in _LINKED:
+                        raise
+                    raise self._linked(key, "/".join(parts[:depth])) from None
+                os.close(fd)
+                fd = inner
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _enter(fd: int, part: str, create: bool) -> int:
+        try:
+            return os.open(part, _DIR, dir_fd=fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        os.mkdir(part, 0o700, dir_fd=fd)
+        os.fsync(fd)
+        return os.open(part, _DIR, dir_fd=fd)
+
+    def _linked(self, key: str, where: str, what: str = "link (or not a directory)") -> OffsiteError:
+        return OffsiteError(f"refusing {key} in {self.url}: {self.root / where} is a symbolic "
+                            f"{what} on the share; this tool never follows one out of the "
+                            "target: remove it, or point OFFSITE_URL at the real directory")
+
+    def _open_file(self, fd: int, name: str, key: str) -> BinaryIO:
+        """The object `name` in folder `fd`, opened for reading without following a link."""
+        try:
+            return os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._linked(key, key, "link") from None
+            raise
 
     def _usable_root(self) -> None:
         """OffsiteError unless the directory exists and this process may write in it."""
@@ -71,52 +118,49 @@ class DirectoryTarget:
 
     # the Target protocol -------------------------------------------------------------------
     def put(self, key: str, source: BinaryIO, *, retain_until: datetime | None = None) -> Stored:
-        path = self._path(key)
+        check_key(key, self.url)
         self._usable_root()
-        temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}"
         try:
-            self._mkdirs(path.parent)
-            size, sha256 = self._write(temp, source)
-            os.replace(temp, path)
-            fsync_dir(path.parent)
-            read_size, read_sha256 = _sha256_of(path)
+            with self._folder(key, create=True) as (fd, name):
+                size, sha256 = self._replace(fd, name, source)
+                with self._open_file(fd, name, key) as handle:
+                    read_size, read_sha256 = _sha256_of(handle)
         except OSError as exc:
             raise self._failed(f"writing {key}", exc) from None
-        finally:
-            with contextlib.suppress(OSError):
-                temp.unlink()
         if (read_size, read_sha256) != (size, sha256):
-            raise OffsiteError(f"{path} reads back as {read_size} bytes with sha256 {read_sha256}, "
-                               f"not the {size} bytes with sha256 {sha256} written: the copy is damaged")
+            raise OffsiteError(f"{self.root / key} reads back as {read_size} bytes with sha256 "
+                               f"{read_sha256}, not the {size} bytes with sha256 {sha256} written: "
+                               "the copy is damaged")
         return Stored(key=key, size=size, sha256=sha256, verified_by="read-back")
 
-    def _mkdirs(self, directory: Path) -> None:
-        missing = []
-        while directory != self.root and not directory.is_dir():
-            missing.append(directory)
-            directory = directory.parent
-        for path in reversed(missing):
-            path.mkdir(mode=0o700)
-            fsync_dir(path.parent)
-
     @staticmethod
-    def _write(temp: Path, source: BinaryIO) -> tuple[int, str]:
-        digest = hashlib.sha256()
-        size = 0
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
-                handle.write(chunk)
-                size += len(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
+    def _replace(fd: int, name: str, source: BinaryIO) -> tuple[int, str]:
+        """Write `source` to a hidden temporary file in folder `fd`, fsynced, renamed to `name`
+        (replacing what is there, a link included, never writing through it)."""
+        temp = f"{TEMP_PREFIX}{secrets.token_hex(6)}-{name}"
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                          dir_fd=fd)
+            with os.fdopen(out, "wb") as handle:
+                while chunk := source.read(CHUNK):
+                    digest.update(chunk)
+                    handle.write(chunk)
+                    size += len(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            os.fsync(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=fd)
         return size, digest.hexdigest()
 
     def open(self, key: str) -> AbstractContextManager[BinaryIO]:
-        path = self._path(key)
         try:
-            return path.open("rb")
+            with self._folder(key) as (fd, name):
+                return self._open_file(fd, name, key)
         except FileNotFoundError:
             self._usable_root()
             raise OffsiteError(f"{key} is not in {self.url}") from None
@@ -124,24 +168,27 @@ class DirectoryTarget:
             raise self._failed(f"reading {key}", exc) from None
 
     def check(self, stored: Stored) -> str | None:
-        path = self._path(stored.key)
         try:
-            size = path.stat().st_size
-            if size != stored.size:
-                return f"{stored.key} is {size} bytes in {self.url}, not {stored.size}"
-            _, sha256 = _sha256_of(path)
+            with self._folder(stored.key) as (fd, name):
+                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    return (f"{stored.key} is a symbolic link in {self.url}, not the object "
+                            "copied (this tool never follows one)")
+                with self._open_file(fd, name, stored.key) as handle:
+                    size, sha256 = _sha256_of(handle)
         except FileNotFoundError:
             self._usable_root()
             return f"{stored.key} is missing from {self.url}"
         except OSError as exc:
             raise self._failed(f"checking {stored.key}", exc) from None
+        if size != stored.size:
+            return f"{stored.key} is {size} bytes in {self.url}, not {stored.size}"
         return None if sha256 == stored.sha256 else (
             f"{stored.key} has sha256 {sha256} in {self.url}, not {stored.sha256}: it is damaged")
 
     def delete(self, key: str) -> bool:
-        path = self._path(key)
         try:
-            path.unlink()
+            with self._folder(key) as (fd, name):
+                os.unlink(name, dir_fd=fd)
         except FileNotFoundError:
             self._usable_root()
             return False
@@ -150,7 +197,7 @@ class DirectoryTarget:
         return True
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        self._path(prefix, root_ok=True)
+        check_key(prefix, self.url, root_ok=True)
         self._usable_root()
         try:
             for directory, _, files in os.walk(self.root, onerror=_raise):
