@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import PG, Env, remove_pg, start_pg
+from conftest import BASE_IMAGE, PG, Env, remove_pg, start_pg
 from test_daemon import Daemon, wait_for
 from test_pitr import (
     PITR,
@@ -94,6 +95,16 @@ def test_a_debian_package_image_restores_to_the_moment_and_check_runs_every_tool
     assert result.returncode == 0, result.stderr + result.stdout
     assert "using the newest dump" in result.stdout
     assert pg.rows("users", db="early") == pg.rows("users")
+    # the image a restore would recover the newest base backup with is checked too: one without
+    # PostgreSQL's programs (the base image) in its record fails `check`, saying what is missing
+    with sqlite3.connect(env.state_dir / "history.sqlite3") as db:
+        db.execute("UPDATE artifacts SET extra = json_set(extra, '$.image', ?) WHERE id = ?",
+                   (BASE_IMAGE, base.id))
+    check = env.cli("check", **PITR)
+    assert check.returncode != 0, check.stdout
+    said = check.stdout + check.stderr
+    assert f"recovers base backup {base.path} with the image it was taken with" in said, said
+    assert "pg_waldump is not in the image" in said, said
 
 
 @pytest.mark.fixed_port

@@ -384,6 +384,33 @@ def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
                       timelines=spans if len(spans) > 1 else [])
 
 
+RECOVERY_TOOLS = ("pg_waldump", "postgres", "pg_dump", "psql")
+
+
+def check_recovery_image(settings: Settings) -> str:
+    """`check`: the image a restore to a moment would recover the newest base backup with
+    (recovery_image), when it is not the database container's (whose tools the route's check
+    ran): pg_waldump, postgres, pg_dump and psql run there with the PATH a restore gives them.
+    In words ("": nothing more to check); JobError saying what is missing."""
+    newest, _system = serving(settings, settings.postgres_db, None)
+    if newest is None:
+        return ""
+    image = recovery_image(settings, newest)
+    if image == docker_api.image_of(wal.db_container(settings)):
+        return ""
+    with docker_api.beside(image, None, {}, "check", user=wal.owner_user(), lifetime=120,
+                           environment=server_tools(image, version_of(newest))) as helper:
+        result, _ = docker_api.run(helper, ["sh", "-c", wal.TOOLS_SCRIPT, "sh",
+                                            *RECOVERY_TOOLS])
+    if result.exit_code != 0:
+        detail = "; ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
+        raise JobError(f"a restore to a moment recovers base backup {newest.path} with the "
+                       f"image it was taken with ({image[:19]}…), and there "
+                       f"{detail or f'the tools exited with status {result.exit_code}'}: keep "
+                       "an image with that PostgreSQL version's programs as that image")
+    return f"; the newest base backup's image ({image[:19]}…) has {', '.join(RECOVERY_TOOLS)}"
+
+
 # restore cluster ---------------------------------------------------------------------------------
 FILL = r"""
 set -eu
@@ -408,7 +435,10 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
     target = volume or _data_volume(settings)
     base, timeline = choose(settings, settings.postgres_db, at, say)
     if base is None:
-        raise CatalogError("no base backup finished at or before that moment (see `list`)")
+        raise CatalogError("no base backup finished at or before that moment (see `list`)" if at else
+                           "no base backup of the current database cluster (the one "
+                           f"{wal.wal_dir(settings)}/{wal.SYSTEM_FILE} names) yet: take one "
+                           "with `backup base`, or name a moment with --at (see `list`)")
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
     with hold(), scratch(settings) as work:
         plan = gather(settings, base, timeline, work, say)

@@ -663,14 +663,17 @@ def needed_from(segment: Segment, keep: dict[str | None, int], root: Path) -> fl
 # what a restore to a moment runs from the database's image: the streamer, base backups, the
 # window (pg_waldump), the throwaway server and the dump taken from it
 RESTORE_TOOLS = ("pg_receivewal", "pg_basebackup", "pg_waldump", "postgres", "pg_dump", "psql")
+TOOLS_SCRIPT = r"""
+for tool in "$@"; do
+  command -v "$tool" >/dev/null || {
+    echo "$tool is not in the image (not on PATH=$PATH)" >&2; exit 127; }
+  "$tool" --version >/dev/null || { echo "$tool --version failed" >&2; exit 4; }
+done
+"""
 CHECK_SCRIPT = r"""
 test -w "$1" || { echo "$1 is not writable by $(id -u):$(id -g) there" >&2; exit 3; }
 conn=$2; shift 2
-for tool in "$@"; do
-  command -v "$tool" >/dev/null || {
-    echo "$tool is not in the database's image (not on PATH=$PATH)" >&2; exit 127; }
-  "$tool" --version >/dev/null || { echo "$tool --version failed" >&2; exit 4; }
-done
+""" + TOOLS_SCRIPT + r"""
 pg_receivewal --version
 psql -X -A -t -d "$conn replication=true" -c IDENTIFY_SYSTEM
 """
