@@ -209,3 +209,29 @@ def test_a_missing_pg_waldump_is_an_error_never_no_commit(plain_env: Env,
     path.chmod(0)
     with pytest.raises(JobError, match="pg_waldump could not read"):
         wal.last_commit(settings, images["postgres-debian"], files=found, version="15.18")
+
+
+def test_outside_the_wal_the_nearest_dump_is_asked_for_never_taken_by_yes(
+        plain_env: Env, docker_engine: Any) -> None:
+    """No base backup by then: the newest dump is named with its distance from the moment;
+    --yes alone (confirm None) and a no when asked change nothing; only a yes goes on."""
+    from datetime import UTC, datetime
+
+    from toybox_backupd.basics import JobError
+    from toybox_backupd.store import Store
+    from toybox_backupd.tiers import pitr_restore
+
+    settings = plain_env.settings(**PITR)
+    made = datetime(2026, 1, 25, 8, 0, 4, tzinfo=UTC)
+    with Store(settings.state_dir) as store:
+        store.add_artifact(run_id=None, tier="logical", target="toybox", path="logical/x.dump",
+                           created_at=made, size=1, sha256="0" * 64)
+    at = made + timedelta(hours=21, minutes=3)
+    asked: list[str] = []
+    with pytest.raises(JobError, match=r"--nearest"):
+        pitr_restore.restore_db_at(settings, at)
+    with pytest.raises(JobError, match="cancelled; nothing was changed"):
+        pitr_restore.restore_db_at(settings, at, confirm=lambda q: asked.append(q) or False)
+    assert ("(no base backup finished at or before it); the newest dump at or before it "
+            "(2026-01-25 17:00:04 JST) is 21 h 03 min before it. Restore that dump instead?"
+            ) in asked[0], asked
