@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "tests" / "images"
 BASE_IMAGE = "toybox-test/debian:bookworm"
 PG_IMAGE = "toybox-test/postgres:15"
+# the same packages in the plain Debian-package shape: pg_waldump, pg_ctl, postgres not on PATH
+PG_DEBIAN_IMAGE = "toybox-test/postgres-debian:15"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 SEED_SQL = """
@@ -54,7 +56,8 @@ ENCODINGS = {"UTF8": "", "SQL_ASCII": "--encoding=SQL_ASCII --locale=C"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "docker" in item.fixturenames or any(
-            name in item.fixturenames for name in ("docker_engine", "images", "pg", "env")
+            name in item.fixturenames
+            for name in ("docker_engine", "images", "pg", "env", "pg_debian", "env_debian")
         ):
             item.add_marker(pytest.mark.docker)
 
@@ -93,7 +96,7 @@ def images(docker_engine: Any) -> dict[str, str]:
                             text=True, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
     if result.returncode != 0:
         pytest.fail(f"building test images failed:\n{result.stdout}\n{result.stderr}")
-    return {"base": BASE_IMAGE, "postgres": PG_IMAGE}
+    return {"base": BASE_IMAGE, "postgres": PG_IMAGE, "postgres-debian": PG_DEBIAN_IMAGE}
 
 
 def unique(prefix: str = "tbt") -> str:
@@ -154,14 +157,15 @@ class PG:
 def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
              labels: dict[str, str] | None = None, name: str | None = None,
              password: str | None = None, network: str | None = None,
-             encoding: str = "UTF8", port: int | None = None) -> PG:
-    """A new PostgreSQL 15 container (its cluster in `encoding`, see ENCODINGS), ready; on
-    host port `port` (default: one the engine picks, and picks again when it restarts)."""
+             encoding: str = "UTF8", port: int | None = None, image: str = PG_IMAGE) -> PG:
+    """A new PostgreSQL 15 container from `image` (its cluster in `encoding`, see ENCODINGS),
+    ready; on host port `port` (default: one the engine picks, and picks again when it
+    restarts)."""
     name = name or unique("tbt-pg")
     volume = volume or unique("tbt-pgdata")
     password = password or "pw-" + secrets.token_urlsafe(12) + "!$'\""
     container = client.containers.run(
-        PG_IMAGE, detach=True, name=name, labels=labels or {},
+        image, detach=True, name=name, labels=labels or {},
         environment={"POSTGRES_USER": "toybox", "POSTGRES_PASSWORD": password,
                      "POSTGRES_DB": "toybox", "POSTGRES_INITDB_ARGS": ENCODINGS[encoding]},
         volumes={volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
@@ -172,7 +176,7 @@ def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
     pg = PG(container=container, name=name, volume=volume, port=port, password=password)
     pg.wait_ready()
     actual = pg.psql("SHOW server_encoding")
-    assert actual == encoding, f"{PG_IMAGE} made a {actual} cluster, not {encoding} (stale image?)"
+    assert actual == encoding, f"{image} made a {actual} cluster, not {encoding} (stale image?)"
     if seed:
         pg.psql(SEED_SQL)
     return pg
@@ -197,6 +201,15 @@ def pg(request: pytest.FixtureRequest, images: dict[str, str], docker_engine: An
     container is stopped and started again (as a restore with --stop-containers does)."""
     port = free_port() if request.node.get_closest_marker("fixed_port") else None
     instance = start_pg(docker_engine, encoding=getattr(request, "param", "UTF8"), port=port)
+    yield instance
+    remove_pg(instance)
+
+
+@pytest.fixture
+def pg_debian(images: dict[str, str], docker_engine: Any) -> Iterator[PG]:
+    """A seeded server from the Debian-package-shaped image (PG_DEBIAN_IMAGE: only pg_wrapper's
+    links on PATH), on a fixed host port."""
+    instance = start_pg(docker_engine, port=free_port(), image=PG_DEBIAN_IMAGE)
     yield instance
     remove_pg(instance)
 
@@ -262,6 +275,12 @@ def base_values(tmp: Path) -> dict[str, str]:
 def env(tmp_path: Path, pg: PG) -> Env:
     """Settings pointing at the `pg` container (both over TCP and as PG_CONTAINER)."""
     return Env(tmp_path, {**base_values(tmp_path), **pg_values(pg)})
+
+
+@pytest.fixture
+def env_debian(tmp_path: Path, pg_debian: PG) -> Env:
+    """Settings pointing at the `pg_debian` container, as `env` does at `pg`."""
+    return Env(tmp_path, {**base_values(tmp_path), **pg_values(pg_debian)})
 
 
 def pg_values(pg: PG) -> dict[str, str]:

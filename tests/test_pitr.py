@@ -71,12 +71,14 @@ def test_an_online_base_backup_through_the_route(env: Env, pg: PG) -> None:
         run = history.runs(limit=1)[0]
     assert run.status == "ok" and run.details["downtime_seconds"] == 0.0
     assert env.cli("verify", **PITR).returncode == 0
-    # a moment before the first base backup: the newest dump at or before it, said so
+    # a moment before the first base backup: the newest dump at or before it with --nearest
+    # (tests/test_pitr_shapes.py: never by --yes alone), said so
     when = (dump.created_at + timedelta(seconds=1)).astimezone(ZoneInfo("Asia/Tokyo"))
     result = env.cli("restore", "db", "--at", when.strftime("%Y-%m-%dT%H:%M:%S"), "--into",
-                     "before", "--yes", **PITR)
+                     "before", "--yes", "--nearest", **PITR)
     assert result.returncode == 0, result.stderr
-    assert "no base backup finished at or before it; using the newest dump" in result.stdout
+    assert "(no base backup finished at or before it)" in result.stdout, result.stdout
+    assert "using the newest dump (--nearest)" in result.stdout, result.stdout
     assert pg.snapshot("before") == pg.snapshot()
     # the catalog rebuilt from the backup directory alone: the base backup comes back as it was
     # written; a copy of it without its pg_wal.tar.gz is not trusted, and said so
@@ -120,6 +122,13 @@ def segments(env: Env) -> list[Any]:
 @pytest.fixture
 def streaming(env: Env, pg: PG, docker_engine: Any) -> Iterator[Daemon]:
     """The daemon with PITR on and no scheduled jobs, its streamer running."""
+    with streaming_daemon(env, docker_engine) as daemon:
+        yield daemon
+
+
+@contextlib.contextmanager
+def streaming_daemon(env: Env, docker_engine: Any) -> Iterator[Daemon]:
+    """The daemon of `env` with PITR on and no scheduled jobs, its streamer running."""
     daemon = Daemon(env, **PITR, **NO_JOBS)
     try:
         wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,

@@ -105,9 +105,9 @@ def _identity(settings: Settings) -> str:
 
 
 def _pitr(settings: Settings) -> str:
-    from .tiers import wal
+    from .tiers import pitr_restore, wal
 
-    return wal.check_route(settings)
+    return wal.check_route(settings) + pitr_restore.check_recovery_image(settings)
 
 
 def _optional_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -100,6 +101,8 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     r.add_argument("--table", action="append", metavar="NAME", help="only this table (repeatable)")
     r.add_argument("--into", metavar="DBNAME", help="restore into this (new) database instead")
     r.add_argument("--yes", action="store_true", help="do not ask before replacing")
+    r.add_argument("--nearest", action="store_true", help="with PITR: when the WAL does not "
+                   "reach WHEN, restore the newest dump at or before it (--yes alone refuses)")
     r = rsub.add_parser("volume", help="rebuild a volume as it was at a restore point")
     r.add_argument("name")
     r.add_argument("--at", metavar="WHEN")
@@ -252,9 +255,11 @@ def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None,
 
     if args.what == "db":
         # asks before it takes the lock: an unanswered prompt never holds up a backup
-        restore = logical.restore_db
+        restore: Any = logical.restore_db
         if at is not None and settings.pitr:  # to the moment: base backup + WAL, else a dump
-            from .tiers.pitr_restore import restore_db_at as restore  # type: ignore[assignment]
+            from .tiers.pitr_restore import restore_db_at
+
+            restore = functools.partial(restore_db_at, nearest=args.nearest)
         restore(settings, at=at, tables=args.table or [], into=args.into,
                 confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
     elif args.what == "cluster":

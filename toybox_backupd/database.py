@@ -296,6 +296,13 @@ def server_port(settings: Settings) -> int:
     return int(row[0]) if row else 5432
 
 
+def server_version(settings: Settings) -> str:
+    """`SHOW server_version` ("15.18 (Debian 15.18-0+deb12u1)")."""
+    with admin(settings) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else ""
+
+
 def server_timeline(settings: Settings) -> int:
     """The timeline the server writes its WAL on now (2 and up after a restore to a moment)."""
     with admin(settings) as conn:

@@ -314,6 +314,16 @@ def remove_scratch_volume(name: str, owner: str) -> None:
         raise DockerError(f"cannot remove volume {name}: {_short(exc)}") from None
 
 
+def image_path(image: str) -> str | None:
+    """The PATH `image` sets (its config's environment); None when it sets none. Raises
+    DockerError."""
+    try:
+        env = client().images.get(image).attrs.get("Config", {}).get("Env") or []
+    except DockerException as exc:
+        raise DockerError(f"cannot look up the image {image!r}: {_short(exc)}") from None
+    return next((item[5:] for item in env if item.startswith("PATH=")), None)
+
+
 def image_present(image: str) -> bool:
     """Whether `image` (a name or id) is on this engine (nothing is pulled)."""
     try:
@@ -407,7 +417,8 @@ def _hardened(image: str, command: list[str], volumes: dict[str, tuple[str, str]
 def _create(image: str, command: list[str], volumes: dict[str, tuple[str, str]],
             network: str, labels: dict[str, str], *, caps: Iterable[str], user: str,
             name: str, what: str, tmpfs_mb: int, read_only: bool = True,
-            auto_remove: bool = False, log_config: dict[str, str] | None = None) -> Container:
+            auto_remove: bool = False, log_config: dict[str, str] | None = None,
+            environment: dict[str, str] | None = None) -> Container:
     """A container running `command` with every capability dropped but `caps`, no new
     privileges, a private /tmp, no entrypoint; remove it with its anonymous volumes (the
     sidecar's own image declares two; the named volumes it mounted are never removed by
@@ -420,7 +431,7 @@ def _create(image: str, command: list[str], volumes: dict[str, tuple[str, str]],
             volumes=binds, labels=labels, cap_drop=["ALL"], cap_add=list(caps),
             read_only=read_only, tmpfs={"/tmp": f"rw,noexec,nosuid,size={tmpfs_mb}m"},
             security_opt=["no-new-privileges"], entrypoint=[], user=user, name=name,
-            log_config=log_config)
+            log_config=log_config, environment=environment)
     except APIError as exc:
         raise DockerError(f"cannot start {what} container from {image!r}: {_short(exc)}") from None
 
@@ -436,20 +447,22 @@ def image_of(container: Container) -> str:
 def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], purpose: str, *,
            user: str, owner: str = "", caps: Iterable[str] = (),
            command: list[str] | None = None, lifetime: int = DEFAULT_HELPER_LIFETIME,
-           writable_root: bool = False) -> Iterator[Container]:
+           writable_root: bool = False, environment: dict[str, str] | None = None,
+           ) -> Iterator[Container]:
     """A container from the database's own `image`, in the network namespace of the database
     container `db_id` (it reaches the server at 127.0.0.1 and its local pg_hba rules), or with
     no network when `db_id` is None (a throwaway server for a recovery).
 
     It runs `command` (default: sleep `lifetime` seconds, for exec'd commands) as `user`, with
-    every capability dropped but `caps`, no new privileges, and is removed on exit. Raises
-    DockerError.
+    every capability dropped but `caps`, no new privileges, `environment` (its exec'd commands
+    have it too), and is removed on exit. Raises DockerError.
     """
     with _hardened(image, command or ["sleep", str(max(1, int(lifetime)))], volumes,
                    f"container:{db_id}" if db_id else "none",
                    {STREAMER_LABEL: purpose, OWNER_LABEL: owner}, caps=caps, user=user,
                    name=f"toybox-backupd-{purpose}-{uuid.uuid4().hex[:10]}",
-                   what=f"a {purpose}", tmpfs_mb=64, read_only=not writable_root) as container:
+                   what=f"a {purpose}", tmpfs_mb=64, read_only=not writable_root,
+                   environment=environment) as container:
         yield container
 
 def remove_beside(owner: str, purpose: str) -> int:

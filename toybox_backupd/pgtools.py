@@ -26,6 +26,22 @@ from .settings import Settings
 
 STDERR_KEEP = 64 * 1024
 OS_USER = "postgres"  # the tools run as this user in the database container, never as root
+# where Debian's packages (and so the official image) put a major version's programs; pg_wrapper's
+# links in /usr/bin cover only some of them (not pg_waldump, pg_amcheck, pg_ctl nor postgres)
+SERVER_BIN = "/usr/lib/postgresql/{major}/bin"
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def server_tools(image: str, version: str | None) -> dict[str, str]:
+    """The environment a helper from the database's `image` runs PostgreSQL's programs with,
+    for a server of `version` (`SHOW server_version`; None: unknown): PATH begins with that
+    major version's directory, as pg_wrapper finds them, then the image's own PATH. An image
+    that puts them elsewhere on its PATH (the official image) is served as before. Raises
+    DockerError."""
+    path = docker_api.image_path(image) or STANDARD_PATH
+    if not version:
+        return {"PATH": path}
+    return {"PATH": f"{SERVER_BIN.format(major=database.server_major(version))}:{path}"}
 
 
 class Proc(Protocol):

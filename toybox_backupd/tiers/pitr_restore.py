@@ -5,7 +5,10 @@ archive reaches T it recovers them in a throwaway PostgreSQL container from the 
 image (no network, a scratch volume, `recovery_target_time = T`, promoted at the target), dumps
 the database from it with pg_dump, and restores that dump into the live database exactly as a
 dump restore does (logical.restore_dump: beside it, then swapped; single tables; --into).
-When T is outside what the WAL reaches, the newest dump at or before T is used, as before.
+When T is outside what the WAL reaches, the newest dump at or before T is named with its distance
+from T, and used only with --nearest (or a yes when asked), never by --yes alone. The tools run
+with the server's version directory first on PATH (pgtools.server_tools), and the moment reached
+(the last commit replayed) is said.
 
 What is not here comes from off-site (OFFSITE_URL): the base backup (restore_points.local_copy,
 as any restore point) and the WAL segments the archive here lacks (wal_offsite.fetch, into the
@@ -19,21 +22,31 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import docker_api
 from ..atomic import AtomicFile
-from ..basics import CatalogError, Confirm, JobError, Say, iso, local_time, silent, utcnow
-from ..pgtools import OS_USER, tool_error
-from ..restore_points import local_copy, restorable
+from ..basics import (
+    CatalogError,
+    Confirm,
+    JobError,
+    Say,
+    duration_text,
+    iso,
+    local_time,
+    silent,
+    utcnow,
+)
+from ..pgtools import OS_USER, server_tools, tool_error
+from ..restore_points import local_copy, restorable, restore_point
 from ..settings import Settings
 from ..store import Artifact, Store
 from . import logical, wal, wal_offsite
 from .logical import Hold
 from .pitr_scratch import Scratch, scratch
-from .timelines import Timelines, history_name, lsn_value
+from .timelines import Timelines, lsn_value
 
 BASE_TIER = "base"
 DATA = "/pgdata/data"
@@ -74,22 +87,42 @@ def on_timeline(lines: Timelines, timeline: int) -> Callable[[Artifact], bool]:
                                        lsn_value(str(item.extra.get("end_lsn") or "0/0")))
 
 
+def of_cluster(system: str | None) -> Callable[[Artifact], bool]:
+    """Whether a base backup is of the cluster `system` (or recorded none: taken before the
+    record, or `system` unknown)."""
+    return lambda item: system is None or system_of(item) in (None, system)
+
+
+def serving(settings: Settings, dbname: str, at: datetime | None) -> tuple[Artifact | None,
+                                                                          str | None]:
+    """The cluster a recovery to `at` recovers, and a base backup of it finished by then:
+    without `at`, the current one (the archive's current chain, else the newest base
+    backup's); with `at`, the one of the newest base backup finished at or before it."""
+    current = wal.current_system(settings, dbname) if at is None else None
+    with Store(settings.state_dir) as store:
+        anyone = base_for(store, dbname, at or utcnow(), of_cluster(current))
+    return anyone, current or (system_of(anyone) if anyone is not None else None)
+
+
 def choose(settings: Settings, dbname: str, at: datetime | None,
            say: Say = silent) -> tuple[Artifact | None, int]:
     """The base backup a recovery to `at` (None: the newest moment) starts from, and the
-    timeline it follows: the one the server was on at `at` (wal.timeline_at; the timeline
-    history files off-site that are not here are fetched first)."""
-    with Store(settings.state_dir) as store:
-        anyone = base_for(store, dbname, at or utcnow())
+    timeline it follows: of the cluster serving then (`serving`), the timeline it was on at
+    `at` (wal.timeline_at; the timeline history files off-site that are not here are fetched
+    first), read from that cluster's own WAL and history files only."""
+    anyone, system = serving(settings, dbname, at)
     if anyone is None:
         return None, 1
     wal_offsite.fetch_histories(settings, dbname, say)
-    lines = wal.timelines(settings, dbname)
-    timeline = (wal.newest_timeline(wal.segments(settings, dbname), lines) if at is None else
-                wal.timeline_at(at, wal.ends(settings, recovery_image(settings, anyone),
-                                             dbname)))
+    lines = wal.timelines(settings, dbname, system)
+    found = wal.of_system(wal.segments(settings, dbname), system)
+    timeline = (wal.newest_timeline(found, lines) if at is None else
+                wal.timeline_at(at, wal.ends(settings, recovery_image(settings, anyone), dbname,
+                                             system, version_of(anyone))))
+    fits = on_timeline(lines, timeline)
     with Store(settings.state_dir) as store:
-        return base_for(store, dbname, at or utcnow(), on_timeline(lines, timeline)), timeline
+        return base_for(store, dbname, at or utcnow(),
+                        lambda item: of_cluster(system)(item) and fits(item)), timeline
 
 
 @dataclass
@@ -98,6 +131,7 @@ class Plan:
 
     base: Artifact
     image: str  # the database image the throwaway server runs
+    version: str | None  # the server version the base backup was taken of
     timeline: int  # the timeline it follows
     files: list[wal.Segment]  # the WAL on that timeline's path (here, or fetched into the scratch)
     histories: list[Path]  # every timeline history file
@@ -117,9 +151,10 @@ def gather(settings: Settings, base: Artifact, timeline: int, work: Scratch,
     fetched = wal_offsite.fetch(settings, base.target, start, local, work.wal, say)
     found = local + wal.of_system((s for s in (wal.parse_segment(p, aside=p.parent != work.wal)
                                                for p in fetched) if s is not None), system)
-    lines = wal.timelines(settings, base.target)
-    histories = [wal.wal_dir(settings, base.target) / history_name(t) for t in lines.histories]
-    return Plan(base, recovery_image(settings, base, say), timeline,
+    lines = wal.timelines(settings, base.target, system)
+    histories = [path for path in (wal.history_file(settings, base.target, system, t)
+                                   for t in lines.histories) if path is not None]
+    return Plan(base, recovery_image(settings, base, say), version_of(base), timeline,
                 wal.on_path(found, lines, timeline, start), histories)
 
 
@@ -128,6 +163,12 @@ def system_of(base: Artifact) -> str | None:
     base backup older than that record)."""
     system = base.extra.get("system_identifier")
     return str(system) if system else None
+
+
+def version_of(base: Artifact) -> str | None:
+    """The server version a base backup was taken of (`SHOW server_version`)."""
+    version = base.extra.get("server_version")
+    return str(version) if version else None
 
 
 def recovery_image(settings: Settings, base: Artifact, say: Say = silent) -> str:
@@ -154,13 +195,14 @@ def _fetched(settings: Settings, base: Artifact, say: Say) -> None:
 
 def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (),
                   into: str | None = None, confirm: Confirm = None, say: Say = silent,
-                  hold: Hold = contextlib.nullcontext) -> None:
-    """Restore the database as it was at `at` (see the module's doc)."""
+                  hold: Hold = contextlib.nullcontext, nearest: bool = False) -> None:
+    """Restore the database as it was at `at` (see the module's doc); outside what the WAL
+    reaches, the newest dump at or before it, only with `nearest` or when `confirm` says yes."""
     dbname = settings.postgres_db
     base, timeline = choose(settings, dbname, at, say)
     with scratch(settings) as work:
         plan = gather(settings, base, timeline, work, say) if base is not None else None
-        end = wal.last_commit(settings, plan.image, files=plan.files) if (
+        end = wal.last_commit(settings, plan.image, files=plan.files, version=plan.version) if (
             plan and plan.files) else None
         if plan is not None and end is not None and at <= end:
             _fetched(settings, plan.base, say)
@@ -169,23 +211,52 @@ def restore_db_at(settings: Settings, at: datetime, *, tables: Iterable[str] = (
                 f"{local_time(at, settings.zone)}" + on_which(timeline))
             with recovered(settings, plan, at, work) as done, \
                     dumped(settings, done.server, dbname, at, work.dump) as item:
-                say(f"recovered; dumped {dbname} as it was at {local_time(at, settings.zone)}")
+                say(f"recovered; {reached(settings, done)}; dumped {dbname} as it was then")
                 logical.restore_dump(settings, item, settings.backup_dir / item.path,
                                      tables=tables, into=into, confirm=confirm, say=say, hold=hold)
             return
     why = ("no base backup finished at or before it" if base is None else
            f"the WAL archive reaches only {local_time(end, settings.zone)}" if end else
-           "the WAL archive holds no commit")
-    say(f"point in time: {why}; using the newest dump at or before "
-        f"{local_time(at, settings.zone)}")
+           "the WAL archive holds no commit after the base backup")
+    _nearest_dump(settings, at, why, nearest=nearest, confirm=confirm, say=say)
     logical.restore_db(settings, at=at, tables=tables, into=into, confirm=confirm, say=say,
                        hold=hold)
+
+
+def _nearest_dump(settings: Settings, at: datetime, why: str, *, nearest: bool,
+                  confirm: Confirm, say: Say) -> None:
+    """A moment the WAL does not reach: say which restore point would be used and how far it
+    is from `at`; go on only with `nearest` (--nearest) or a yes asked of the operator, never
+    by --yes alone (JobError, nothing changed). CatalogError when there is no such dump."""
+    with Store(settings.state_dir) as store:
+        dump = restore_point(store, (logical.TIER,), settings.postgres_db, at)
+    gap = duration_text((at - dump.created_at).total_seconds())
+    said = (f"point in time: {local_time(at, settings.zone)} is outside what the WAL reaches "
+            f"({why}); the newest dump at or before it ({local_time(dump.created_at, settings.zone)}"
+            f") is {gap} before it")
+    if nearest:
+        say(f"{said}; using the newest dump (--nearest)")
+        return
+    if confirm is None:
+        raise JobError(f"{said}. Nothing was changed: pass --nearest to restore that dump "
+                       "instead, or ask for a moment `list` shows in the point-in-time window")
+    if not confirm(f"{said}. Restore that dump instead?"):
+        raise JobError("cancelled; nothing was changed")
+    say(f"{said}; using the newest dump")
+
+
+def reached(settings: Settings, done: Recovery) -> str:
+    """The moment a recovery reached, in words: its last commit replayed."""
+    if done.reached is None:
+        return "no commit replayed after the base backup"
+    return f"reached {local_time(done.reached, settings.zone)} (the last commit replayed)"
 
 
 @dataclass
 class Recovery:
     server: Any   # the throwaway server's container
     scratch: str  # its data volume (the cluster in data/)
+    reached: datetime | None = None  # the last commit it replayed (None: none after the base)
 
 
 def on_which(timeline: int) -> str:
@@ -202,10 +273,10 @@ def recovered(settings: Settings, plan: Plan, at: datetime | None,
     try:
         _prepare(settings, plan, at, work)
         with docker_api.beside(plan.image, None, {work.volume: ("/pgdata", "rw")}, "recover",
-                               user=OS_USER, owner=work.owner,
-                               command=["postgres", "-D", DATA]) as server:
+                               user=OS_USER, owner=work.owner, command=["postgres", "-D", DATA],
+                               environment=server_tools(plan.image, plan.version)) as server:
             _wait_promoted(settings, server)
-            yield Recovery(server, work.volume)
+            yield Recovery(server, work.volume, _last_replayed(settings, server))
     finally:
         docker_api.remove_scratch_volume(work.volume, work.owner)
 
@@ -254,6 +325,17 @@ def _wait_promoted(settings: Settings, server: Any, timeout: float = 3600) -> No
                       or "no message"))
 
 
+def _last_replayed(settings: Settings, server: Any) -> datetime | None:
+    """The commit time of the last transaction the recovered server replayed."""
+    result, out = docker_api.run(server, [
+        "psql", "-X", "-A", "-t", "-h", "/pgdata", "-U", settings.postgres_user, "-d", "postgres",
+        "-c", "SELECT extract(epoch FROM pg_last_xact_replay_timestamp())"], user=OS_USER)
+    if result.exit_code != 0:
+        raise JobError(tool_error("psql", result, "the recovered server"))
+    text = out.decode("utf-8", "replace").strip()
+    return datetime.fromtimestamp(float(text), UTC) if text else None
+
+
 @contextlib.contextmanager
 def dumped(settings: Settings, server: Any, dbname: str, at: datetime,
            path: Path) -> Iterator[Artifact]:
@@ -280,28 +362,53 @@ def dumped(settings: Settings, server: Any, dbname: str, at: datetime,
 
 def window(settings: Settings, dbname: str | None = None) -> wal.Window | None:
     """What `restore db --at` can reach: from the oldest kept base backup to the newest commit
-    in the WAL archive, with the gaps between (None: no base backup yet); of the database
-    cluster of the newest base backup only."""
+    in the WAL archive, with the gaps between (None: no base backup yet); of the current
+    database cluster only (`serving`). JobError when pg_waldump cannot read the WAL."""
     dbname = dbname or settings.postgres_db
-    with Store(settings.state_dir) as store:
-        kept = restorable(store, BASE_TIER, dbname)
-    if not kept:
+    newest, system = serving(settings, dbname, None)  # the cluster now, not one replaced before
+    if newest is None:
         return None
-    newest = max(kept, key=lambda item: item.created_at)
-    system = system_of(newest)  # the cluster now: another one replaced before is not counted
-    oldest = min((item for item in kept if system_of(item) in (None, system)),
-                 key=lambda item: item.created_at)
-    image = str(newest.extra["image"])
+    with Store(settings.state_dir) as store:
+        oldest = min(filter(of_cluster(system), restorable(store, BASE_TIER, dbname)),
+                     key=lambda item: item.created_at)
+    image, version = str(newest.extra["image"]), version_of(newest)
     found = wal.of_system(wal.segments(settings, dbname), system)
-    lines = wal.timelines(settings, dbname)
+    lines = wal.timelines(settings, dbname, system)
     first = wal.segment_of_lsn(str(oldest.extra["end_lsn"]))
     path = wal.on_path(found, lines, wal.newest_timeline(found, lines))
-    end = wal.last_commit(settings, image, dbname, path)
-    spans = wal.ends(settings, image, dbname)
+    end = wal.last_commit(settings, image, dbname, path, version)
+    spans = wal.ends(settings, image, dbname, system, version)
     return wal.Window(start=oldest.created_at, end=max(end or newest.created_at,
                                                        newest.created_at),
                       gaps=wal.gaps([s for s in path if s.number >= first], first),
                       timelines=spans if len(spans) > 1 else [])
+
+
+RECOVERY_TOOLS = ("pg_waldump", "postgres", "pg_dump", "psql")
+
+
+def check_recovery_image(settings: Settings) -> str:
+    """`check`: the image a restore to a moment would recover the newest base backup with
+    (recovery_image), when it is not the database container's (whose tools the route's check
+    ran): pg_waldump, postgres, pg_dump and psql run there with the PATH a restore gives them.
+    In words ("": nothing more to check); JobError saying what is missing."""
+    newest, _system = serving(settings, settings.postgres_db, None)
+    if newest is None:
+        return ""
+    image = recovery_image(settings, newest)
+    if image == docker_api.image_of(wal.db_container(settings)):
+        return ""
+    with docker_api.beside(image, None, {}, "check", user=wal.owner_user(), lifetime=120,
+                           environment=server_tools(image, version_of(newest))) as helper:
+        result, _ = docker_api.run(helper, ["sh", "-c", wal.TOOLS_SCRIPT, "sh",
+                                            *RECOVERY_TOOLS])
+    if result.exit_code != 0:
+        detail = "; ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
+        raise JobError(f"a restore to a moment recovers base backup {newest.path} with the "
+                       f"image it was taken with ({image[:19]}…), and there "
+                       f"{detail or f'the tools exited with status {result.exit_code}'}: keep "
+                       "an image with that PostgreSQL version's programs as that image")
+    return f"; the newest base backup's image ({image[:19]}…) has {', '.join(RECOVERY_TOOLS)}"
 
 
 # restore cluster ---------------------------------------------------------------------------------
@@ -328,7 +435,10 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
     target = volume or _data_volume(settings)
     base, timeline = choose(settings, settings.postgres_db, at, say)
     if base is None:
-        raise CatalogError("no base backup finished at or before that moment (see `list`)")
+        raise CatalogError("no base backup finished at or before that moment (see `list`)" if at else
+                           "no base backup of the current database cluster (the one "
+                           f"{wal.wal_dir(settings)}/{wal.SYSTEM_FILE} names) yet: take one "
+                           "with `backup base`, or name a moment with --at (see `list`)")
     moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
     with hold(), scratch(settings) as work:
         plan = gather(settings, base, timeline, work, say)
@@ -336,12 +446,15 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
         say(f"recovering base backup {base.path} plus WAL to {moment}{on_which(timeline)}")
         with recovered(settings, plan, at, work) as done:
             docker_api.stop_container(done.server, timeout=600)  # a clean shut-down checkpoint
+            say(f"recovered; {reached(settings, done)}")
+            if at is None:
+                moment = local_time(done.reached or base.created_at, settings.zone)
 
             def fill(helper: Any, staging: str) -> None:
                 run_step(helper, ["sh", "-c", FILL, "sh", new_dir(staging), MARK],
                          "copying the recovered cluster")
 
-            restore_filled(settings, target, what=f"the cluster recovered to {moment}",
+            restore_filled(settings, target, what=f"the cluster recovered from {base.path}",
                            when=moment, fill=fill, mounts={done.scratch: ("/recovered", "ro")},
                            confirm=confirm, stop_containers=stop_containers, say=say)
 

@@ -37,6 +37,7 @@ from typing import Any
 from .. import database, docker_api
 from ..atomic import AtomicFile
 from ..basics import JobError, local_time, utcnow
+from ..pgtools import server_tools
 from ..settings import Settings
 from .timelines import (
     SEGMENT_SIZE,
@@ -118,12 +119,14 @@ def db_container(settings: Settings) -> Any:
 @contextlib.contextmanager
 def route(settings: Settings, local: Path, purpose: str, lifetime: int, owner: str = "",
           ) -> Iterator[tuple[Any, Shared, str]]:
-    """A helper beside the database that sees `local`; yields (helper, shared dir, image)."""
+    """A helper beside the database that sees `local`, with the server's version directory on
+    its PATH (pgtools.server_tools); yields (helper, shared dir, image)."""
     container = db_container(settings)
     image = docker_api.image_of(container)
     where = shared(settings, local)
+    tools = server_tools(image, database.server_version(settings))
     with docker_api.beside(image, container.id, where.mounts(), purpose, user=owner_user(),
-                           lifetime=lifetime, owner=owner) as helper:
+                           lifetime=lifetime, owner=owner, environment=tools) as helper:
         yield helper, where, image
 
 
@@ -222,9 +225,45 @@ def segment_of_lsn(lsn: str) -> int:
     return segment_of(lsn_value(lsn))
 
 
-def timelines(settings: Settings, dbname: str | None = None) -> Timelines:
-    """The timeline histories the archive holds."""
-    return Timelines.load(wal_dir(settings, dbname))
+def recorded_system(folder: Path) -> str | None:
+    """The cluster a chain's folder says it holds (its system_identifier file); None: none."""
+    recorded = folder / SYSTEM_FILE
+    if not recorded.is_file():
+        return None
+    return recorded.read_text(encoding="ascii", errors="replace").strip() or None
+
+
+def history_folder(settings: Settings, dbname: str | None = None, system: str | None = None,
+                   ) -> Path | None:
+    """Where the timeline history files of the cluster `system` (None: the current chain's)
+    are: wal/<db>/ while it is the current chain's, the other-<stamp>/ its chain was set aside
+    into once the cluster was replaced (follow_system); None when the archive has neither."""
+    root = wal_dir(settings, dbname)
+    if system is None or recorded_system(root) in (None, system):
+        return root
+    return next((folder for folder in sorted(root.glob("other-*"))
+                 if recorded_system(folder) == system), None)
+
+
+def timelines(settings: Settings, dbname: str | None = None, system: str | None = None,
+              ) -> Timelines:
+    """The timeline histories the archive holds of the cluster `system` (history_folder)."""
+    folder = history_folder(settings, dbname, system)
+    return Timelines.load(folder) if folder is not None else Timelines()
+
+
+def history_file(settings: Settings, dbname: str | None, system: str | None,
+                 timeline: int) -> Path | None:
+    """The history file of `timeline` of the cluster `system` (None: not there)."""
+    folder = history_folder(settings, dbname, system)
+    path = folder / history_name(timeline) if folder is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def current_system(settings: Settings, dbname: str | None = None) -> str | None:
+    """The cluster the archive's current chain holds (recorded by the streamer when it last
+    started); None when none is recorded."""
+    return recorded_system(wal_dir(settings, dbname))
 
 
 def best_copies(found: Iterable[Segment]) -> list[Segment]:
@@ -286,13 +325,22 @@ def gaps(found: list[Segment], first: int | None = None) -> list[tuple[int, int]
     return missing
 
 
+# pg_waldump reads a segment to where its WAL stops (the end of what was written, a record that
+# goes on in the next file): it says so and exits 1 after printing the records. Any other failure
+# (no pg_waldump, an unreadable file) is an error, never "no commit".
 WALDUMP_SCRIPT = r"""
+command -v pg_waldump >/dev/null || {
+  echo "pg_waldump is not in this image (PATH=$PATH)" >&2; exit 127; }
 for f in "$@"; do
   name=$(basename "$f"); name=${name%.partial}
   cp "$f" "/tmp/$name" || exit 4
-  out=$(pg_waldump -r Transaction "/tmp/$name" 2>/dev/null \
-        | grep -E 'desc: (COMMIT|ABORT) ' | tail -n 1)
+  all=$(pg_waldump -r Transaction "/tmp/$name" 2>/tmp/waldump.err); code=$?
   rm -f "/tmp/$name"
+  if [ "$code" -ne 0 ] && ! grep -qE 'error in WAL record at|could not find a valid record' \
+      /tmp/waldump.err; then
+    echo "$f: $(tail -n 3 /tmp/waldump.err)" >&2; exit 5
+  fi
+  out=$(printf '%s\n' "$all" | grep -E 'desc: (COMMIT|ABORT) ' | tail -n 1)
   if [ -n "$out" ]; then echo "$out"; exit 0; fi
 done
 exit 0
@@ -300,21 +348,24 @@ exit 0
 
 
 def last_commit(settings: Settings, image: str, dbname: str | None = None,
-                files: list[Segment] | None = None) -> datetime | None:
+                files: list[Segment] | None = None, version: str | None = None,
+                ) -> datetime | None:
     """The time of the newest commit in `files` (segments anywhere in BACKUP_DIR; default: the
-    newest timeline's path in the archive), read with pg_waldump from the database's own image,
-    no network, in the newest four: the newest moment a recovery can reach. None when there is
-    none."""
+    newest timeline's path in the archive), read with pg_waldump from the database's own image
+    (of the server `version`, whose version directory is put on PATH), no network, in the
+    newest four that hold WAL: the newest moment a recovery can reach. None when there is none;
+    JobError when pg_waldump fails."""
     if files is None:
         found = segments(settings, dbname)
         lines = timelines(settings, dbname)
         files = on_path(found, lines, newest_timeline(found, lines))
-    if not files:
+    written = [s for s in files if s.system() is not None]  # a padded `.partial`: no WAL yet
+    if not written:
         return None
-    newest = sorted(files, key=lambda s: (s.number, s.timeline, s.partial), reverse=True)[:4]
+    newest = sorted(written, key=lambda s: (s.number, s.timeline, s.partial), reverse=True)[:4]
     where = shared(settings, settings.backup_dir, mode="ro")
     with docker_api.beside(image, None, where.mounts(), "waldump", user=owner_user(),
-                           lifetime=600) as helper:
+                           lifetime=600, environment=server_tools(image, version)) as helper:
         result, out = docker_api.run(helper, ["sh", "-c", WALDUMP_SCRIPT, "sh",
                                               *(where.path(s.path) for s in newest)],
                                      environment={"TZ": "UTC"})
@@ -327,15 +378,16 @@ def last_commit(settings: Settings, image: str, dbname: str | None = None,
     return datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
 
 
-def ends(settings: Settings, image: str, dbname: str | None = None,
-         ) -> list[tuple[int, datetime | None]]:
-    """Each timeline the archive knows, oldest first, with the newest commit in its own WAL
-    (when it stopped being the server's: a cluster restore forked a newer one); the newest
-    timeline, still the server's, with None. One timeline: no look at the WAL."""
-    found = segments(settings, dbname)
-    known = timelines(settings, dbname).known(s.timeline for s in found)
+def ends(settings: Settings, image: str, dbname: str | None = None, system: str | None = None,
+         version: str | None = None) -> list[tuple[int, datetime | None]]:
+    """Each timeline the archive knows of the cluster `system` (None: any), oldest first, with
+    the newest commit in its own WAL (when it stopped being the server's: a cluster restore
+    forked a newer one); the newest timeline, still the server's, with None. One timeline: no
+    look at the WAL."""
+    found = of_system(segments(settings, dbname), system)
+    known = timelines(settings, dbname, system).known(s.timeline for s in found)
     return [*((timeline, last_commit(settings, image, dbname, best_copies(
-        s for s in found if s.timeline == timeline))) for timeline in known[:-1]),
+        s for s in found if s.timeline == timeline), version)) for timeline in known[:-1]),
         (known[-1], None)]
 
 
@@ -457,9 +509,7 @@ def archive_system(settings: Settings) -> str | None:
         system = segment.system()
         if system is not None:
             return system
-    recorded = root / SYSTEM_FILE
-    return recorded.read_text(encoding="ascii", errors="replace").strip() or None if (
-        recorded.is_file()) else None
+    return recorded_system(root)
 
 
 def follow_system(settings: Settings, stamp: str) -> str | None:
@@ -610,20 +660,42 @@ def needed_from(segment: Segment, keep: dict[str | None, int], root: Path) -> fl
     return 0 if segment.path.parent == root else float("inf")
 
 
+# what a restore to a moment runs from the database's image: the streamer, base backups, the
+# window (pg_waldump), the throwaway server and the dump taken from it
+RESTORE_TOOLS = ("pg_receivewal", "pg_basebackup", "pg_waldump", "postgres", "pg_dump", "psql")
+TOOLS_SCRIPT = r"""
+for tool in "$@"; do
+  command -v "$tool" >/dev/null || {
+    echo "$tool is not in the image (not on PATH=$PATH)" >&2; exit 127; }
+  "$tool" --version >/dev/null || { echo "$tool --version failed" >&2; exit 4; }
+done
+"""
+CHECK_SCRIPT = r"""
+test -w "$1" || { echo "$1 is not writable by $(id -u):$(id -g) there" >&2; exit 3; }
+conn=$2; shift 2
+""" + TOOLS_SCRIPT + r"""
+pg_receivewal --version
+psql -X -A -t -d "$conn replication=true" -c IDENTIFY_SYSTEM
+"""
+
+
 def check_route(settings: Settings) -> str:
-    """`check`: a helper beside the database opens a replication connection over 127.0.0.1
-    (IDENTIFY_SYSTEM) and sees the backup directory. One line, or JobError saying what fails."""
+    """`check`: a helper beside the database finds and runs every tool a restore to a moment
+    needs (RESTORE_TOOLS, with the PATH the restore gives them), opens a replication connection
+    over 127.0.0.1 (IDENTIFY_SYSTEM) and sees the backup directory. One line, or JobError
+    saying what fails."""
     port = database.server_port(settings)
     local = wal_dir(settings)
     with route(settings, local, "check", lifetime=120) as (helper, where, _image):
         result, out = docker_api.run(
-            helper, ["sh", "-c", 'test -w "$1" && pg_receivewal --version && psql -X -A -t -d '
-                     '"$2 replication=true" -c IDENTIFY_SYSTEM', "sh", where.path(local),
-                     connection(settings, port)], environment=environment(settings))
+            helper, ["sh", "-c", CHECK_SCRIPT, "sh", where.path(local), connection(settings, port),
+                     *RESTORE_TOOLS], environment=environment(settings))
     if result.exit_code != 0:
         tail = "; ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
         raise JobError("the route beside the database does not work (a replication connection "
-                       f"to 127.0.0.1:{port} from the database's network, and {local} "
-                       f"writable there): {tail or f'exit status {result.exit_code}'}")
+                       f"to 127.0.0.1:{port} from the database's network, {local} writable "
+                       f"there, and {', '.join(RESTORE_TOOLS)} in the database's image): "
+                       f"{tail or f'exit status {result.exit_code}'}")
     version = out.decode("utf-8", "replace").splitlines()[0].strip()
-    return f"{version} beside the database; replication over 127.0.0.1:{port} allowed"
+    return (f"{version} beside the database; replication over 127.0.0.1:{port} allowed; "
+            f"{', '.join(RESTORE_TOOLS[1:])} found")
