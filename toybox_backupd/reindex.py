@@ -33,6 +33,7 @@ _NAMES = {"logical": _STEM + r"\.(?:dump|sql\.gz)",
           "base": _STEM + r"/base\.tar\.gz"}
 BASE_FILES = ("pg_wal.tar.gz", "backup_manifest")  # beside a base backup's base.tar.gz
 _LSN = r"[0-9A-F]{1,8}/[0-9A-F]{1,8}"
+INDEX_FIELDS = 11  # path, type, size, mtime_ns, ctime_ns, inode, mode, uid, gid, link, hash
 
 
 @dataclass
@@ -52,13 +53,11 @@ def reindex(backup_dir: Path, state_dir: Path, now: datetime | None = None) -> R
     result = Reindexed(skipped=skipped)
     with Store(state_dir) as store:
         for relative, data in found:
-            known = store.artifact_by_path(relative)
-            if known is None:
-                _add(store, backup_dir, relative, data)
-                result.added.append(relative)
-            elif known.status == "deleted" and _revive(store, backup_dir, relative, known.id,
-                                                       data):
-                result.added.append(relative)  # deleted, then copied back by hand
+            try:
+                if _catalog(store, backup_dir, relative, data):
+                    result.added.append(relative)
+            except ValueError as exc:  # its file index: the one part read only now
+                result.skipped.append((relative, str(exc)))
     return result
 
 
@@ -199,8 +198,21 @@ def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
         return f"its base full ({data.get('base')!r}) is not one of {target}'s"
     if not isinstance(data.get("size"), int):
         return "its manifest has no size"
-    return (_date_problem(data, now) or _globals_problem(target, name, data)
-            or _base_problem(data))
+    return (_shape_problem(data) or _date_problem(data, now)
+            or _globals_problem(target, name, data) or _base_problem(data))
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    """The optional fields a catalog row is made of must have the shape the tool writes."""
+    if not isinstance(data.get("extra") or {}, dict):
+        return "its manifest's extra is not an object"
+    base = data.get("base") or None
+    if base is not None and not isinstance(base, str):
+        return "its manifest's base is not a path"
+    deleted = data.get("deleted") or []
+    if not isinstance(deleted, list) or not all(isinstance(path, str) for path in deleted):
+        return "its manifest's deleted is not a list of paths"
+    return None
 
 
 def _shape_problem(data: dict[str, Any]) -> str | None:
@@ -279,23 +291,40 @@ def fields(store: Store, data: dict[str, Any]) -> dict[str, Any]:
     base = store.artifact_by_path(data["base"]) if data.get("base") else None
     return {"created_at": datetime.fromisoformat(data["created_at"]), "size": int(data["size"]),
             "sha256": data["sha256"], "base_id": base.id if base else None,
-            "extra": data.get("extra", {})}
+            "extra": data.get("extra") or {}}
 
 
 def _index(backup_dir: Path, relative: str) -> list[tuple[Any, ...]]:
+    """The rows of the artifact's file index (none if it has none); ValueError saying why
+    when it cannot be read or is not the tool's."""
     index = index_path(backup_dir / relative)
-    return read_index(index) if _is_regular(index) else []
+    if not _is_regular(index):
+        return []
+    try:
+        rows = read_index(index)
+    except (OSError, EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"its file index {index.name} cannot be read ({exc})") from None
+    if not all(_index_row(row) for row in rows):
+        raise ValueError(f"its file index {index.name} has a row that is not a file's "
+                         f"({INDEX_FIELDS} values: path, type, size, ...)")
+    return rows
 
 
-def _add(store: Store, backup_dir: Path, relative: str, data: dict[str, Any]) -> None:
-    artifact_id = store.add_artifact(run_id=None, tier=data["tier"], target=data["target"],
-                                     path=relative, **fields(store, data))
-    store.add_files(artifact_id, _index(backup_dir, relative))
-    store.add_deleted_paths(artifact_id, data.get("deleted") or [])
+def _index_row(row: tuple[Any, ...]) -> bool:
+    return (len(row) == INDEX_FIELDS and isinstance(row[0], str)
+            and all(value is None or isinstance(value, str | int | float) for value in row))
 
 
-def _revive(store: Store, backup_dir: Path, relative: str, artifact_id: int,
-            data: dict[str, Any]) -> bool:
-    return store.revive_artifact(artifact_id, **fields(store, data),
-                                 files=_index(backup_dir, relative),
-                                 deleted=data.get("deleted") or [])
+def _catalog(store: Store, backup_dir: Path, relative: str, data: dict[str, Any]) -> bool:
+    """Add the artifact, or bring back a deleted one whose files are there again (copied back
+    by hand), with its file index and deleted paths in one transaction; whether it did."""
+    known = store.artifact_by_path(relative)
+    if known is not None and known.status != "deleted":
+        return False
+    files, deleted = _index(backup_dir, relative), data.get("deleted") or []
+    if known is not None:
+        return store.revive_artifact(known.id, **fields(store, data), files=files,
+                                     deleted=deleted)
+    store.add_artifact(run_id=None, tier=data["tier"], target=data["target"], path=relative,
+                       **fields(store, data), files=files, deleted=deleted)
+    return True

@@ -35,9 +35,11 @@ from ..handoff import PROTOCOL, Channel, address, socket_path
 from ..pgtools import PASSED_THROUGH
 from ..settings import Settings, SettingsError, differences, load_given, variable_names
 from ..tiers.transfer import FORCE
+from .handoff_output import NOT_SHOWN, Outgoing
 
 log = logs.get("toybox_backupd.daemon")
 HANDSHAKE_SECONDS = 10.0
+FLUSH_SECONDS = 10.0  # a stop waits this long for a command to read the end of its run
 # what steers a run besides the settings: the Docker engine and client, the data path, the
 # environment of a local pg_dump, the host path named in hints
 PROCESS_VARS = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CLIENT_TIMEOUT",
@@ -93,13 +95,13 @@ class Handle:
 
 
 class Terminal:
-    """The command's stdout and stderr, over the connection (a manual.Terminal). Once the
-    command has cancelled, nothing more is sent but the last word, as with Ctrl-C in the
-    command itself."""
+    """The command's stdout and stderr, over the connection (a manual.Terminal), queued: a
+    write never waits for the command to read (handoff_output.py). Once the command has
+    cancelled, nothing more is sent but the last word, as with Ctrl-C in the command itself."""
 
-    def __init__(self, channel: Channel, tty: bool, handle: Handle):
-        self.channel = channel
-        self.tty = tty
+    def __init__(self, outgoing: Outgoing, handle: Handle):
+        self.outgoing = outgoing
+        self.tty = outgoing.tty
         self.handle = handle
 
     @property
@@ -109,10 +111,7 @@ class Terminal:
     def write(self, stream: str, text: str, last: bool = False) -> None:
         if self.handle.wanted and not last:
             return
-        try:
-            self.channel.send(**{stream: text})
-        except OSError:
-            self.handle.cancel(GONE)
+        self.outgoing.put(keep=last, **{stream: text})
 
 
 class _LogStream:
@@ -230,11 +229,22 @@ class _Handover:
         self.words = " ".join(str(word) for word in request.get("argv") or ())
         self.pid = int(request.get("pid") or 0)
         self.handle = Handle()
-        self.terminal = Terminal(channel, bool(request.get("tty")), self.handle)
+        self.outgoing = Outgoing(channel, bool(request.get("tty")),
+                                 lambda: self.handle.cancel(GONE))
+        self.terminal = Terminal(self.outgoing, self.handle)
 
     def carry_out(self) -> None:
-        """The run, and the command told its end, all before the daemon may stop."""
+        """The run, and the command told its end, before the daemon may stop (a command that
+        does not read gets FLUSH_SECONDS for it; it gets it all the same when it reads again)."""
         threading.Thread(target=self._watch, name="handoff-watch", daemon=True).start()
+        try:
+            if self._run() is None:
+                self._last_word(fallback="the daemon is stopping")  # before the run began
+        finally:
+            self.outgoing.close()
+
+    def _run(self) -> int | None:
+        """The run's exit status, the command told it; None: not started (the daemon stops)."""
         try:
             with self.host.handing_over(), structlog.contextvars.bound_contextvars(
                     command="backup", pid=self.pid):
@@ -243,11 +253,18 @@ class _Handover:
                 code = self._backup()
                 if code is not None:
                     log.info("manual command finished", exit_code=code)
-                    self.channel.send(exit=code)
-                    return
+                    self._last_word(exit=code)
+                return code
         except Cancelled:  # stopping already
-            pass
-        self.channel.send(fallback="the daemon is stopping")  # before the run began
+            return None
+
+    def _last_word(self, **message: Any) -> None:
+        if self.outgoing.dropped:
+            log.warning(f"{self.outgoing.dropped} {NOT_SHOWN}", job=self.job)
+        self.outgoing.put(keep=True, **message)
+        if not self.outgoing.flush(FLUSH_SECONDS):
+            log.info("the command does not read: it gets its last lines when it reads again",
+                     job=self.job)
 
     def _watch(self) -> None:
         """The command's side of the connection: Ctrl-C there, or the command gone."""

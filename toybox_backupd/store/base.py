@@ -42,18 +42,26 @@ class StoreBase:
         self.db.execute("COMMIT")
 
     def migrate(self) -> None:
-        """Bring the schema up to SCHEMA_VERSION; refuse a newer one."""
+        """Bring the schema up to SCHEMA_VERSION; refuse a newer one. A read first: the write
+        lock is taken only when a migration is due, so opening the store never waits on a
+        writer (a catalog of millions of files written in one transaction) when none is."""
+        if self._checked_version() == SCHEMA_VERSION:
+            return
         with self.tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}, newer than this toybox-backupd "
-                    f"understands ({SCHEMA_VERSION}); upgrade toybox-backupd"
-                )
+            version = self._checked_version()  # again: another process may have migrated
             for number in range(version, SCHEMA_VERSION):
                 for statement in _statements(MIGRATIONS[number]):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={number + 1}")
+
+    def _checked_version(self) -> int:
+        version = self.version
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this toybox-backupd "
+                f"understands ({SCHEMA_VERSION}); upgrade toybox-backupd"
+            )
+        return version
 
     @property
     def version(self) -> int:
