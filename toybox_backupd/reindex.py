@@ -198,21 +198,8 @@ def manifest_problem(top: str, target: str, name: str, data: dict[str, Any],
         return f"its base full ({data.get('base')!r}) is not one of {target}'s"
     if not isinstance(data.get("size"), int):
         return "its manifest has no size"
-    return (_shape_problem(data) or _date_problem(data, now)
+    return (_date_problem(data, now)
             or _globals_problem(target, name, data) or _base_problem(data))
-
-
-def _shape_problem(data: dict[str, Any]) -> str | None:
-    """The optional fields a catalog row is made of must have the shape the tool writes."""
-    if not isinstance(data.get("extra") or {}, dict):
-        return "its manifest's extra is not an object"
-    base = data.get("base") or None
-    if base is not None and not isinstance(base, str):
-        return "its manifest's base is not a path"
-    deleted = data.get("deleted") or []
-    if not isinstance(deleted, list) or not all(isinstance(path, str) for path in deleted):
-        return "its manifest's deleted is not a list of paths"
-    return None
 
 
 def _shape_problem(data: dict[str, Any]) -> str | None:
