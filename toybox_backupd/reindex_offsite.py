@@ -2,7 +2,8 @@
 
 For a new host that has nothing but `.env` (and the age identity): every `<path>.manifest.json`
 in the target whose path is in the tool's layout, whose manifest passes the same checks as a
-local one (reindex.manifest_problem) and carries the `offsite` section of a complete copy,
+local one (reindex.manifest_problem), carries the `offsite` section of a complete copy and a
+trusted signature (offsite.trust),
 becomes a restore point the catalog knows as off-site only (`remote`), with its file index
 (read from the index object, decrypted when AGE_IDENTITY_FILE is set). Restores then fetch
 the files they need (offsite.fetch).
@@ -19,6 +20,7 @@ from typing import Any
 from . import logs
 from .basics import CatalogError, iso, utcnow
 from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
+from .offsite import trust
 from .offsite.fetch import download
 from .offsite.target import OffsiteError, Target, open_target
 from .reindex import BASE_FILES, Reindexed, fields, manifest_problem, split_layout
@@ -137,6 +139,7 @@ def reindex_offsite(settings: Settings, now: datetime | None = None) -> Reindexe
         found, skipped = candidates(target, now or utcnow())
     except OffsiteError as exc:
         raise CatalogError(f"cannot read the off-site manifests: {exc}") from None
+    found = trust.signed_only(settings, found, skipped, MANIFEST_SUFFIX)
     found.sort(key=lambda pair: (pair[1].get("tier") == "diff", pair[1].get("created_at", "")))
     result = Reindexed(skipped=skipped)
     with Store(settings.state_dir) as store:
