@@ -92,9 +92,9 @@ def test_a_planted_restore_point_is_refused_unless_signed_by_a_trusted_key(
     assert done.added == [], done
     assert "is not signed" in _skipped(done)[planted] and "--trust-unsigned" in _skipped(done)[planted]
     # the plant is otherwise valid: a host told to trust unsigned copies takes it
-    trusting = plain_env.settings(**s3_bucket.values(), **age, STATE_DIR=str(tmp_path / "other"),
-                                  OFFSITE_TRUST_UNSIGNED="true")
-    assert planted in reindex_offsite(trusting).added
+    trusting = plain_env.cli("reindex", "--offsite", "--trust-unsigned", **s3_bucket.values(),
+                             **age, STATE_DIR=str(tmp_path / "other"))
+    assert "reindex: 1 artifact(s) added" in trusting.stdout, trusting
     # signed by this installation's key: accepted; changed after signing, or by another key: not
     signed = _plant(settings, "20261201-130000", sign=True)
     other_key = tmp_path / "other-signing-key.pem"

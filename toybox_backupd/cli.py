@@ -106,7 +106,6 @@ def _add_reports(sub: Any) -> None:
 
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
-    _add_trust_unsigned(p)
     rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     r = rsub.add_parser("db", help="restore the database from a pg_dump")
     r.add_argument("--at", metavar="WHEN", help="newest dump at or before WHEN (ISO, in TZ); "
@@ -135,6 +134,8 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     r.add_argument("patterns", nargs="+", metavar="PATTERN", help="glob, e.g. 'uploads/2026-01-2*'")
     r.add_argument("--at", metavar="WHEN")
     r.add_argument("--dest", required=True, metavar="DIR")
+    for r in rsub.choices.values():
+        _add_trust_unsigned(r)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
