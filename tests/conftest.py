@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -255,7 +257,9 @@ def signing_key(tmp: Path | None = None) -> Path:
     from toybox_backupd.offsite import signing
 
     if not _SIGNING_KEY:
-        path = Path(tempfile.mkdtemp(prefix="toybox-test-keys-")) / "signing-key.pem"
+        folder = Path(tempfile.mkdtemp(prefix="toybox-test-keys-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / "signing-key.pem"
         signing.new_key_file(path)
         _SIGNING_KEY.append(path)
     return _SIGNING_KEY[0]
