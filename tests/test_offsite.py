@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyrage
 import pytest
+from conftest import signing_key
 from pydantic import Field
 from s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from test_new_tier import SNAPSHOT
@@ -69,7 +70,8 @@ def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -> 
     values = {"BACKUP_DIR": str(tmp_path / "backups"), "STATE_DIR": str(tmp_path / "state"),
               "TZ": "Asia/Tokyo", "POSTGRES_DB": "toybox", "PGDUMP_SCHEDULE": "",
               "VOLUME_FULL_SCHEDULE": "", "VOLUME_DIFF_SCHEDULE": "", "BACKUP_VOLUMES": "",
-              "NOTIFY_EMAIL_TO": "", "SNAPSHOT_DIRS": str(source), **extra}
+              "NOTIFY_EMAIL_TO": "", "SNAPSHOT_DIRS": str(source),
+              "OFFSITE_SIGNING_KEY_FILE": str(signing_key()), **extra}
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return SnapshotSettings(_env_file=None)  # type: ignore[call-arg]

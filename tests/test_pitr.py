@@ -638,13 +638,13 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
         assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
         assert copy.stat().st_size == wal.SEGMENT_SIZE
         summed = copy.with_name(segment.path.name + ".sha256")  # sha256sum's format
-        assert summed.exists() != segment.partial
-        if not segment.partial:
+        assert summed.exists() and copy.with_name(summed.name + ".sig").exists()  # signed
+        if not segment.partial:  # (the one being written has grown since)
             digest = hashlib.sha256(segment.path.read_bytes()).hexdigest()
             assert summed.read_text() == f"{digest}  {segment.name}\n"
     # fetched back where none are here: every segment, checked; a damaged copy never lands
     copies = {p.name: p for p in (remote / "wal" / "toybox").iterdir()
-              if not p.name.endswith(".sha256")}
+              if not p.name.endswith((".sha256", ".sig"))}
     fetched = wal_offsite.fetch(settings, "toybox", 0, [], env.tmp / "fetched")
     assert sorted(p.name for p in fetched) == sorted(copies)
     assert all(p.read_bytes() == copies[p.name].read_bytes() for p in fetched)
@@ -659,7 +659,7 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
     (remote / "wal" / "toybox" / "README").write_text("not ours")
     gone = wal_offsite.prune(settings, completed[1].number, "toybox")
     name = str(completed[0].path.relative_to(env.backup_dir))
-    assert sorted(gone) == sorted([name, name + ".sha256"])
+    assert sorted(gone) == sorted([name, name + ".sha256", name + ".sha256.sig"])
     assert not first.exists() and (remote / "wal" / "toybox" / "README").exists()
     assert (remote / completed[1].path.relative_to(env.backup_dir)).exists()
 

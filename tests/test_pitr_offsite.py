@@ -159,6 +159,20 @@ def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
     assert "WAL segment(s)" in result.stdout and "from off-site" in result.stdout, result.stdout
     assert stamps(pg, db="at_db") == [row for row in rows if row[1] <= at_db]
     assert not list(env.backup_dir.glob(".pitr-*"))
+    # issue 23: the first segment the recovery needs lost its .sha256 (a crash between the
+    # copies): it is never replayed; the restore says where the WAL stops and what it reaches,
+    # and takes the newest dump instead
+    after = sorted(name for name in _remote_segments(nas) if not name.endswith(".partial")
+                   and wal.parse_segment(Path(name)).number >= needed)  # type: ignore[union-attr]
+    assert after, sorted(_remote_segments(nas))
+    (nas / "wal" / "toybox" / f"{after[0]}.sha256").unlink()
+    result = env.cli("restore", "db", "--at", _when(at_db), "--into", "at_cut", "--yes", **off)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert f"not replayed from {after[0]} on" in result.stdout, result.stdout
+    assert "Recovery stops before it" in result.stdout, result.stdout
+    assert ("the WAL archive reaches only" in result.stdout
+            or "the WAL archive holds no commit" in result.stdout), result.stdout
+    assert "using the newest dump" in result.stdout, result.stdout
 
     # 5. another new host with the S3 bucket: the whole cluster to a moment, into a new volume
     _wipe(env)
@@ -180,6 +194,16 @@ def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
             assert stamps(back) == [row for row in rows if row[1] <= at_cluster]
         finally:
             back.container.remove(force=True, v=True)
+        # issue 23: the same with a segment it needs unchecked (its .sha256 gone): refused, and
+        # says what the WAL reaches; the volume is left as it is
+        s3_bucket.client.delete_object(Bucket=s3_bucket.name,
+                                       Key=f"toybox/wal/toybox/{after[0]}.sha256")
+        result = env.cli("restore", "cluster", "--at", _when(at_cluster), "--volume", volume,
+                         "--yes", **s3)
+        assert result.returncode != 0, result.stdout
+        assert f"not replayed from {after[0]} on" in result.stdout, result.stdout
+        assert "the WAL here and off-site holds no commit after the base backup" in result.stderr
+        assert "nothing was changed" in result.stderr, result.stderr
     finally:
         with contextlib.suppress(Exception):
             docker_engine.volumes.get(volume).remove(force=True)

@@ -104,6 +104,26 @@ def _identity(settings: Settings) -> str:
                  "it OFF this host as well (a lost host must not take the only key with it)")
 
 
+def _signing(settings: Settings) -> str:
+    """The signing key: its verify key printed (OFFSITE_VERIFY_KEYS on a new host), or why
+    copies are unsigned."""
+    from .offsite import trust
+    path = settings.offsite_signing_key_file
+    if path is None:
+        raise Caveat("OFFSITE_SIGNING_KEY_FILE is not set: new off-site copies are NOT signed, so "
+                     "a restore refuses them without --trust-unsigned; make a key with "
+                     "`toybox-backupd keys new --out /path/outside/STATE_DIR/signing-key.pem`")
+    own = trust.signer(settings)
+    assert own is not None
+    mode = path.stat().st_mode & 0o777
+    text = (f"{path} signs the off-site manifests and WAL checksums; verify key: "
+            f"{own.verify_key} (keep it beside the age identity: a new host needs "
+            "OFFSITE_VERIFY_KEYS=<it>)")
+    if mode & 0o077:
+        raise Caveat(f"{text}; the key file is mode {mode:o}: make it 0600 (chmod 600 {path})")
+    return text
+
+
 def _pitr(settings: Settings) -> str:
     from .tiers import pitr_restore, wal
 
@@ -118,6 +138,8 @@ def _optional_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
         ("smtp", settings.notify_email_to, lambda: notify.check_smtp(settings)),
         ("chat", settings.notify_url_list, lambda: notify.check_chat(settings)),
         ("off-site", settings.offsite_url, lambda: _offsite(settings)),
+        ("signing key", settings.offsite_url or settings.offsite_signing_key_file,
+         lambda: _signing(settings)),
         ("age identity", settings.age_identity_file, lambda: _identity(settings)),
     ]
     return [(name, check) for name, configured, check in wanted if configured]

@@ -60,12 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reindex", help="rebuild the catalog from the manifests in BACKUP_DIR")
     p.add_argument("--offsite", action="store_true",
                    help="from the manifests off-site (OFFSITE_URL): a new host with only .env")
+    _add_trust_unsigned(p)
+    p = sub.add_parser("keys", help="the off-site signing key")
+    ksub = p.add_subparsers(dest="keys_command", metavar="WHAT", required=True)
+    k = ksub.add_parser("new", help="make a new signing key file (OFFSITE_SIGNING_KEY_FILE); "
+                                    "print its verify key")
+    k.add_argument("--out", required=True, metavar="FILE", help="the key file to create "
+                   "(never overwritten; keep it outside STATE_DIR, like the age identity)")
 
     p = sub.add_parser("notify", help="email tools")
     nsub = p.add_subparsers(dest="notify_command", metavar="WHAT", required=True)
     nsub.add_parser("test", help="send a test email and a test chat message (NOTIFY_URLS); "
                                  "report how each was answered")
     return parser
+
+
+def _add_trust_unsigned(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-unsigned", action="store_true",
+                   help="accept off-site manifests and WAL checksums that carry no signature "
+                        "(copies made before OFFSITE_SIGNING_KEY_FILE was set)")
 
 
 def _add_backup(p: argparse.ArgumentParser) -> None:
@@ -124,6 +137,8 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     r.add_argument("patterns", nargs="+", metavar="PATTERN", help="glob, e.g. 'uploads/2026-01-2*'")
     r.add_argument("--at", metavar="WHEN")
     r.add_argument("--dest", required=True, metavar="DIR")
+    for r in rsub.choices.values():
+        _add_trust_unsigned(r)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
+    if getattr(args, "trust_unsigned", False):
+        settings = settings.model_copy(update={"offsite_trust_unsigned": True})
     _setup_logs(settings, args, argv)
     use_file_mode(settings.backup_file_mode)
     try:
@@ -371,6 +388,22 @@ def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """`keys new --out FILE`: a new off-site signing key."""
+    from pathlib import Path
+
+    from .offsite import signing
+
+    path = Path(args.out).expanduser()
+    verify_key = signing.new_key_file(path)
+    print(f"signing key written to {path} (mode 0600)")
+    print(f"verify key: {verify_key}")
+    print("Set OFFSITE_SIGNING_KEY_FILE to this file (outside STATE_DIR), keep a copy beside the "
+          "age identity, and give a restore on a new host OFFSITE_VERIFY_KEYS=<verify key>. "
+          "Rotating: keep the old verify key in OFFSITE_VERIFY_KEYS for the copies it signed.")
+    return EXIT_OK
+
+
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
     """`notify test`: a test email and a test chat message to each NOTIFY_URLS entry, and how
     each was answered."""
@@ -554,7 +587,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 COMMANDS = {
     "run": cmd_run, "backup": cmd_backup, "list": cmd_list, "history": cmd_history,
     "restore": cmd_restore, "verify": cmd_verify, "schedule": cmd_schedule, "check": cmd_check,
-    "healthcheck": cmd_healthcheck, "reindex": cmd_reindex, "notify": cmd_notify,
+    "healthcheck": cmd_healthcheck, "reindex": cmd_reindex, "notify": cmd_notify, "keys": cmd_keys,
     "status": cmd_status,
 }
 

@@ -19,7 +19,7 @@ from datetime import datetime
 
 from . import jobs, logs, retention
 from .basics import local_time, utcnow
-from .offsite import trust
+from .offsite import confine
 from .offsite.target import OffsiteError, Target, open_target
 from .restore_points import ANYWHERE
 from .settings import Settings
@@ -76,7 +76,7 @@ def apply(settings: Settings, store: Store, job: str, targets: list[str],
 def _may_delete(settings: Settings, item: Artifact, copy: Copy, now: datetime) -> bool:
     """False (and why, logged) when the copy's Object Lock holds it, or its record names
     objects that are not the restore point's own (a prune must not delete someone else's)."""
-    problem = trust.objects_problem(item.tier, item.path, item.extra, copy.objects)
+    problem = confine.objects_problem(item.tier, item.path, item.extra, copy.objects)
     if problem:
         log.warning("off-site retention: refusing to delete objects that are not the restore "
                     "point's own", path=item.path, problem=problem)

@@ -2,7 +2,8 @@
 
 For a new host that has nothing but `.env` (and the age identity): every `<path>.manifest.json`
 in the target whose path is in the tool's layout, whose manifest passes the same checks as a
-local one (reindex.manifest_problem) and carries the `offsite` section of a complete copy,
+local one (reindex.manifest_problem), carries the `offsite` section of a complete copy and a
+trusted signature (offsite.trust),
 becomes a restore point the catalog knows as off-site only (`remote`), with its file index
 (read from the index object, decrypted when AGE_IDENTITY_FILE is set). Restores then fetch
 the files they need (offsite.fetch).
@@ -20,7 +21,7 @@ from . import logs
 from .atomic import sha256_of
 from .basics import CatalogError, ToyboxError, iso, utcnow
 from .manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
-from .offsite import trust
+from .offsite import confine, trust
 from .offsite.fetch import download
 from .offsite.target import OffsiteError, Target, open_target
 from .reindex import BASE_FILES, Reindexed, fields, manifest_problem, split_layout
@@ -50,7 +51,7 @@ def _problem(relative: str, data: dict[str, Any] | None, now: datetime) -> str |
     if problem:
         return problem
     objects = _objects(relative, data)
-    problem = trust.objects_problem(data["tier"], relative, data.get("extra", {}), objects)
+    problem = confine.objects_problem(data["tier"], relative, data.get("extra", {}), objects)
     if problem:
         return problem
     if objects[0].get("source_sha256") != data.get("sha256"):
@@ -176,6 +177,7 @@ def reindex_offsite(settings: Settings, now: datetime | None = None) -> Reindexe
         found, skipped = candidates(target, now or utcnow())
     except OffsiteError as exc:
         raise CatalogError(f"cannot read the off-site manifests: {exc}") from None
+    found = trust.signed_only(settings, found, skipped, MANIFEST_SUFFIX)
     found.sort(key=lambda pair: (pair[1].get("tier") == "diff", pair[1].get("created_at", "")))
     result = Reindexed(skipped=skipped)
     with Store(settings.state_dir) as store:

@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     offsite_max_lag_hours: int = Field(36, ge=0, alias="OFFSITE_MAX_LAG_HOURS")
     offsite_age_recipients: CommaList = Field(default_factory=list, alias="OFFSITE_AGE_RECIPIENTS")
     age_identity_file: Path | None = Field(None, alias="AGE_IDENTITY_FILE")
+    offsite_signing_key_file: Path | None = Field(None, alias="OFFSITE_SIGNING_KEY_FILE")
+    offsite_verify_keys: CommaList = Field(default_factory=list, alias="OFFSITE_VERIFY_KEYS")
+    offsite_trust_unsigned: bool = Field(False, alias="OFFSITE_TRUST_UNSIGNED")
 
     # metrics
     metrics_port: int | None = Field(None, ge=1, le=65535, alias="METRICS_PORT")
@@ -278,8 +281,19 @@ class Settings(BaseSettings):
                              f"key): {', '.join(bad)}")
         return value
 
+    @field_validator("offsite_verify_keys")
+    @classmethod
+    def _verify_keys(cls, value: list[str]) -> list[str]:
+        if any("PRIVATE KEY" in item for item in value):
+            raise ValueError("holds a private key: put only verify keys (ed25519:…, as "
+                             "`toybox-backupd check` prints them) here")
+        bad = [item[:24] for item in value if not item.startswith("ed25519:")]
+        if bad:
+            raise ValueError(f"not a verify key (ed25519:…): {', '.join(bad)}")
+        return value
+
     @field_validator("backup_volumes", "stop_during_backup", "notify_email_to",
-                     "offsite_age_recipients", mode="before")
+                     "offsite_age_recipients", "offsite_verify_keys", mode="before")
     @classmethod
     def _comma(cls, value: Any) -> Any:
         return _split(value)
@@ -318,8 +332,8 @@ class Settings(BaseSettings):
         "smtp_password", "postgres_password", "smtp_password_file", "postgres_password_file",
         "smtp_ca_file", "s3_endpoint_url", "s3_region", "aws_access_key_id",
         "aws_secret_access_key", "aws_secret_access_key_file", "offsite_keep_days",
-        "age_identity_file", "backup_host_name", "notify_urls", "ping_url", "ping_url_logical",
-        "ping_url_full", "ping_url_diff", "metrics_port", mode="before",
+        "age_identity_file", "offsite_signing_key_file", "backup_host_name", "notify_urls",
+        "ping_url", "ping_url_logical", "ping_url_full", "ping_url_diff", "metrics_port", mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -460,6 +474,11 @@ class Settings(BaseSettings):
                             "AWS_SECRET_ACCESS_KEY (or neither, to use the host's role)")
         if self.offsite_url.startswith("file://") and not self.offsite_url[7:].startswith("/"):
             problems.append("OFFSITE_URL: a directory target needs an absolute path: file:///mnt/nas")
+        key = self.offsite_signing_key_file
+        if key is not None and key.absolute().is_relative_to(self.state_dir.absolute()):
+            problems.append(f"OFFSITE_SIGNING_KEY_FILE: {key} is inside STATE_DIR, which is "
+                            "rebuildable and lost with the host: keep the key like "
+                            "AGE_IDENTITY_FILE (e.g. /run/secrets/signing-key, mounted read-only)")
         return problems
 
     def offsite_keep(self, tier_days: int) -> int:
@@ -696,6 +715,14 @@ DESCRIPTIONS: dict[str, str] = {
                               "encrypted",
     "AGE_IDENTITY_FILE": "age identity (private key) file, needed only to restore encrypted "
                          "off-site copies; keep it off this host too",
+    "OFFSITE_SIGNING_KEY_FILE": "Ed25519 key file (`toybox-backupd keys new --out FILE`) that "
+                                "signs every off-site manifest and WAL checksum; keep it like "
+                                "the age identity, outside STATE_DIR; empty: copies unsigned",
+    "OFFSITE_VERIFY_KEYS": "comma-separated verify keys (`ed25519:…`, printed by `check`) "
+                           "whose signatures a restore accepts; the signing key's own is "
+                           "always accepted; a new host needs only these",
+    "OFFSITE_TRUST_UNSIGNED": "`true`: accept off-site manifests and WAL that carry no "
+                              "signature (copies made before signing; like `--trust-unsigned`)",
     "METRICS_PORT": "port the daemon serves Prometheus metrics on (`/metrics`: last success, "
                     "duration and size per job, restore points, outbox, free space); empty: off",
     "LOG_FORMAT": "`console` (readable key=value lines) or `json` (one object a line)",

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import jobs, logs, progress, reindex
 from .basics import CatalogError, Unverifiable, utcnow
+from .offsite import trust
 from .offsite.target import OffsiteError, Stored, Target, open_target
 from .settings import Settings
 from .store import Artifact, Copy, Store
@@ -102,7 +103,7 @@ def verify_offsite(settings: Settings) -> list[Checked]:
     with Store(settings.state_dir) as store:
         copies = store.offsite_copies(("ok", "corrupt"))
         run_id = store.open_run("verify", f"{len(copies)} off-site copies")
-        results = [_check_copy(store, target, copy) for copy in copies]
+        results = [_check_copy(settings, store, target, copy) for copy in copies]
         bad = [r for r in results if not r.ok]
         store.close_run(run_id, "failed" if bad else "ok", bytes_=None,
                         error="; ".join(f"{r.path}: {r.problem}" for r in bad) or None,
@@ -111,23 +112,28 @@ def verify_offsite(settings: Settings) -> list[Checked]:
     return results
 
 
-def _problem_of(target: Target, copy: Copy) -> str | None:
+def _problem_of(settings: Settings, target: Target, copy: Copy) -> str | None:
     for obj in copy.objects:
         stored = Stored(key=obj["key"], size=obj["size"], sha256=obj.get("sha256") or "",
                         verified_by=obj.get("verified_by") or "", etag=obj.get("etag"))
+        if obj.get("manifest"):  # what this host wrote, or signed by a trusted key
+            try:
+                trust.remote_manifest(settings, target, obj["key"], stored.sha256 or None)
+            except trust.Untrusted as exc:
+                return str(exc)
         if not stored.sha256 and not stored.etag:
-            continue  # a manifest read by `reindex --offsite`: its content was checked then
+            continue  # a manifest read by `reindex --offsite`: its signature is checked above
         problem = target.check(stored)
         if problem:
             return f"{obj['key']}: {problem}"
     return None
 
 
-def _check_copy(store: Store, target: Target, copy: Copy) -> Checked:
+def _check_copy(settings: Settings, store: Store, target: Target, copy: Copy) -> Checked:
     item = store.artifact(copy.artifact_id)
     assert item is not None
     try:
-        problem = _problem_of(target, copy)
+        problem = _problem_of(settings, target, copy)
     except OffsiteError as exc:
         return Checked(item.id, item.tier, item.target, item.path, False, str(exc), False)
     store.set_copy_status(copy.artifact_id, "ok" if problem is None else "corrupt", utcnow(),

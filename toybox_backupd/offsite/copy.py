@@ -3,8 +3,9 @@
 A restore point goes off-site as its files (the artifact, its file index, a dump's roles file),
 each encrypted for OFFSITE_AGE_RECIPIENTS when set (`<path>.age`), then its manifest in plain
 JSON with an `offsite` section naming every object, its size and sha256 before and after
-encryption, and the recipients. The manifest goes last: a restore point whose manifest is in
-the bucket is complete there (`reindex --offsite` trusts nothing else).
+encryption, and the recipients, signed with OFFSITE_SIGNING_KEY_FILE (offsite.trust). The
+manifest goes last: a restore point whose manifest is in the bucket is complete there
+(`reindex --offsite` trusts nothing else).
 
 A copy that fails never fails the backup: it stays `pending` in the catalog and is tried
 again with backoff (1, 2, 5, 10, 30, 60, 60 ... minutes), across restarts, until it is done.
@@ -26,6 +27,7 @@ from ..basics import ToyboxError, backoff, describe_unexpected, iso, utcnow
 from ..manifests import MANIFEST_SUFFIX, TOOL
 from ..settings import Settings
 from ..store import Artifact, Copy, Store
+from . import trust
 from .target import Target, open_target
 
 log = logs.get("toybox_backupd.offsite")
@@ -131,6 +133,7 @@ def copy_artifact(settings: Settings, store: Store, target: Target, item: Artifa
     manifest["offsite"] = {
         "objects": objects, "recipients": settings.offsite_age_recipients,
         "encryption": "age" if settings.offsite_age_recipients else None, "copied_at": iso(now)}
+    trust.sign_manifest(settings, manifest, item.path + MANIFEST_SUFFIX)
     body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode() + b"\n"
     stored = target.put(item.path + MANIFEST_SUFFIX, io.BytesIO(body), retain_until=retain_until)
     objects.append({"key": stored.key, "source": item.path + MANIFEST_SUFFIX,

@@ -19,7 +19,7 @@ from ..basics import CatalogError, Say, silent
 from ..manifests import INDEX_SUFFIX, MANIFEST_SUFFIX, read_index
 from ..settings import Settings
 from ..store import Artifact, Copy, Store
-from . import trust
+from . import confine, trust
 from .target import OffsiteError, Target, open_target
 
 log = logs.get("toybox_backupd.offsite")
@@ -40,7 +40,9 @@ def _copy_for(settings: Settings, store: Store, item: Artifact) -> tuple[Target,
 
 
 def download(settings: Settings, target: Target, obj: dict[str, Any], out: Any) -> None:
-    """Stream one object into `out`, decrypting it if it was encrypted."""
+    """Stream one object into `out`, decrypting it if it was encrypted (an object that is not,
+    with OFFSITE_AGE_RECIPIENTS set, is refused: trust.require_encrypted)."""
+    trust.require_encrypted(settings, obj["key"], bool(obj.get("encrypted")))
     with target.open(obj["key"]) as stream:
         if obj.get("encrypted"):
             from . import crypto
@@ -51,11 +53,12 @@ def download(settings: Settings, target: Target, obj: dict[str, Any], out: Any) 
                 out.write(chunk)
 
 
-def _manifest_body(target: Target, obj: dict[str, Any]) -> bytes:
-    """The remote manifest without its `offsite` section: the local manifest as it was."""
-    with target.open(obj["key"]) as stream:
-        data = json.loads(stream.read().decode("utf-8"))
+def _manifest_body(settings: Settings, target: Target, obj: dict[str, Any]) -> bytes:
+    """The remote manifest (believed: trust.remote_manifest) without its `offsite` section and
+    signature: the local manifest as it was."""
+    data = trust.remote_manifest(settings, target, obj["key"], obj.get("sha256"))
     data.pop("offsite", None)
+    data.pop("signature", None)
     return json.dumps(data, indent=2, sort_keys=True, default=str).encode() + b"\n"
 
 
@@ -66,14 +69,14 @@ def bring_back(settings: Settings, store: Store, item: Artifact, say: Say = sile
     point's own files: offsite.trust) or OffsiteError (target unreachable, an
     object missing or not what the manifest says); nothing is left half-written."""
     target, copy = _copy_for(settings, store, item)
-    trust.check_objects(item.tier, item.path, item.extra, copy.objects, "to fetch")
+    confine.check_objects(item.tier, item.path, item.extra, copy.objects, "to fetch")
     say(f"fetching {item.path} from off-site ({copy.url})")
     root = settings.backup_dir
     with Batch() as batch:
         for obj in copy.objects:
-            out = batch.open(trust.local_path(root, obj["source"]))
+            out = batch.open(confine.local_path(root, obj["source"]))
             if obj.get("manifest"):
-                out.write(_manifest_body(target, obj))
+                out.write(_manifest_body(settings, target, obj))
                 continue
             download(settings, target, obj, out)
             if out.sha256 != obj["source_sha256"]:

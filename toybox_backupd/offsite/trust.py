@@ -1,99 +1,193 @@
-"""What a restore point's list of off-site objects must be before anything uses it.
+"""What is believed of what comes back from off-site: signatures, required encryption, checksums.
 
-The list comes from a remote manifest (`reindex --offsite`) or from the catalog (a fetch, a
-prune), which an older version may have filled from a hostile bucket. It is trusted only when:
-- its first object is the artifact, and every object is one of the restore point's own files
-  (the artifact or a companion: manifests.companion_paths), each at most once;
-- every `source` (where a fetch writes the object, relative to BACKUP_DIR) is a relative path
-  without `.` or `..` parts, and stays inside BACKUP_DIR once resolved (`local_path`);
-- every `key` (what a fetch reads and a prune deletes) is derived from its source: the source
-  itself, or `<source>.age` when it was encrypted.
-So a fetch writes only the restore point's own files, and a prune deletes only its own objects.
+Age recipients are public, so anyone who can write to the bucket can make valid ciphertext
+and a manifest with matching sha256s. What this installation alone can make is a signature
+with its signing key (OFFSITE_SIGNING_KEY_FILE, see signing.py):
+
+- every remote manifest carries `signature` over its canonical JSON and its own key
+  (`<path>.manifest.json`), so it is refused anywhere else or changed;
+- every WAL segment's and timeline history file's `<name>.sha256` (sha256sum's format) has a
+  detached `<name>.sha256.sig` (JSON) over the object's path, the cluster's system identifier
+  (where the segment's header names it) and the checksum.
+
+A signature is accepted from the signing key's own verify key and OFFSITE_VERIFY_KEYS (older
+keys after a rotation, or all a new host has). A manifest or checksum with no signature (copied
+before signing was set up) is refused unless OFFSITE_TRUST_UNSIGNED / `--trust-unsigned` says
+otherwise; a manifest this host copied itself and still matches the sha256 recorded then is
+believed without one. With OFFSITE_AGE_RECIPIENTS set, an object that is not age-encrypted is
+refused whatever its manifest says.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import re
-from pathlib import Path
 from typing import Any
 
-from ..basics import CatalogError
-from ..manifests import companion_paths
-from .copy import AGE_SUFFIX
+from ..settings import Settings
+from . import signing
+from .base import OffsiteError
+from .target import Target
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+MANIFEST_CONTEXT = b"toybox-backupd manifest v1\n"
+SUM_CONTEXT = b"toybox-backupd wal checksum v1\n"
+SUM_SUFFIX = ".sha256"
+SIG_SUFFIX = ".sig"
+UNSIGNED_FIELDS = ("signature", "_manifest_size")  # _manifest_size: added by reindex_offsite
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+UNSIGNED_HINT = ("copied before OFFSITE_SIGNING_KEY_FILE was set, or planted: if you know the "
+                 "copy is yours, give --trust-unsigned (OFFSITE_TRUST_UNSIGNED=true)")
 
 
-def relative_problem(path: Any) -> str | None:
-    """Why `path` is not a relative path without `.`/`..` parts (None when it is one)."""
-    if not isinstance(path, str) or not path:
-        return f"{path!r} is not a path"
-    parts = path.split("/")
-    if path.startswith("/") or "\\" in path or "\0" in path or any(
-            part in ("", ".", "..") for part in parts):
-        return f"{path!r} is not a relative path inside BACKUP_DIR (no leading /, no . or ..)"
+class Untrusted(OffsiteError):
+    """An off-site manifest, checksum or object that is not believed; the message says why."""
+
+
+def signer(settings: Settings) -> signing.SigningKey | None:
+    """The signing key OFFSITE_SIGNING_KEY_FILE names (None when it is not set)."""
+    path = settings.offsite_signing_key_file
+    return signing.load(path) if path is not None else None
+
+
+def trusted_keys(settings: Settings) -> set[str]:
+    """The verify keys whose signatures are accepted: OFFSITE_VERIFY_KEYS and the signing key's."""
+    keys = set(settings.offsite_verify_keys)
+    own = signer(settings)
+    if own is not None:
+        keys.add(own.verify_key)
+    return keys
+
+
+def _record(key: signing.SigningKey, message: bytes, **extra: Any) -> dict[str, Any]:
+    return {"alg": "ed25519", "key": key.verify_key, "sig": key.sign(message), **extra}
+
+
+def _signature_problem(settings: Settings, record: Any, message: bytes, what: str) -> str | None:
+    """None if `record` is a good signature of `message` by a trusted key (or there is none
+    and unsigned copies are trusted), else what is wrong, naming `what`."""
+    if record is None:
+        return None if settings.offsite_trust_unsigned else f"{what} is not signed ({UNSIGNED_HINT})"
+    if not isinstance(record, dict) or record.get("alg") != "ed25519":
+        return f"{what} carries a signature of a kind this version does not know"
+    keys = trusted_keys(settings)
+    if not keys:
+        return (f"{what} is signed, but no verify key is set: set OFFSITE_VERIFY_KEYS to the "
+                "verify key `toybox-backupd check` printed (kept beside the age identity)")
+    if record.get("key") not in keys:
+        return (f"{what} is signed by {str(record.get('key'))[:20]}…, which is not one of "
+                "OFFSITE_VERIFY_KEYS (nor OFFSITE_SIGNING_KEY_FILE's own)")
+    if not signing.verifies(str(record["key"]), message, str(record.get("sig", ""))):
+        return f"{what} does not match its signature: it was changed, or moved from elsewhere"
     return None
 
 
-def _object_problem(obj: dict[str, Any], allowed: set[str]) -> str | None:
-    source, key = obj.get("source"), obj.get("key")
-    problem = relative_problem(source)
-    if problem:
-        return f"an object's source {problem}"
-    if source not in allowed:
-        return f"an object's source {source!r} is not one of the restore point's own files"
-    if not isinstance(key, str) or not isinstance(obj.get("size"), int):
-        return f"the object of {source} has no key or size"
-    if key != source + (AGE_SUFFIX if obj.get("encrypted") else ""):
-        return f"the object of {source} has the key {key!r}, not its own ({source}[{AGE_SUFFIX}])"
-    if not obj.get("manifest") and not _SHA256.fullmatch(str(obj.get("source_sha256"))):
-        return f"the object of {source} has no valid source_sha256"
-    return None
+# manifests ----------------------------------------------------------------------------------
+def _manifest_message(data: dict[str, Any], key: str) -> bytes:
+    body = {name: value for name, value in data.items() if name not in UNSIGNED_FIELDS}
+    plain = json.loads(json.dumps(body, default=str))  # as it reads back (dates as text)
+    return MANIFEST_CONTEXT + key.encode() + b"\n" + json.dumps(
+        plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def objects_problem(tier: str, path: str, extra: Any, objects: Any) -> str | None:
-    """Why the off-site objects `objects` of the restore point at `path` (its tier and the
-    `extra` of its manifest) are not trusted, in plain words (see the module's doc)."""
-    problem = relative_problem(path)
-    if problem:
-        return f"its path {problem}"
-    if not isinstance(extra, dict):
-        return "its description (extra) is not a JSON object"
-    if not isinstance(objects, list) or not objects:
-        return "its manifest does not describe a complete off-site copy"
-    odd = next((obj for obj in objects if not isinstance(obj, dict)), None)
-    if odd is not None:
-        return f"its off-site objects include one that is not a JSON object ({odd!r:.60})"
-    if objects[0].get("source") != path:
-        return "its manifest does not describe a complete off-site copy"
-    allowed = {path, *companion_paths(tier, path, extra)}
-    seen: set[str] = set()
-    for obj in objects:
-        problem = _object_problem(obj, allowed)
+def sign_manifest(settings: Settings, manifest: dict[str, Any], key: str) -> None:
+    """Add the signature of `manifest` at `key` (nothing without a signing key)."""
+    own = signer(settings)
+    if own is not None:
+        manifest["signature"] = _record(own, _manifest_message(manifest, key))
+
+
+def manifest_problem(settings: Settings, data: dict[str, Any], key: str) -> str | None:
+    """None if the manifest read from `key` is signed by a trusted key, else why not."""
+    return _signature_problem(settings, data.get("signature"), _manifest_message(data, key),
+                              f"the manifest {key}")
+
+
+def signed_only(settings: Settings, found: list[tuple[str, dict[str, Any]]],
+                skipped: list[tuple[str, str]], suffix: str) -> list[tuple[str, dict[str, Any]]]:
+    """The (artifact path, manifest) pairs whose manifest (`<path><suffix>`) is trusted; the
+    others go to `skipped` with the reason."""
+    kept = []
+    for relative, data in found:
+        problem = manifest_problem(settings, data, relative + suffix)
         if problem:
-            return problem
-        if obj["source"] in seen:
-            return f"it lists the object of {obj['source']} twice"
-        seen.add(obj["source"])
-    return None
+            skipped.append((relative, problem))
+        else:
+            kept.append((relative, data))
+    return kept
 
 
-def check_objects(tier: str, path: str, extra: Any, objects: Any, doing: str) -> None:
-    """CatalogError (naming the restore point and why) unless objects_problem finds nothing."""
-    problem = objects_problem(tier, path, extra, objects)
+def remote_manifest(settings: Settings, target: Target, key: str,
+                    recorded_sha256: str | None) -> dict[str, Any]:
+    """The manifest object `key`, believed: it is what this host wrote (`recorded_sha256`) or
+    carries a trusted signature. Raises Untrusted otherwise."""
+    with target.open(key) as stream:
+        body = stream.read()
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise Untrusted(f"the manifest {key} off-site is not JSON")
+    if recorded_sha256 and hashlib.sha256(body).hexdigest() == recorded_sha256:
+        return data
+    problem = manifest_problem(settings, data, key)
     if problem:
-        raise CatalogError(f"refusing {doing} {path}: {problem}; its off-site copy's record "
-                           "is not one this tool wrote (run `verify --offsite`, and check who "
-                           "else can write to the target)")
+        raise Untrusted(problem)
+    return data
 
 
-def local_path(root: Path, source: str) -> Path:
-    """Where the object of `source` goes in `root` (BACKUP_DIR): CatalogError if it is not
-    a relative path inside it, once the links on its way are resolved."""
-    problem = relative_problem(source)
-    path = root / source
-    if problem is None and not path.resolve().is_relative_to(root.resolve()):
-        problem = f"{path} leads out of {root} (through a symbolic link)"
+def require_encrypted(settings: Settings, key: str, encrypted: bool) -> None:
+    """Refuse an object that is not age-encrypted when OFFSITE_AGE_RECIPIENTS is set."""
+    if settings.offsite_age_recipients and not encrypted:
+        raise Untrusted(f"{key} off-site is not age-encrypted, but OFFSITE_AGE_RECIPIENTS is set: "
+                        "every copy of this installation is encrypted, so this one is refused")
+
+
+# WAL checksums ------------------------------------------------------------------------------
+def _sum_message(plain_key: str, system: str | None, sha256: str) -> bytes:
+    return SUM_CONTEXT + f"{plain_key}\n{system or ''}\n{sha256}\n".encode()
+
+
+def put_checksum(settings: Settings, target: Target, plain_key: str, sha256: str,
+                 system: str | None = None) -> None:
+    """`<plain_key>.sha256` (sha256sum's format) and, with a signing key, its signature
+    `<plain_key>.sha256.sig`."""
+    name = plain_key.rsplit("/", 1)[-1]
+    target.put(plain_key + SUM_SUFFIX, io.BytesIO(f"{sha256}  {name}\n".encode()))
+    own = signer(settings)
+    if own is not None:
+        record = _record(own, _sum_message(plain_key, system, sha256), system=system)
+        target.put(plain_key + SUM_SUFFIX + SIG_SUFFIX,
+                   io.BytesIO(json.dumps(record, sort_keys=True).encode() + b"\n"))
+
+
+def _small(target: Target, key: str) -> bytes:
+    with target.open(key) as stream:
+        return stream.read(8192)
+
+
+def checked_sum(settings: Settings, target: Target, plain_key: str, present: set[str]) -> str:
+    """The sha256 of the plain object `plain_key` as its `.sha256` says and its signature
+    vouches for (`present`: the keys there). Raises Untrusted when either is missing or bad."""
+    sum_key = plain_key + SUM_SUFFIX
+    if sum_key not in present:
+        raise Untrusted(f"{plain_key} has no {SUM_SUFFIX} off-site (its copy was interrupted "
+                        "before the checksum was written, or it was planted)")
+    words = _small(target, sum_key).decode("ascii", "replace").split()
+    sha256 = words[0] if words else ""
+    if not SHA256.match(sha256):
+        raise Untrusted(f"{sum_key} off-site holds no sha256")
+    record: Any = None
+    if sum_key + SIG_SUFFIX in present:
+        try:
+            record = json.loads(_small(target, sum_key + SIG_SUFFIX).decode("utf-8"))
+        except ValueError:
+            record = "unreadable"
+    system = record.get("system") if isinstance(record, dict) else None
+    problem = _signature_problem(settings, record, _sum_message(plain_key, system, sha256),
+                                 f"the checksum of {plain_key}")
     if problem:
-        raise CatalogError(f"refusing to write {source!r}: {problem}")
-    return path
+        raise Untrusted(problem)
+    return sha256

@@ -439,9 +439,9 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
                            "no base backup of the current database cluster (the one "
                            f"{wal.wal_dir(settings)}/{wal.SYSTEM_FILE} names) yet: take one "
                            "with `backup base`, or name a moment with --at (see `list`)")
-    moment = local_time(at, settings.zone) if at else "the newest moment the WAL reaches"
     with hold(), scratch(settings) as work:
         plan = gather(settings, base, timeline, work, say)
+        moment = _reachable(settings, plan, at)
         _fetched(settings, base, say)
         say(f"recovering base backup {base.path} plus WAL to {moment}{on_which(timeline)}")
         with recovered(settings, plan, at, work) as done:
@@ -457,6 +457,23 @@ def restore_cluster_at(settings: Settings, at: datetime | None, *, volume: str |
             restore_filled(settings, target, what=f"the cluster recovered from {base.path}",
                            when=moment, fill=fill, mounts={done.scratch: ("/recovered", "ro")},
                            confirm=confirm, stop_containers=stop_containers, say=say)
+
+
+def _reachable(settings: Settings, plan: Plan, at: datetime | None) -> str:
+    """The moment a cluster recovery goes to, in words. JobError (nothing is changed yet) when
+    `at` is past the newest commit of the WAL it has (e.g. off-site WAL that is not replayed)."""
+    end = wal.last_commit(settings, plan.image, files=plan.files,
+                           version=plan.version) if plan.files else None
+    if at is None:
+        reached = f" ({local_time(end, settings.zone)})" if end else ""
+        return f"the newest moment the WAL reaches{reached}"
+    if end is None or at > end:
+        reach = (f"reaches only {local_time(end, settings.zone)}" if end else
+                 "holds no commit after the base backup")
+        raise JobError(f"the WAL here and off-site {reach}, not {local_time(at, settings.zone)}: "
+                       "what was written later is not in the WAL this restore may replay; "
+                       "nothing was changed (restore to an earlier moment)")
+    return local_time(at, settings.zone)
 
 
 def _data_volume(settings: Settings) -> str:

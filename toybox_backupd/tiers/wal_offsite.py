@@ -4,17 +4,19 @@ The target holds the archive under the same paths as BACKUP_DIR (`wal/<db>/<segm
 chains before a gap under `wal/<db>/before-<stamp>/`), each `<segment>.age` when encrypted:
 every completed segment once, checked whole (16 MiB) first and followed by
 `<segment>.sha256` (sha256sum's format, of the plain segment: `sha256sum -c` checks one fetched
-by hand), and the segment being written (`….partial`) again every PARTIAL_EVERY seconds.
+by hand) and its signature `<segment>.sha256.sig` (offsite.trust), and the segment being
+written (`….partial`) again every PARTIAL_EVERY seconds, with its checksum the same way.
 
 A restore on a host that lacks segments (a lost server, or WAL pruned here but kept off-site)
-fetches those it needs, decrypted, each checked against its `.sha256` and its size. Retention,
+fetches those it needs, decrypted, each checked against its signed `.sha256` and its size: a
+completed segment without one is never replayed (recovery stops before it, and says so), a
+`.partial` or timeline history file without one is not used. Retention,
 after a successful base backup run, deletes there the segments no base backup kept here or
 off-site needs, and each `.partial` whose completed segment is there.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 from .. import progress
 from ..atomic import AtomicFile
 from ..basics import CatalogError, JobError, Say, human, silent
+from ..offsite import trust
 from ..offsite.copy import AGE_SUFFIX, put_file
 from ..offsite.fetch import download
 from ..offsite.target import OffsiteError, Target, open_target
@@ -63,7 +66,10 @@ def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float
         relative = str(segment.path.relative_to(settings.backup_dir))
         if segment.partial:
             if segment.path.parent == root and now - last_partial >= PARTIAL_EVERY:
-                put_file(settings, target, relative, _remote_key(settings, segment, folder))
+                remote = _remote_key(settings, segment, folder)
+                stored = put_file(settings, target, relative, remote)
+                trust.put_checksum(settings, target, remote, stored["source_sha256"],
+                                   segment.system())
                 last_partial = now
             continue
         # a chain set aside keeps the place (and marker) it had: the first cluster's
@@ -89,8 +95,7 @@ def _copy_completed(settings: Settings, progress_: tuple[Any, dict[str, str]], t
     remote = _remote_key(settings, segment, folder)
     stored = put_file(settings, target, str(segment.path.relative_to(settings.backup_dir)),
                       remote)
-    target.put(remote + SUM_SUFFIX, io.BytesIO(
-        f"{stored['source_sha256']}  {segment.name}\n".encode()))
+    trust.put_checksum(settings, target, remote, stored["source_sha256"], segment.system())
     store.set_state(marker, segment.name)
     marks[marker] = segment.name
 
@@ -123,7 +128,9 @@ def _copy_histories(settings: Settings, store: Any, target: Target) -> None:
     for path in sorted(wal.wal_dir(settings).glob("*.history")):
         if path.name in copied or not HISTORY.match(path.name):
             continue
-        put_file(settings, target, str(path.relative_to(settings.backup_dir)))
+        relative = str(path.relative_to(settings.backup_dir))
+        stored = put_file(settings, target, relative)
+        trust.put_checksum(settings, target, relative, stored["source_sha256"])
         copied.add(path.name)
         store.set_state(STATE_HISTORIES, " ".join(sorted(copied)))
 
@@ -137,24 +144,42 @@ def fetch_histories(settings: Settings, dbname: str, say: Say = silent) -> list[
         return []
     prefix, folder = f"wal/{dbname}/", wal.wal_dir(settings, dbname)
     try:
-        keys = [key for key in target.keys(prefix)
-                if HISTORY.match(key[len(prefix):].removesuffix(AGE_SUFFIX))]
+        present = set(target.keys(prefix))
     except OffsiteError as exc:
         say(f"the WAL off-site cannot be listed ({exc}); only the WAL here is used")
         return []
     fetched = []
-    for key in keys:
+    for key in sorted(k for k in present if HISTORY.match(k[len(prefix):].removesuffix(AGE_SUFFIX))):
         path = folder / key[len(prefix):].removesuffix(AGE_SUFFIX)
         if path.exists():
             continue
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with AtomicFile(path) as out:
-            download(settings, target, {"key": key, "encrypted": key.endswith(AGE_SUFFIX)}, out)
-            out.commit()
+        try:
+            _fetch_checked(settings, target, key, present, path)
+        except trust.Untrusted as exc:
+            say(f"the timeline history file {path.name} off-site is not used: {exc}")
+            continue
         fetched.append(path.name)
     if fetched:
         say(f"fetched the timeline history file(s) {', '.join(fetched)} from off-site")
     return fetched
+
+
+def _fetch_checked(settings: Settings, target: Target, key: str, present: set[str],
+                   path: Path) -> None:
+    """One small object (a timeline history file) into `path`, after its checksum and
+    signature are believed and only if it matches them. Raises trust.Untrusted. (History files
+    copied before checksums were written have none: taken only when unsigned copies are.)"""
+    plain = key.removesuffix(AGE_SUFFIX)
+    encrypted = key.endswith(AGE_SUFFIX)
+    trust.require_encrypted(settings, key, encrypted)
+    old = settings.offsite_trust_unsigned and plain + SUM_SUFFIX not in present
+    want = None if old else trust.checked_sum(settings, target, plain, present)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with AtomicFile(path) as out:
+        download(settings, target, {"key": key, "encrypted": encrypted}, out)
+        if want is not None and out.sha256 != want:
+            raise trust.Untrusted(f"{key} off-site does not match its {SUM_SUFFIX}")
+        out.commit()
 
 
 # what is there -------------------------------------------------------------------------------
@@ -180,16 +205,24 @@ def _in_layout(rest: str) -> bool:
         ("before-", "other-", "cluster-")))
 
 
+def _sum_segment(key: str) -> wal.Segment | None:
+    """The segment whose `.sha256` (or `.sha256.sig`) `key` is; None for any other key."""
+    plain = key.removesuffix(trust.SIG_SUFFIX)
+    if not plain.endswith(SUM_SUFFIX):
+        return None
+    return wal.parse_segment(Path(plain[: -len(SUM_SUFFIX)]))
+
+
 def listing(target: Target, dbname: str) -> tuple[list[Remote], set[str]]:
     """The segments under `wal/<db>/` in the target (WAL order) and the keys of the `.sha256`
-    objects there. Anything else there is not ours and is never touched."""
+    objects (and their `.sha256.sig`) there. Anything else there is not ours and is never touched."""
     prefix = f"wal/{dbname}/"
     found: list[Remote] = []
     sums: set[str] = set()
     for key in target.keys(prefix):
         if not _in_layout(key[len(prefix):]):
             continue
-        if key.endswith(SUM_SUFFIX) and wal.parse_segment(Path(key[: -len(SUM_SUFFIX)])):
+        if _sum_segment(key) is not None:  # a checksum, or its signature
             sums.add(key)
             continue
         segment = wal.parse_segment(Path(key.removesuffix(AGE_SUFFIX)))
@@ -234,20 +267,37 @@ def fetch(settings: Settings, dbname: str, start: int, local: list[wal.Segment],
     paths = []
     with progress.task("fetching WAL from off-site", len(needed) * wal.SEGMENT_SIZE):
         for item in needed:
-            path = _fetch_one(settings, target, item, sums, into / _below(item, dbname), say)
+            try:
+                want = _believed(settings, target, item, sums)
+            except trust.Untrusted as exc:
+                if item.segment.partial:
+                    say(f"{item.key} off-site is not used: {exc}")
+                    continue
+                say(f"the WAL off-site is not replayed from {item.segment.name} on: {exc}. "
+                    "Recovery stops before it; what was written after it is lost unless the "
+                    "WAL here holds it")
+                break
+            path = _fetch_one(settings, target, item, want, into / _below(item, dbname), say)
             if path is not None:
                 paths.append(path)
     return paths
+
+
+def _believed(settings: Settings, target: Target, item: Remote, sums: set[str]) -> str:
+    """The sha256 a segment must have: its `.sha256`, signed. Raises trust.Untrusted (also for
+    a segment that is not encrypted when OFFSITE_AGE_RECIPIENTS is set)."""
+    trust.require_encrypted(settings, item.key, item.key.endswith(AGE_SUFFIX))
+    return trust.checked_sum(settings, target, str(item.segment.path), sums)
 
 
 def _below(item: Remote, dbname: str) -> str:
     return str(item.segment.path.relative_to(f"wal/{dbname}"))
 
 
-def _fetch_one(settings: Settings, target: Target, item: Remote, sums: set[str], path: Path,
+def _fetch_one(settings: Settings, target: Target, item: Remote, want: str, path: Path,
                say: Say) -> Path | None:
-    """One segment, decrypted and checked; None for a `.partial` that is not a whole file."""
-    want = _sum(target, item.sum_key) if item.sum_key in sums else None
+    """One segment, decrypted and checked against `want` (its believed sha256); None for a
+    `.partial` that is not a whole file or does not match (it was copied again meanwhile)."""
     with AtomicFile(path) as out:
         download(settings, target, {"key": item.key,
                                     "encrypted": item.key.endswith(AGE_SUFFIX)}, out)
@@ -257,16 +307,14 @@ def _fetch_one(settings: Settings, target: Target, item: Remote, sums: set[str],
                 return None
             raise OffsiteError(f"the off-site copy {item.key} is {out.size} bytes, not a whole "
                                f"WAL segment ({wal.SEGMENT_SIZE})")
-        if want is not None and out.sha256 != want:
+        if out.sha256 != want:
+            if item.segment.partial:
+                say(f"{item.key} off-site does not match its {SUM_SUFFIX}: skipped")
+                return None
             raise OffsiteError(f"the off-site copy {item.key} does not match its {SUM_SUFFIX} "
                                f"({out.sha256[:16]}… ≠ {want[:16]}…)")
         out.commit()
     return path
-
-
-def _sum(target: Target, key: str) -> str:
-    with target.open(key) as stream:
-        return stream.read(4096).decode("ascii", "replace").split()[0]
 
 
 # pruning -------------------------------------------------------------------------------------
@@ -282,9 +330,8 @@ def prune(settings: Settings, keep_from: int, dbname: str,
     complete = {r.segment.name for r in remote if not r.segment.partial}
     doomed = [r.key for r in remote if r.segment.number < keep_from
               or (r.segment.partial and r.segment.name in complete)]
-    doomed += sorted(key for key in sums
-                     if (s := wal.parse_segment(Path(key[: -len(SUM_SUFFIX)])))
-                     and s.number < keep_from)
+    doomed += sorted(key for key in sums if (s := _sum_segment(key)) and (
+        s.number < keep_from or (s.partial and s.name in complete)))
     deleted: list[str] = []
     for key in doomed:
         try:
