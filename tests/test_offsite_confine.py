@@ -29,7 +29,7 @@ from conftest import Env
 
 from toybox_backupd import offsite_retention, restore_points
 from toybox_backupd.basics import CatalogError, iso, utcnow
-from toybox_backupd.offsite import fetch
+from toybox_backupd.offsite import fetch, trust
 from toybox_backupd.offsite.directory import DirectoryTarget
 from toybox_backupd.offsite.target import OffsiteError, Target, open_target
 from toybox_backupd.store import Store
@@ -80,12 +80,18 @@ def plant(copied: Copied, relative: str, extra_objects: list[dict[str, Any]],
     manifest["created_at"] = iso(utcnow() - timedelta(days=age_days))
     (manifest.get("extra") or {}).pop("globals", None)
     manifest["offsite"]["objects"] = [artifact, *extra_objects]
-    raw(copied.target, relative, manifest)
+    raw(copied, relative, manifest)
 
 
-def raw(target: Target, relative: str, manifest: Any) -> None:
+def raw(copied: Copied, relative: str, manifest: Any) -> None:
+    """Put `manifest` at `relative`'s manifest key, signed with the installation's own key when
+    it is an object: what is refused here is refused for what it says, not for its signature
+    (a signed manifest is confined too: an older version's copy, a leaked signing key)."""
+    if isinstance(manifest, dict):
+        manifest.pop("signature", None)
+        trust.sign_manifest(copied.env.settings(), manifest, relative + MANIFEST)
     body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
-    target.put(relative + MANIFEST, io.BytesIO(body))
+    copied.target.put(relative + MANIFEST, io.BytesIO(body))
 
 
 def hostile_object(copied: Copied, source: str, key: str) -> dict[str, Any]:
@@ -253,7 +259,7 @@ def test_one_malformed_manifest_is_skipped_with_its_name_and_the_others_are_rein
         plant(copied, relative, [])
         with copied.target.open(relative + MANIFEST) as stream:
             data = json.loads(stream.read())
-        raw(copied.target, relative, change(data))
+        raw(copied, relative, change(data))
         return relative
 
     def index_missing(data: dict[str, Any]) -> dict[str, Any]:
