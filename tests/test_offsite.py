@@ -555,6 +555,7 @@ def test_a_copy_cut_by_the_store_then_by_a_kill_completes_once_and_leaves_no_par
         daemon.kill()
     assert _uploads(s3_bucket) == {}
     assert "unfinished upload left by an interrupted copy aborted" in daemon.log
+    assert "uploads_aborted=1" in daemon.log  # by start-up recovery, before any copy
     assert daemon.log.count("off-site copy done") == 1
     listed = s3_bucket.client.list_objects_v2(Bucket=s3_bucket.name)["Contents"]
     assert sorted(item["Key"] for item in listed) == [

@@ -161,7 +161,8 @@ def test_s3_requests_carry_no_checksum_a_store_may_refuse(plain_env: Env, s3_buc
     sent: list[dict[str, str]] = []
     target._client.meta.events.register(
         "before-send.s3", lambda request, **_: sent.append(
-            {key.lower(): str(value) for key, value in request.headers.items()}))
+            {key.lower(): value.decode() if isinstance(value, bytes) else str(value)
+             for key, value in request.headers.items()}))
     target.put("a", io.BytesIO(b"small"))
     target.put("b", Trickle(payload(PART_SIZE + 1)))
     assert read_all(target, "b")[:1] and target.check(target.put("c", io.BytesIO(b"c"))) is None
@@ -170,7 +171,10 @@ def test_s3_requests_carry_no_checksum_a_store_may_refuse(plain_env: Env, s3_buc
         assert not [key for key in headers if key.startswith(("x-amz-checksum", "x-amz-sdk-checksum",
                                                               "x-amz-trailer"))], headers
         assert "aws-chunked" not in headers.get("content-encoding", ""), headers
-    assert sum("content-md5" in headers for headers in sent) >= 4  # 1 PUT + 2 parts + 1 PUT
+    bodies = [headers for headers in sent if "content-md5" in headers]
+    assert len(bodies) >= 4  # 1 PUT + 2 parts + 1 PUT
+    # the signed Content-MD5 stands for the body (no sha256 of it computed for the signature)
+    assert {headers.get("x-amz-content-sha256") for headers in bodies} == {"UNSIGNED-PAYLOAD"}
 
 
 def test_s3_standard_aws_variables_are_read(plain_env: Env, s3_bucket: Bucket) -> None:
@@ -373,6 +377,29 @@ def test_s3_probe_passes(plain_env: Env, s3_bucket: Bucket) -> None:
     # it aborted the multipart upload it started (so the key may abort uploads cut short)
     assert s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", []) == []
     assert list((plain_env.state_dir / "s3-uploads").iterdir()) == []
+
+
+def test_s3_clean_up_aborts_only_our_unheld_uploads(plain_env: Env, s3_bucket: Bucket) -> None:
+    """What `clean_up` aborts: a recorded upload whose process died before it could write its id
+    down (found by its key), but not an upload still held by a live put (another thread), nor
+    one of a key no record names (not ours)."""
+    from toybox_backupd.offsite.uploads import Ledger
+
+    client, name = s3_bucket.client, s3_bucket.name
+    target = s3_target(plain_env, s3_bucket)
+    ledger = Ledger(plain_env.state_dir)
+    with ledger.begin(target.endpoint, name, "toybox/full/died.tar.zst"):
+        died = client.create_multipart_upload(Bucket=name, Key="toybox/full/died.tar.zst")["UploadId"]
+    foreign = client.create_multipart_upload(Bucket=name, Key="toybox/full/foreign")["UploadId"]
+    with ledger.begin(target.endpoint, name, "toybox/full/live.tar.zst") as live:
+        live.record(client.create_multipart_upload(Bucket=name, Key="toybox/full/live.tar.zst")["UploadId"])
+        assert target.clean_up() == ["toybox/full/died.tar.zst"]
+        left = {item["UploadId"] for item in client.list_multipart_uploads(Bucket=name)["Uploads"]}
+        assert died not in left and {foreign, live.upload_id} <= left
+        live.forget()
+    assert target.clean_up() == []
+    for upload_id, key in ((foreign, "toybox/full/foreign"), (live.upload_id, "toybox/full/live.tar.zst")):
+        client.abort_multipart_upload(Bucket=name, Key=key, UploadId=upload_id)
 
 
 # a directory -------------------------------------------------------------------------------

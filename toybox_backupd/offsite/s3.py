@@ -152,10 +152,13 @@ class S3Target:
         secret = settings.aws_secret_access_key_value
         redact.register(secret)
         # checksums only where an operation requires one: many stores refuse the CRC32 that
-        # botocore >= 1.36 adds to every upload by default (the parts carry Content-MD5)
+        # botocore >= 1.36 adds to every upload by default. Bodies carry a Content-MD5 (signed,
+        # checked by the store) instead of a sha256 of the payload in the signature, which
+        # botocore would compute over plain http only (https goes unsigned already)
         config = Config(connect_timeout=10, read_timeout=60,
                         retries={"mode": "standard", "max_attempts": 3},
-                        s3={"addressing_style": "path"} if self.endpoint else None,
+                        s3={"payload_signing_enabled": False,
+                            **({"addressing_style": "path"} if self.endpoint else {})},
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required")
         self._client = boto3.session.Session().client(
