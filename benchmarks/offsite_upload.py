@@ -153,8 +153,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result = {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "cpus": os.cpu_count(), "rounds": args.rounds,
-              "part_size_mib": s3.PART_SIZE // MIB, "max_concurrency": s3.TRANSFER.max_request_concurrency,
-              "max_in_memory_upload_chunks": s3.TRANSFER.max_in_memory_upload_chunks,
+              "part_size_mib": s3.PART_SIZE // MIB, "grow_every_parts": s3.GROW_EVERY,
+              "concurrency": s3.CONCURRENCY, "spool_mib": s3.SPOOL // MIB,
               "seaweedfs_startup_s": round(server.startup_seconds or 0, 2), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     name = f"offsite-upload-{args.tag}.json" if args.tag else "offsite-upload.json"

@@ -9,9 +9,12 @@ tests/test_e2e_offsite.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -21,9 +24,10 @@ from pathlib import Path
 
 import pyrage
 import pytest
-from conftest import signing_key
+from conftest import Bucket, Env, signing_key
 from pydantic import Field
 from s3_server import ACCESS_KEY, SECRET_KEY, S3Server
+from test_daemon import Daemon, wait_for
 from test_new_tier import SNAPSHOT
 
 from toybox_backupd import checks, cli, jobs, offsite_retention, reindex, report, restore_points, runner
@@ -473,3 +477,93 @@ def test_off_site_settings_are_checked_and_the_secret_file_is_read_and_masked(
                    for line in caught.value.problems), caught.value.problems
         assert "AGE-SECRET-KEY-1QQQ" not in str(caught.value)  # a pasted identity never echoed
         monkeypatch.delenv(var)
+
+
+# a copy cut short leaves nothing behind ------------------------------------------------------
+def _uploads(bucket: Bucket) -> dict[str, int]:
+    """The bucket's unfinished multipart uploads: id -> parts uploaded so far."""
+    found = {}
+    for item in bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []):
+        parts = bucket.client.list_parts(Bucket=bucket.name, Key=item["Key"], UploadId=item["UploadId"])
+        found[item["UploadId"]] = len(parts.get("Parts", []))
+    return found
+
+
+def _big_restore_point(env: Env, size: int) -> tuple[int, str]:
+    """A restore point of `size` random bytes in BACKUP_DIR and the catalog (a dump's place)."""
+    relative = "logical/2026-12-07/toybox-big.pgdump"
+    path = env.backup_dir / relative
+    path.parent.mkdir(parents=True)
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for _ in range(size // (1 << 20)):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            out.write(chunk)
+    with Store(env.state_dir) as store:
+        artifact_id = store.add_artifact(run_id=None, tier="logical", target="toybox", path=relative,
+                                         created_at=utcnow(), size=size, sha256=digest.hexdigest())
+    return artifact_id, relative
+
+
+def _copied(env: Env, artifact_id: int) -> bool:
+    with Store(env.state_dir) as store:
+        copy = store.offsite_copy(artifact_id)
+    return copy is not None and copy.status == "ok"
+
+
+def test_a_copy_cut_by_the_store_then_by_a_kill_completes_once_and_leaves_no_parts(
+        plain_env: Env, s3_bucket: Bucket) -> None:
+    """The S3 server killed mid-upload (the queue's attempt fails: pending), then the daemon
+    SIGKILLed mid-retry: the next daemon aborts the unfinished uploads at start-up and copies the
+    restore point once, with the local bytes; ListMultipartUploads is empty (no lifecycle rule
+    needed)."""
+    plain_env.values.update(s3_bucket.values(S3_PART_SIZE_MB="5"), PGDUMP_SCHEDULE="",
+                            CATCH_UP="false")
+    settings = plain_env.settings()
+    artifact_id, relative = _big_restore_point(plain_env, 256 << 20)
+    keep = runner.offsite_keep_days(settings)
+    attempt = threading.Thread(target=offsite_copy.retry_due, args=(settings, keep))
+    attempt.start()
+    try:
+        wait_for("the first upload's parts", lambda: any(_uploads(s3_bucket).values()), 60)
+        s3_bucket.server.stop()
+        attempt.join(120)
+    finally:
+        s3_bucket.server.start()
+    first = set(_uploads(s3_bucket))
+    with Store(plain_env.state_dir) as store, store.tx() as db:
+        copy = store.offsite_copy(artifact_id)
+        assert copy is not None and copy.status == "pending", copy
+        db.execute("UPDATE offsite_copies SET next_try_at=?", (iso(utcnow()),))  # due now
+
+    daemon = Daemon(plain_env, "killed")
+    try:
+        wait_for("the daemon's retry to upload parts", lambda: any(
+            count >= 2 for upload_id, count in _uploads(s3_bucket).items() if upload_id not in first),
+            150, lambda: daemon.log)
+    finally:
+        daemon.kill()  # SIGKILL, mid-upload
+    with Store(plain_env.state_dir) as store:
+        copy = store.offsite_copy(artifact_id)
+    assert copy is not None and copy.status == "pending", copy
+    assert _uploads(s3_bucket), "the killed retry left no unfinished upload: nothing was tested"
+
+    daemon = Daemon(plain_env, "next")
+    try:
+        wait_for("the copy", lambda: _copied(plain_env, artifact_id), 180, lambda: daemon.log)
+    finally:
+        daemon.kill()
+    assert _uploads(s3_bucket) == {}
+    assert "unfinished upload left by an interrupted copy aborted" in daemon.log
+    assert "uploads_aborted=1" in daemon.log  # by start-up recovery, before any copy
+    assert daemon.log.count("off-site copy done") == 1
+    listed = s3_bucket.client.list_objects_v2(Bucket=s3_bucket.name)["Contents"]
+    assert sorted(item["Key"] for item in listed) == [
+        f"toybox/{relative}", f"toybox/{relative}.manifest.json"]
+    stored = hashlib.sha256()
+    body = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"toybox/{relative}")["Body"]
+    for chunk in body.iter_chunks(1 << 20):
+        stored.update(chunk)
+    assert stored.hexdigest() == hashlib.sha256((plain_env.backup_dir / relative).read_bytes()).hexdigest()
+    assert not list((plain_env.state_dir / "s3-uploads").glob("*.json"))

@@ -107,19 +107,121 @@ def test_s3_objects_live_under_the_prefix(plain_env: Env, s3_bucket: Bucket) -> 
 
 def test_s3_read_back_when_the_etag_is_not_the_predicted_one(
         plain_env: Env, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A provider that computes multipart ETags otherwise: here the parts really are 8 MiB while
-    the prediction assumes PART_SIZE, so the ETag differs and the copy is read back instead."""
-    from boto3.s3.transfer import TransferConfig
-
-    small = 8 * 1024 * 1024
-    monkeypatch.setattr(s3, "TRANSFER", TransferConfig(multipart_threshold=small,
-                                                       multipart_chunksize=small))
+    """A provider that computes multipart ETags otherwise (here: the prediction is made not to
+    match what SeaweedFS computes): the copy is read back and its sha256 compared instead."""
+    monkeypatch.setattr(s3._Parts, "expected_etag", lambda self: "0" * 32 + "-1")
     target = s3_target(plain_env, s3_bucket)
     data = payload(PART_SIZE + 5)
     stored = target.put("a", Trickle(data))
     assert stored.verified_by == "read-back"
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert read_all(target, "a") == data
+
+
+# any size, any S3 ----------------------------------------------------------------------------
+TIB, GIB, MIB = 2**40, 2**30, 2**20
+
+
+@pytest.mark.parametrize("first_mib", [5, 8, 16, 100, 5120])
+def test_s3_part_sizes_grow_so_5_tib_fits_in_10000_parts(first_mib: int) -> None:
+    """The part-size schedule from any allowed S3_PART_SIZE_MB: no part over S3's 5 GiB, none
+    below its 5 MiB, never shrinking, and more than 5 TiB (S3's largest object) within S3's
+    10,000 parts (a fixed 16 MiB stopped at 156 GiB)."""
+    sizes = [s3.part_size(first_mib * MIB, number) for number in range(1, s3.MAX_PARTS + 1)]
+    assert sizes[0] == first_mib * MIB
+    assert all(5 * MIB <= size <= 5 * GIB for size in sizes)
+    assert sizes == sorted(sizes)
+    assert sum(sizes) > 5 * TIB
+    # a part is held in memory only up to SPOOL (the rest waits in a temporary file)
+    assert (s3.CONCURRENCY + 1) * s3.SPOOL <= 80 * MIB
+
+
+def test_s3_upload_crossing_part_size_steps_keeps_every_byte(
+        plain_env: Env, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 MiB first parts doubling every 2 parts (every 900 in real use): 5, 5, 10, 10, 20 MiB
+    and a last one; the object reads back byte for byte and its ETag is the one those parts
+    give (6 parts; a fixed part size would have made 11)."""
+    monkeypatch.setattr(s3, "GROW_EVERY", 2)
+    target = s3_target(plain_env, s3_bucket, S3_PART_SIZE_MB="5")
+    data = payload(50 * MIB + 12345)
+    stored = target.put("full/big.tar.zst", Trickle(data))
+    assert stored.verified_by == "etag" and stored.etag is not None and stored.etag.endswith("-6")
+    assert stored.size == len(data) and stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert read_all(target, "full/big.tar.zst") == data
+    sizes = [s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="toybox/full/big.tar.zst",
+                                          PartNumber=number)["ContentLength"] for number in range(1, 7)]
+    assert sizes == [5 * MIB, 5 * MIB, 10 * MIB, 10 * MIB, 20 * MIB, 12345]
+
+
+def test_s3_requests_carry_no_checksum_a_store_may_refuse(plain_env: Env, s3_bucket: Bucket) -> None:
+    """botocore >= 1.36 adds a CRC32 (sent as an aws-chunked trailer) to every upload and asks
+    for checksums on every download, which stores such as older MinIO, B2 or Garage refuse;
+    the client sends them only where an operation requires one (the parts carry Content-MD5)."""
+    target = s3_target(plain_env, s3_bucket)
+    sent: list[dict[str, str]] = []
+    target._client.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(
+            {key.lower(): value.decode() if isinstance(value, bytes) else str(value)
+             for key, value in request.headers.items()}))
+    target.put("a", io.BytesIO(b"small"))
+    target.put("b", Trickle(payload(PART_SIZE + 1)))
+    assert read_all(target, "b")[:1] and target.check(target.put("c", io.BytesIO(b"c"))) is None
+    assert len(sent) > 8
+    for headers in sent:
+        assert not [key for key in headers if key.startswith(("x-amz-checksum", "x-amz-sdk-checksum",
+                                                              "x-amz-trailer"))], headers
+        assert "aws-chunked" not in headers.get("content-encoding", ""), headers
+    bodies = [headers for headers in sent if "content-md5" in headers]
+    assert len(bodies) >= 4  # 1 PUT + 2 parts + 1 PUT
+    # the signed Content-MD5 stands for the body (no sha256 of it computed for the signature)
+    assert {headers.get("x-amz-content-sha256") for headers in bodies} == {"UNSIGNED-PAYLOAD"}
+
+
+def test_s3_standard_aws_variables_are_read(plain_env: Env, s3_bucket: Bucket) -> None:
+    """AWS_ENDPOINT_URL_S3 and AWS_REGION (the SDKs' standard names) do what S3_ENDPOINT_URL
+    and S3_REGION do; the latter win when both are set."""
+    values = s3_bucket.values()
+    endpoint, region = values.pop("S3_ENDPOINT_URL"), values.pop("S3_REGION")
+    settings = plain_env.settings(**values, AWS_ENDPOINT_URL_S3=endpoint, AWS_REGION=region)
+    assert (settings.s3_endpoint_url, settings.s3_region) == (endpoint, region)
+    target = open_target(settings)
+    assert isinstance(target, S3Target) and target.where == endpoint
+    round_trip(target, b"standard names")
+    both = plain_env.settings(**values, AWS_ENDPOINT_URL_S3="http://127.0.0.1:9", S3_ENDPOINT_URL=endpoint,
+                              AWS_REGION="eu-west-3", S3_REGION=region)
+    assert (both.s3_endpoint_url, both.s3_region) == (endpoint, region)
+
+
+class StopsTheServer:
+    """A source that stops the S3 server once `after` bytes have been read (mid-upload)."""
+
+    def __init__(self, data: bytes, server: Any, after: int) -> None:
+        self._source, self._server, self._after, self._read = io.BytesIO(data), server, after, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._read >= self._after:
+            self._server.stop()
+        piece = self._source.read(size)
+        self._read += len(piece)
+        return piece
+
+
+def test_s3_upload_cut_by_the_server_going_down_is_aborted_by_the_next_put(
+        plain_env: Env, s3_bucket: Bucket) -> None:
+    """The store goes down mid-upload: the put fails plainly, its upload stays recorded in
+    STATE_DIR, and the next put (once the store is back) aborts it: no parts are left."""
+    target = s3_target(plain_env, s3_bucket, S3_PART_SIZE_MB="5")
+    ledger = plain_env.state_dir / "s3-uploads"
+    try:
+        with pytest.raises(OffsiteError, match="cannot reach the S3 endpoint"):
+            target.put("full/cut.tar.zst", StopsTheServer(payload(40 * MIB), s3_bucket.server, 17 * MIB))
+    finally:
+        s3_bucket.server.start()
+    left = s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
+    assert [item["Key"] for item in left] == ["toybox/full/cut.tar.zst"]
+    target.put("logical/next.pgdump", io.BytesIO(b"next"))
+    assert s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", []) == []
+    assert list(ledger.iterdir()) == []  # its record went with it
 
 
 def test_s3_clock_skew_is_said_plainly(plain_env: Env, s3_bucket: Bucket,
@@ -272,6 +374,32 @@ def test_s3_probe_passes(plain_env: Env, s3_bucket: Bucket) -> None:
     target = s3_target(plain_env, s3_bucket)
     target.probe()
     assert list(target.keys()) == []
+    # it aborted the multipart upload it started (so the key may abort uploads cut short)
+    assert s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", []) == []
+    assert list((plain_env.state_dir / "s3-uploads").iterdir()) == []
+
+
+def test_s3_clean_up_aborts_only_our_unheld_uploads(plain_env: Env, s3_bucket: Bucket) -> None:
+    """What `clean_up` aborts: a recorded upload whose process died before it could write its id
+    down (found by its key), but not an upload still held by a live put (another thread), nor
+    one of a key no record names (not ours)."""
+    from toybox_backupd.offsite.uploads import Ledger
+
+    client, name = s3_bucket.client, s3_bucket.name
+    target = s3_target(plain_env, s3_bucket)
+    ledger = Ledger(plain_env.state_dir)
+    with ledger.begin(target.endpoint, name, "toybox/full/died.tar.zst"):
+        died = client.create_multipart_upload(Bucket=name, Key="toybox/full/died.tar.zst")["UploadId"]
+    foreign = client.create_multipart_upload(Bucket=name, Key="toybox/full/foreign")["UploadId"]
+    with ledger.begin(target.endpoint, name, "toybox/full/live.tar.zst") as live:
+        live.record(client.create_multipart_upload(Bucket=name, Key="toybox/full/live.tar.zst")["UploadId"])
+        assert target.clean_up() == ["toybox/full/died.tar.zst"]
+        left = {item["UploadId"] for item in client.list_multipart_uploads(Bucket=name)["Uploads"]}
+        assert died not in left and {foreign, live.upload_id} <= left
+        live.forget()
+    assert target.clean_up() == []
+    for upload_id, key in ((foreign, "toybox/full/foreign"), (live.upload_id, "toybox/full/live.tar.zst")):
+        client.abort_multipart_upload(Bucket=name, Key=key, UploadId=upload_id)
 
 
 # a directory -------------------------------------------------------------------------------

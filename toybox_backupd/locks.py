@@ -25,6 +25,11 @@ def _try(handle: IO[str]) -> bool:
     return True
 
 
+def try_lock(handle: IO[str]) -> bool:
+    """Take an exclusive flock on `handle` unless another holds one; whether it did."""
+    return _try(handle)
+
+
 def _write(handle: IO[str], text: str) -> None:
     handle.seek(0)
     handle.truncate()

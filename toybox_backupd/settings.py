@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -189,8 +189,11 @@ class Settings(BaseSettings):
 
     # off-site copies
     offsite_url: str = Field("", alias="OFFSITE_URL")
-    s3_endpoint_url: str | None = Field(None, alias="S3_ENDPOINT_URL")
-    s3_region: str | None = Field(None, alias="S3_REGION")
+    s3_endpoint_url: str | None = Field(None, alias="S3_ENDPOINT_URL", validation_alias=AliasChoices(
+        "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"))
+    s3_region: str | None = Field(None, alias="S3_REGION",
+                                  validation_alias=AliasChoices("S3_REGION", "AWS_REGION"))
+    s3_part_size_mb: int = Field(16, ge=5, le=5120, alias="S3_PART_SIZE_MB")
     aws_access_key_id: str | None = Field(None, alias="AWS_ACCESS_KEY_ID")
     aws_secret_access_key: SecretStr | None = Field(None, alias="AWS_SECRET_ACCESS_KEY")
     aws_secret_access_key_file: Path | None = Field(None, alias="AWS_SECRET_ACCESS_KEY_FILE")
@@ -576,8 +579,13 @@ def load_given(environ: Mapping[str, str], env_text: str | None) -> Settings:
 
 
 def variable_names() -> list[str]:
-    """Every setting's variable name (the environment's are matched regardless of case)."""
-    return [field.alias or name.upper() for name, field in Settings.model_fields.items()]
+    """Every setting's variable name (the environment's are matched regardless of case), and
+    the standard names also read (AWS_REGION for S3_REGION)."""
+    names = [field.alias or name.upper() for name, field in Settings.model_fields.items()]
+    for field in Settings.model_fields.values():
+        if isinstance(field.validation_alias, AliasChoices):
+            names += [str(choice) for choice in field.validation_alias.choices if choice not in names]
+    return names
 
 
 def differences(ours: Settings, our_cwd: str, theirs: Settings, their_cwd: str) -> list[str]:
@@ -700,8 +708,12 @@ DESCRIPTIONS: dict[str, str] = {
                    "(S3-compatible) or `file:///mnt/nas/toybox` (a NAS or second disk); "
                    "empty: off (see Off-site copies)",
     "S3_ENDPOINT_URL": "S3 endpoint for a non-AWS store (MinIO, B2, R2, Wasabi, Garage, "
-                       "SeaweedFS), e.g. `https://s3.eu-central-003.backblazeb2.com`; empty: AWS",
-    "S3_REGION": "S3 region (e.g. `eu-central-1`); empty: the SDK's default",
+                       "SeaweedFS), e.g. `https://s3.eu-central-003.backblazeb2.com` (or the standard "
+                       "`AWS_ENDPOINT_URL_S3`); empty: AWS",
+    "S3_REGION": "S3 region (e.g. `eu-central-1`; or the standard `AWS_REGION`); empty: the "
+                 "SDK's default",
+    "S3_PART_SIZE_MB": "first part size of an S3 multipart upload (5..5120); parts double every "
+                       "900 parts, so an object of up to 5 TiB fits in S3's 10,000 parts",
     "AWS_ACCESS_KEY_ID": "S3 access key id; empty: the SDK's usual sources (instance role, "
                          "~/.aws)",
     "AWS_SECRET_ACCESS_KEY": "S3 secret key (secret)",

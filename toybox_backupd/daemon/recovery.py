@@ -6,9 +6,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from .. import docker_api, locks, logs, notify
+from .. import docker_api, locks, logs, notify, redact
 from ..atomic import remove_partials
 from ..basics import iso, local_time, parse_iso
+from ..offsite.target import open_target
+from ..offsite.uploads import Ledger
 from ..settings import Settings
 from ..store import Store
 from ..tiers import pitr_scratch, transfer, volume_swap
@@ -27,11 +29,12 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
     {"interrupted": [run ids], "partials_removed": [paths], "restores": [{"volume", "outcome"}],
      "containers_started": [names], "containers_failed": [{"name", "error"}],
      "helpers_removed": n, "spool_removed": [FIFO directories],
-     "scratch_removed": [volumes and files of killed restores to a moment]}.
+     "scratch_removed": [volumes and files of killed restores to a moment],
+     "uploads_aborted": [keys of S3 multipart uploads a killed copy left]}.
     """
     result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "restores": [],
                               "containers_started": [], "containers_failed": [],
-                              "helpers_removed": 0, "scratch_removed": []}
+                              "helpers_removed": 0, "scratch_removed": [], "uploads_aborted": []}
     with locks.run_lock(
         settings.state_dir, "start-up recovery",
         wait_log=lambda holder: log.info("recovery waits for the current run", holder=holder),
@@ -43,6 +46,7 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             result["partials_removed"].append(relative)
             log.warning("partial file removed", file=relative)
         result["spool_removed"] = transfer.remove_leftovers(settings.state_dir)
+        result["uploads_aborted"] = _abort_uploads(settings)
         if settings.pitr:
             _remove_scratch(settings, result)
         held = _settle_restores(settings, store, result)
@@ -94,6 +98,20 @@ def _settle_restores(settings: Settings, store: Store, result: dict[str, Any]) -
         result["containers_started"] += item.started
         result["containers_failed"] += item.failed
     return held
+
+
+def _abort_uploads(settings: Settings) -> list[str]:
+    """Abort the S3 multipart uploads a killed copy left unfinished (their parts would stay in
+    the bucket); a store that cannot be reached now is cleaned by the next copy instead."""
+    if not settings.offsite_url.startswith("s3://") or not Ledger(settings.state_dir).recorded():
+        return []
+    try:
+        target = open_target(settings)
+        return target.clean_up() if target is not None else []
+    except Exception as exc:
+        log.warning("could not abort the unfinished off-site uploads a crash left; the next "
+                    "off-site copy tries again", error=redact.redact(str(exc)))
+        return []
 
 
 def _remove_scratch(settings: Settings, result: dict[str, Any]) -> None:
@@ -150,6 +168,7 @@ def _log_summary(result: dict[str, Any]) -> None:
                  containers_started=", ".join(result["containers_started"]) or "-",
                  containers_failed=len(result["containers_failed"]),
                  helpers_removed=result["helpers_removed"],
-                 scratch_removed=len(result["scratch_removed"]))
+                 scratch_removed=len(result["scratch_removed"]),
+                 uploads_aborted=len(result["uploads_aborted"]))
     else:
         log.info("start-up recovery: nothing to recover")

@@ -215,6 +215,9 @@ class DirectoryTarget:
         self.put(key, io.BytesIO(b"toybox-backupd probe\n"))
         self.delete(key)
 
+    def clean_up(self) -> list[str]:
+        return []  # a put's temporary file goes in its own `finally`
+
     def lock_until(self, days: int, now: datetime) -> datetime | None:
         return None
 

@@ -3,25 +3,41 @@
 The only module that imports boto3/botocore. Every failure leaves as an OffsiteError in plain
 words; the secret key is in no message (and `redact` masks it if a library echoes it).
 
-Uploads stream through s3transfer (multipart, fixed part size, a bounded number of parts in
-memory) while a reader wrapper hashes what passes: the sha256 of everything and the MD5 of each
-part. The server's ETag is then compared with the one those MD5s predict (S3's rule: MD5 of the
-body for a single PUT, MD5 of the parts' MD5s plus `-N` for a multipart upload); a provider that
-computes ETags otherwise gets its copy read back and compared by sha256 instead.
+Uploads are multipart uploads of our own (s3transfer's part size is fixed, and it does not
+say its upload id before it starts): parts are read one after the other from the stream, which
+need not be seekable nor of known size, and grow with the object (`part_size`): S3_PART_SIZE_MB
+for the first 900, then twice that for the next 900, and so on up to 5 GiB, so that an object of
+over 5 TiB (S3's most) fits in S3's 10,000 parts. Memory is bounded whatever the object's size:
+at most CONCURRENCY parts uploading and one being read, each holding at most SPOOL bytes in
+memory (4 + 1 parts x 16 MiB = 80 MiB); the rest of a bigger part waits in a temporary file
+(TMPDIR), deleted once sent. Each part carries its Content-MD5, which every S3 store checks; the
+newer CRC checksums some stores refuse are sent only where an operation requires one.
+
+While the parts pass, the sha256 of everything and the MD5 of each part are computed. The
+server's ETag is then compared with the one those MD5s predict (S3's rule: MD5 of the body for
+a single PUT, MD5 of the parts' MD5s plus `-N` for a multipart upload); a provider that computes
+ETags otherwise gets its copy read back and compared by sha256 instead.
+
+A multipart upload is recorded in STATE_DIR before it starts (`uploads.Ledger`) and forgotten
+once completed or aborted; one cut short (the store down, the process killed) is aborted by the
+next upload to the store and at start-up (`clean_up`), so that no parts are left behind.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
+import tempfile
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import boto3
 from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -33,74 +49,78 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from .. import redact
+from .. import logs, redact
 from ..settings import Settings
 from .base import OffsiteError, Stored
 from .paths import check_key
+from .uploads import Ledger, Upload
 
-PART_SIZE = 16 * 1024 * 1024  # multipart threshold and part size
-MAX_PARTS = 10_000  # S3's limit: an object of up to 156 GiB
-MAX_SIZE = PART_SIZE * MAX_PARTS
-TRANSFER = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
-                          max_concurrency=8, use_threads=True, preferred_transfer_client="classic")
-# parts read ahead of the uploads (s3transfer's own attribute, not a keyword of boto3's config):
-# memory is about (this + max_concurrency) parts, whatever the artifact's size
-TRANSFER.max_in_memory_upload_chunks = 4
-READ_CHUNK = 1024 * 1024
+log = logs.get("toybox_backupd.offsite")
+
+MIB = 1024 * 1024
+PART_SIZE = 16 * MIB  # the first part's size by default (S3_PART_SIZE_MB)
+MAX_PART = 5 * 1024 * MIB  # S3's largest part
+MAX_PARTS = 10_000  # S3's most parts
+GROW_EVERY = 900  # parts of one size before the size doubles (reaches 5 TiB from 5 MiB parts)
+CONCURRENCY = 4  # parts uploading at once (one more is being read)
+SPOOL = 16 * MIB  # of a part held in memory; the rest waits in a temporary file
+READ_CHUNK = MIB
 
 
-class _HashingReader:
-    """A read-only, non-seekable view of `source` that hashes every byte read once: sha256 of
-    all, MD5 of each PART_SIZE-aligned part. Reads are filled to the size asked (a pipe returns
-    short reads; s3transfer needs full parts)."""
+def part_size(first: int, number: int) -> int:
+    """The size of part `number` (from 1) of an upload whose first part is `first` bytes."""
+    return min(first << ((number - 1) // GROW_EVERY), MAX_PART)
 
-    def __init__(self, source: BinaryIO) -> None:
-        self._source = source
+
+@dataclass
+class _Part:
+    number: int
+    body: IO[bytes]  # positioned at its start
+    size: int
+    md5: bytes
+
+
+class _Parts:
+    """Cuts a non-seekable `source` into parts of `part_size`, hashing every byte once: sha256
+    of all, MD5 of each part. Reads are repeated until a part is full (a pipe returns short
+    reads)."""
+
+    def __init__(self, source: BinaryIO, first: int) -> None:
+        self._source, self.first = source, first
         self.sha256 = hashlib.sha256()
         self.size = 0
-        self.part_md5s: list[bytes] = []
-        self._part = hashlib.md5(usedforsecurity=False)
-        self._part_fill = 0
+        self.md5s: list[bytes] = []
 
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            data = self._source.read()
-        else:
-            pieces = []
-            wanted = size
-            while wanted > 0 and (piece := self._source.read(wanted)):
-                pieces.append(piece)
-                wanted -= len(piece)
-            data = b"".join(pieces)
-        self._consume(data)
-        return data
-
-    def _consume(self, data: bytes) -> None:
-        self.sha256.update(data)
-        self.size += len(data)
-        if self.size > MAX_SIZE:
-            raise OffsiteError(f"the artifact is larger than {MAX_SIZE // 2**30} GiB, the most "
-                               f"an off-site upload of {MAX_PARTS} parts of {PART_SIZE // 2**20} MiB holds")
-        view = memoryview(data)
-        while view:
-            take = min(len(view), PART_SIZE - self._part_fill)
-            self._part.update(view[:take])
-            self._part_fill += take
-            view = view[take:]
-            if self._part_fill == PART_SIZE:
-                self.part_md5s.append(self._part.digest())
-                self._part = hashlib.md5(usedforsecurity=False)
-                self._part_fill = 0
+    def next(self) -> _Part | None:
+        """The next part; None at the end of the source (the first part may be empty)."""
+        number = len(self.md5s) + 1
+        if number > MAX_PARTS:
+            if self._source.read(1):
+                raise OffsiteError(f"the artifact is larger than {self.size // 2**30} GiB, the most "
+                                   f"S3 holds in {MAX_PARTS} parts")
+            return None
+        wanted = part_size(self.first, number)
+        body: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL)  # noqa: SIM115
+        md5, filled = hashlib.md5(usedforsecurity=False), 0
+        while filled < wanted and (piece := self._source.read(min(READ_CHUNK, wanted - filled))):
+            body.write(piece)
+            md5.update(piece)
+            self.sha256.update(piece)
+            filled += len(piece)
+        if filled == 0 and number > 1:
+            body.close()
+            return None
+        self.size += filled
+        self.md5s.append(md5.digest())
+        body.seek(0)
+        return _Part(number, body, filled, md5.digest())
 
     def expected_etag(self) -> str:
-        """The ETag S3 gives what was read, uploaded as s3transfer uploads it: a single PUT below
-        the multipart threshold, else parts of PART_SIZE."""
-        md5s = list(self.part_md5s)
-        if self._part_fill or not md5s:
-            md5s.append(self._part.digest())
-        if self.size < PART_SIZE:
-            return md5s[0].hex()
-        return hashlib.md5(b"".join(md5s), usedforsecurity=False).hexdigest() + f"-{len(md5s)}"
+        """The ETag S3 gives what was read: MD5 of the body for a single PUT (an object smaller
+        than one part), else MD5 of the parts' MD5s plus `-N`."""
+        if self.size < self.first:
+            return self.md5s[0].hex()
+        return hashlib.md5(b"".join(self.md5s), usedforsecurity=False).hexdigest() + f"-{len(self.md5s)}"
 
 
 class _Body:
@@ -131,14 +151,23 @@ class S3Target:
         self.where = self.endpoint or f"AWS S3 ({settings.s3_region or 'default region'})"
         secret = settings.aws_secret_access_key_value
         redact.register(secret)
+        # checksums only where an operation requires one: many stores refuse the CRC32 that
+        # botocore >= 1.36 adds to every upload by default. Bodies carry a Content-MD5 (signed,
+        # checked by the store) instead of a sha256 of the payload in the signature, which
+        # botocore would compute over plain http only (https goes unsigned already)
         config = Config(connect_timeout=10, read_timeout=60,
                         retries={"mode": "standard", "max_attempts": 3},
-                        s3={"addressing_style": "path"} if self.endpoint else None)
+                        s3={"payload_signing_enabled": False,
+                            **({"addressing_style": "path"} if self.endpoint else {})},
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required")
         self._client = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, region_name=settings.s3_region,
             aws_access_key_id=settings.aws_access_key_id, aws_secret_access_key=secret,
             config=config)
         self._lock_enabled: bool | None = None
+        self.part_size = settings.s3_part_size_mb * MIB
+        self._ledger = Ledger(settings.state_dir)
 
     # keys ----------------------------------------------------------------------------------
     def _full(self, key: str, *, root_ok: bool = False) -> str:
@@ -176,30 +205,128 @@ class S3Target:
     # the Target protocol -------------------------------------------------------------------
     def put(self, key: str, source: BinaryIO, *, retain_until: datetime | None = None) -> Stored:
         full = self._full(key)
-        reader = _HashingReader(source)
         extra = ({"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": retain_until}
-                 if retain_until else None)
+                 if retain_until else {})
+        self.clean_up()
+        parts = _Parts(source, self.part_size)
         with self._translated(f"uploading {key} to {self.url}"):
             # first: some servers (SeaweedFS) create a missing bucket on a PUT, without the
             # Object Lock or lifecycle the operator meant it to have (a list, not a HEAD: its
             # errors have a body that says which, e.g. SignatureDoesNotMatch, not just "403")
             self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
-            self._client.upload_fileobj(reader, self.bucket, full, ExtraArgs=extra, Config=TRANSFER)
+            first = parts.next()
+            assert first is not None
+            if first.size < self.part_size:
+                with first.body:
+                    self._client.put_object(Bucket=self.bucket, Key=full, Body=first.body,
+                                            ContentLength=first.size, ContentMD5=_b64(first.md5),
+                                            **extra)
+            else:
+                self._multipart(full, parts, first, extra)
             head = self._client.head_object(Bucket=self.bucket, Key=full)
-        sha256 = reader.sha256.hexdigest()
+        return self._verified(key, full, parts, head, retain_until)
+
+    def _verified(self, key: str, full: str, parts: _Parts, head: dict[str, Any],
+                  retain_until: datetime | None) -> Stored:
+        sha256 = parts.sha256.hexdigest()
         etag = str(head.get("ETag", "")).strip('"')
-        if head["ContentLength"] != reader.size:
+        if head["ContentLength"] != parts.size:
             raise OffsiteError(f"{self.url}/{key} holds {head['ContentLength']} bytes after the "
-                               f"upload of {reader.size}: the copy is not complete")
+                               f"upload of {parts.size}: the copy is not complete")
         verified_by = "etag"
-        if etag != reader.expected_etag():
+        if etag != parts.expected_etag():
             verified_by = "read-back"
             stored = self._sha256(full, key)
             if stored != sha256:
                 raise OffsiteError(f"{self.url}/{key} reads back with sha256 {stored}, not the "
                                    f"{sha256} uploaded: the copy is damaged")
-        return Stored(key=key, size=reader.size, sha256=sha256, verified_by=verified_by,
+        return Stored(key=key, size=parts.size, sha256=sha256, verified_by=verified_by,
                       etag=etag or None, retain_until=retain_until)
+
+    def _multipart(self, full: str, parts: _Parts, first: _Part, extra: dict[str, Any]) -> None:
+        """Upload `first` and the rest of `parts` as one multipart upload, recorded in STATE_DIR
+        from before it starts until it is completed, or aborted when it fails (left recorded
+        for the next attempt if even that fails)."""
+        with self._ledger.begin(self.endpoint, self.bucket, full) as upload:
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, **extra)["UploadId"]
+            upload.record(upload_id)
+            try:
+                sent = self._send_parts(full, upload_id, parts, first)
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id,
+                    MultipartUpload={"Parts": sent})
+            except BaseException:
+                with suppress(BotoCoreError, ClientError, OSError):  # the failure is what counts
+                    self._abort(upload.bucket, full, upload_id)
+                    upload.forget()
+                raise
+            upload.forget()
+
+    def _send_parts(self, full: str, upload_id: str, parts: _Parts, part: _Part | None) -> list[
+            dict[str, Any]]:
+        """Send the parts, CONCURRENCY at a time, reading the next while they go."""
+        sent: list[dict[str, Any]] = []
+        pending: set[Future[dict[str, Any]]] = set()
+        pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="s3-part")
+        try:
+            while part is not None:
+                pending.add(pool.submit(self._send_part, full, upload_id, part))
+                if len(pending) >= CONCURRENCY:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    sent += [future.result() for future in finished]
+                part = parts.next()
+            sent += [future.result() for future in wait(pending).done]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return sorted(sent, key=lambda item: item["PartNumber"])
+
+    def _send_part(self, full: str, upload_id: str, part: _Part) -> dict[str, Any]:
+        with part.body:
+            reply = self._client.upload_part(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=part.number,
+                Body=part.body, ContentLength=part.size, ContentMD5=_b64(part.md5))
+        return {"PartNumber": part.number, "ETag": reply["ETag"]}
+
+    def clean_up(self) -> list[str]:
+        """Abort the multipart uploads to this store that were cut short (recorded in
+        STATE_DIR, their process gone or their attempt failed); the keys cleaned. Raises
+        OffsiteError when the store cannot be reached or refuses."""
+        cleaned = []
+        with self._ledger.leftovers() as uploads:
+            for upload in uploads:
+                if upload.endpoint != self.endpoint:
+                    continue  # another store's (S3_ENDPOINT_URL changed): left for it
+                with self._translated(f"aborting the unfinished upload of {upload.key} to "
+                                      f"bucket {upload.bucket} (left by an interrupted copy)"):
+                    for upload_id in self._ids_of(upload):
+                        self._abort(upload.bucket, upload.key, upload_id)
+                upload.forget()
+                cleaned.append(upload.key)
+                log.warning("unfinished upload left by an interrupted copy aborted",
+                            bucket=upload.bucket, key=upload.key)
+        return cleaned
+
+    def _ids_of(self, upload: Upload) -> list[str]:
+        """The upload's id; if the process died before it could write it down, the uploads of
+        that key (ours: the record names it) that no record names."""
+        if upload.upload_id:
+            return [upload.upload_id]
+        known = self._ledger.recorded_ids()
+        found = []
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=upload.bucket, Prefix=upload.key)
+        for page in pages:
+            found += [item["UploadId"] for item in page.get("Uploads", [])
+                      if item["Key"] == upload.key and item["UploadId"] not in known]
+        return found
+
+    def _abort(self, bucket: str, full: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=bucket, Key=full, UploadId=upload_id)
+        except ClientError as exc:
+            if _code(exc) not in ("NoSuchUpload", "404"):  # already gone
+                raise
 
     def _sha256(self, full: str, key: str) -> str:
         digest = hashlib.sha256()
@@ -304,6 +431,11 @@ class S3Target:
             self._client.put_object(Bucket=self.bucket, Key=full, Body=b"toybox-backupd probe\n")
         with self._translated(f"deleting the probe object from {self.url}"):
             self._client.delete_object(Bucket=self.bucket, Key=full)
+        with self._translated(f"starting and aborting a multipart upload at {self.url}"), \
+                self._ledger.begin(self.endpoint, self.bucket, full) as upload:
+            upload.record(self._client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"])
+            self._abort(self.bucket, full, str(upload.upload_id))
+            upload.forget()
 
     def lock_until(self, days: int, now: datetime) -> datetime | None:
         return now + timedelta(days=days + 1) if self._locking() else None
@@ -326,7 +458,12 @@ class S3Target:
 # errors in plain words ---------------------------------------------------------------------
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
                 ConnectionClosedError)
-_PERMISSIONS = "s3:ListBucket, s3:PutObject, s3:GetObject, s3:DeleteObject"
+_PERMISSIONS = ("s3:ListBucket, s3:PutObject, s3:GetObject, s3:DeleteObject, "
+                "s3:AbortMultipartUpload, s3:ListBucketMultipartUploads")
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
 
 
 def _code(exc: BaseException) -> str | None:

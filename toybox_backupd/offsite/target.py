@@ -44,8 +44,15 @@ class Target(Protocol):
         ...
 
     def probe(self) -> None:
-        """List, put and delete a small probe object; OffsiteError in plain words if any fails
-        (endpoint unreachable, bucket missing, access denied, clock skew, bad key)."""
+        """List, put and delete a small probe object (S3: start and abort a multipart upload
+        too); OffsiteError in plain words if any fails (endpoint unreachable, bucket missing,
+        access denied, clock skew, bad key)."""
+        ...
+
+    def clean_up(self) -> list[str]:
+        """Remove from the store what puts cut short left there (S3: unfinished multipart
+        uploads, recorded in STATE_DIR; `put` does it first too); the keys cleaned. Raises
+        OffsiteError."""
         ...
 
     def lock_until(self, days: int, now: datetime) -> datetime | None:
