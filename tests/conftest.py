@@ -154,14 +154,15 @@ class PG:
 def start_pg(client: Any, *, volume: str | None = None, seed: bool = True,
              labels: dict[str, str] | None = None, name: str | None = None,
              password: str | None = None, network: str | None = None,
-             encoding: str = "UTF8", port: int | None = None) -> PG:
+             encoding: str = "UTF8", port: int | None = None, image: str = PG_IMAGE) -> PG:
     """A new PostgreSQL 15 container (its cluster in `encoding`, see ENCODINGS), ready; on
-    host port `port` (default: one the engine picks, and picks again when it restarts)."""
+    host port `port` (default: one the engine picks, and picks again when it restarts); from
+    `image` (PG_IMAGE or one built on it)."""
     name = name or unique("tbt-pg")
     volume = volume or unique("tbt-pgdata")
     password = password or "pw-" + secrets.token_urlsafe(12) + "!$'\""
     container = client.containers.run(
-        PG_IMAGE, detach=True, name=name, labels=labels or {},
+        image, detach=True, name=name, labels=labels or {},
         environment={"POSTGRES_USER": "toybox", "POSTGRES_PASSWORD": password,
                      "POSTGRES_DB": "toybox", "POSTGRES_INITDB_ARGS": ENCODINGS[encoding]},
         volumes={volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},

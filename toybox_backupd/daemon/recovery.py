@@ -6,12 +6,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from .. import docker_api, locks, logs, notify
+from .. import docker_api, locks, logs, notify, redact
 from ..atomic import remove_partials
 from ..basics import iso, local_time, parse_iso
 from ..settings import Settings
 from ..store import Store
-from ..tiers import pitr_scratch, transfer, volume_swap
+from ..tiers import pitr_scratch, transfer, volume_swap, wal
+from . import pitr_slot
 from .keys import STATE_HEARTBEAT
 
 log = logs.get("toybox_backupd.daemon")
@@ -27,11 +28,13 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
     {"interrupted": [run ids], "partials_removed": [paths], "restores": [{"volume", "outcome"}],
      "containers_started": [names], "containers_failed": [{"name", "error"}],
      "helpers_removed": n, "spool_removed": [FIFO directories],
-     "scratch_removed": [volumes and files of killed restores to a moment]}.
+     "scratch_removed": [volumes and files of killed restores to a moment],
+     "streamers_removed": n, "slot_dropped": the replication slot dropped (PITR=off) or None}.
     """
     result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "restores": [],
                               "containers_started": [], "containers_failed": [],
-                              "helpers_removed": 0, "scratch_removed": []}
+                              "helpers_removed": 0, "scratch_removed": [],
+                              "streamers_removed": 0, "slot_dropped": None}
     with locks.run_lock(
         settings.state_dir, "start-up recovery",
         wait_log=lambda holder: log.info("recovery waits for the current run", holder=holder),
@@ -43,6 +46,7 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             result["partials_removed"].append(relative)
             log.warning("partial file removed", file=relative)
         result["spool_removed"] = transfer.remove_leftovers(settings.state_dir)
+        _end_streaming(settings, store, result)
         if settings.pitr:
             _remove_scratch(settings, result)
         held = _settle_restores(settings, store, result)
@@ -94,6 +98,27 @@ def _settle_restores(settings: Settings, store: Store, result: dict[str, Any]) -
         result["containers_started"] += item.started
         result["containers_failed"] += item.failed
     return held
+
+
+def _end_streaming(settings: Settings, store: Store, result: dict[str, Any]) -> None:
+    """The WAL streamer containers a killed daemon of this installation left (whatever PITR
+    says now: its pg_receivewal streams on); with PITR=off, our replication slot too."""
+    if not settings.pitr and not pitr_slot.streamed_here(settings, store):
+        return
+    try:
+        result["streamers_removed"] = docker_api.remove_beside(store.instance_id(), "wal")
+    except Exception as exc:
+        log.warning("could not look for leftover WAL streamer containers", error=str(exc))
+    if result["streamers_removed"]:
+        log.warning("WAL streamer container left by a killed daemon removed",
+                    count=result["streamers_removed"])
+    if settings.pitr:
+        return
+    try:
+        result["slot_dropped"] = pitr_slot.drop_unused(settings, store)
+    except Exception as exc:
+        log.warning("could not look for the replication slot PITR streamed through",
+                    slot=wal.SLOT, error=redact.redact(str(exc)))
 
 
 def _remove_scratch(settings: Settings, result: dict[str, Any]) -> None:
@@ -150,6 +175,8 @@ def _log_summary(result: dict[str, Any]) -> None:
                  containers_started=", ".join(result["containers_started"]) or "-",
                  containers_failed=len(result["containers_failed"]),
                  helpers_removed=result["helpers_removed"],
-                 scratch_removed=len(result["scratch_removed"]))
+                 scratch_removed=len(result["scratch_removed"]),
+                 streamers_removed=result["streamers_removed"],
+                 slot_dropped=result["slot_dropped"] or "-")
     else:
         log.info("start-up recovery: nothing to recover")
