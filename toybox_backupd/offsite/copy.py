@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import locks, logs, manifests, redact
+from .. import compression, locks, logs, manifests, redact
 from ..basics import ToyboxError, backoff, describe_unexpected, iso, utcnow
 from ..manifests import MANIFEST_SUFFIX, TOOL
 from ..settings import Settings
@@ -31,6 +31,7 @@ from .target import Target, open_target
 log = logs.get("toybox_backupd.offsite")
 
 AGE_SUFFIX = ".age"
+ZSTD_SUFFIX = ".zst"
 KeepDays = Callable[[str], int]  # tier -> days its off-site copies are kept
 
 
@@ -77,12 +78,17 @@ def _encrypting(source: BinaryIO, recipients: list[str]) -> contextlib.AbstractC
 
 
 def _put_file(settings: Settings, target: Target, relative: str,
-              retain_until: datetime | None, remote: str | None = None) -> dict[str, Any]:
-    """Copy one local file (to `remote`, default its own path); the object's description for
-    the remote manifest."""
+              retain_until: datetime | None, remote: str | None = None,
+              compress: bool = False) -> dict[str, Any]:
+    """Copy one local file (to `remote`, default its own path; compressed by zstd to
+    `….zst` with `compress`); the object's description for the remote manifest (its
+    source_* are of what was encrypted: the compressed bytes with `compress`)."""
     recipients = [] if relative.endswith(MANIFEST_SUFFIX) else settings.offsite_age_recipients
-    key = (remote or relative) + (AGE_SUFFIX if recipients else "")
-    with open(settings.backup_dir / relative, "rb") as handle:
+    key = (remote or relative) + (ZSTD_SUFFIX if compress else "") + (
+        AGE_SUFFIX if recipients else "")
+    with open(settings.backup_dir / relative, "rb") as raw, (
+            contextlib.closing(compression.zstd_reader(raw)) if compress
+            else contextlib.nullcontext(raw)) as handle:
         if recipients:  # the plaintext is hashed on its way into the encryption
             reader = HashingReader(handle)
             with _encrypting(reader, recipients) as stream:  # type: ignore[arg-type]
@@ -97,11 +103,11 @@ def _put_file(settings: Settings, target: Target, relative: str,
 
 
 def put_file(settings: Settings, target: Target, relative: str,
-             remote: str | None = None) -> dict[str, Any]:
+             remote: str | None = None, compress: bool = False) -> dict[str, Any]:
     """Copy one file of BACKUP_DIR (e.g. a WAL segment) to the same path off-site (or to
-    `remote`), encrypted when OFFSITE_AGE_RECIPIENTS is set and verified; its object's
-    description."""
-    return _put_file(settings, target, relative, None, remote)
+    `remote`), compressed with `compress` (`….zst`), encrypted when OFFSITE_AGE_RECIPIENTS is
+    set (`….age`) and verified; its object's description."""
+    return _put_file(settings, target, relative, None, remote, compress)
 
 
 def _local_manifest(settings: Settings, item: Artifact) -> dict[str, Any]:
