@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -208,6 +209,122 @@ def test_a_stopped_sidecar_leaves_no_slot_and_streams_on_when_started(
         assert pg.psql(slot) == "1"
     finally:
         second.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True, v=True)
+
+
+SLOT_COUNT = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'"
+
+
+def foreign_streamer(docker_engine: Any) -> Any:
+    """A container labelled as another installation's WAL streamer."""
+    from conftest import BASE_IMAGE
+
+    return docker_engine.containers.run(
+        BASE_IMAGE, ["sleep", "600"], detach=True, labels={
+            "toybox-backupd.beside": "wal", "toybox-backupd.owner": "another-installation",
+            "toybox-backupd.test": "1"})
+
+
+def test_a_killed_daemon_started_with_pitr_off_leaves_no_streamer_and_no_slot(
+        env: Env, pg: PG, docker_engine: Any) -> None:
+    """SIGKILLed while it streams, then started with PITR=off: start-up recovery removes the
+    streamer container it left (its pg_receivewal streamed on) and drops our replication slot,
+    saying so, so that pg_wal cannot grow for a streamer that will not come back. Another
+    installation's streamer and another slot on the same server are left alone."""
+    other = foreign_streamer(docker_engine)
+    pg.psql("SELECT pg_create_physical_replication_slot('someone_elses')")
+    first = Daemon(env, "first", **PITR, **NO_JOBS)
+    second = None
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: first.log)
+        assert pg.psql(SLOT_COUNT.format("toybox_backupd")) == "1"
+        first.kill()
+        assert wal_helpers(docker_engine, env)  # left streaming by the killed daemon
+        second = Daemon(env, "second", PITR="off", **NO_JOBS)
+        wait_for("start-up recovery", lambda: "start-up recovery" in second.log, 60,
+                 lambda: second.log)
+        assert not wal_helpers(docker_engine, env), second.log
+        assert pg.psql(SLOT_COUNT.format("toybox_backupd")) == "0", second.log
+        assert "WAL streamer container left by a killed daemon removed" in second.log
+        assert "PITR is off: the replication slot it streamed through was dropped" in second.log
+        other.reload()
+        assert other.status == "running"
+        assert pg.psql(SLOT_COUNT.format("someone_elses")) == "1"
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        other.remove(force=True)
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True, v=True)
+
+
+def test_a_killed_daemons_streamer_ends_by_itself(env: Env, pg: PG, docker_engine: Any) -> None:
+    """No helper sleeps for years: the streamer's container ends (with its pg_receivewal) once
+    the daemon that made it renews its lease no more, though no daemon starts again."""
+    daemon = Daemon(env, **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: daemon.log)
+        [helper] = wal_helpers(docker_engine, env)
+        assert "315360000" not in " ".join(helper.attrs["Config"]["Cmd"])
+        daemon.kill()
+        wait_for("the streamer to end by itself", lambda: not docker_engine.containers.list(
+            all=True, filters={"id": helper.id}), 80)  # 2 x helper_lease.LEASE_SECONDS + 20
+        assert pg.psql("SELECT count(*) FROM pg_stat_replication") == "0"
+    finally:
+        daemon.kill()
+        for container in wal_helpers(docker_engine, env):
+            container.remove(force=True, v=True)
+
+
+@pytest.fixture
+def pg_without_procps(docker_engine: Any, images: Any) -> Iterator[PG]:
+    """A server from an image with no /bin/kill (like the official postgres image: no procps)."""
+    import io
+
+    from conftest import PG_IMAGE, unique
+
+    tag = f"toybox-test/postgres-no-procps:{unique('t')}"
+    dockerfile = f"FROM {PG_IMAGE}\nRUN rm -f /bin/kill /usr/bin/kill /bin/ps /usr/bin/ps\n"
+    docker_engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True,
+                               network_mode="none")
+    instance = start_pg(docker_engine, image=tag)
+    try:
+        yield instance
+    finally:
+        remove_pg(instance)
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(tag)
+
+
+def test_a_stop_is_prompt_where_the_image_has_no_kill_program(
+        tmp_path: Any, pg_without_procps: PG, docker_engine: Any) -> None:
+    """SIGTERM (`docker compose stop`) with PITR on: pg_receivewal is signalled through the
+    shell (an image without procps has no `kill` program), so the daemon exits at once, its
+    streamer container and slot gone."""
+    from conftest import base_values, pg_values
+
+    pg = pg_without_procps
+    env = Env(tmp_path, {**base_values(tmp_path), **pg_values(pg)})
+    daemon = Daemon(env, **PITR, **NO_JOBS)
+    try:
+        wait_for("the WAL streamer", lambda: any(s.partial for s in segments(env)), 90,
+                 lambda: daemon.log)
+        time.sleep(2)
+        began = time.monotonic()
+        daemon.signal(15)
+        assert daemon.wait(60) == 0, daemon.log
+        took = time.monotonic() - began
+        sys.stderr.write(f"\nSIGTERM to exit, PITR on, an image without procps: {took:.1f} s\n")
+        assert took < 10, f"the stop took {took:.1f} s:\n{daemon.log}"
+        assert "replication slot dropped at shut-down" in daemon.log
+        assert pg.psql(SLOT_COUNT.format("toybox_backupd")) == "0"
+        assert not wal_helpers(docker_engine, env)
+    finally:
+        daemon.kill()
         for container in wal_helpers(docker_engine, env):
             container.remove(force=True, v=True)
 
@@ -635,7 +752,17 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
         assert wal_offsite.copy_offsite(settings, history, stamp, 130.0) == stamp
     for segment in wal.segments(settings):
         copy = remote / segment.path.relative_to(env.backup_dir)
-        assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024] or segment.partial
+        if segment.partial:  # compressed: mostly the zeros it was padded with
+            packed = copy.with_name(copy.name + ".zst")
+            assert not copy.exists() and packed.stat().st_size < wal.SEGMENT_SIZE // 4
+            plain = subprocess.run(["zstd", "-d", "-c", str(packed)], capture_output=True,
+                                   check=True).stdout
+            assert len(plain) == wal.SEGMENT_SIZE
+            summed = copy.with_name(copy.name + ".sha256")  # of the plain bytes, signed
+            assert summed.read_text() == f"{hashlib.sha256(plain).hexdigest()}  {segment.name}\n"
+            assert summed.with_name(summed.name + ".sig").exists()
+            continue
+        assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024]
         assert copy.stat().st_size == wal.SEGMENT_SIZE
         summed = copy.with_name(segment.path.name + ".sha256")  # sha256sum's format
         assert summed.exists() and copy.with_name(summed.name + ".sig").exists()  # signed
@@ -643,11 +770,15 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
             digest = hashlib.sha256(segment.path.read_bytes()).hexdigest()
             assert summed.read_text() == f"{digest}  {segment.name}\n"
     # fetched back where none are here: every segment, checked; a damaged copy never lands
-    copies = {p.name: p for p in (remote / "wal" / "toybox").iterdir()
+    copies = {p.name.removesuffix(".zst"): p for p in (remote / "wal" / "toybox").iterdir()
               if not p.name.endswith((".sha256", ".sig"))}
     fetched = wal_offsite.fetch(settings, "toybox", 0, [], env.tmp / "fetched")
     assert sorted(p.name for p in fetched) == sorted(copies)
-    assert all(p.read_bytes() == copies[p.name].read_bytes() for p in fetched)
+    assert all(p.read_bytes() == copies[p.name].read_bytes() for p in fetched if not p.name.endswith(
+        ".partial"))
+    [partial] = [p for p in fetched if p.name.endswith(".partial")]
+    assert partial.read_bytes() == subprocess.run(["zstd", "-d", "-c", str(copies[partial.name])],
+                                                  capture_output=True, check=True).stdout
     local = wal.segments(settings)
     assert wal_offsite.fetch(settings, "toybox", 0, local, env.tmp / "none") == []
     first = remote / completed[0].path.relative_to(env.backup_dir)

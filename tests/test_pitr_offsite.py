@@ -39,10 +39,11 @@ def _wipe(env: Env) -> None:
 
 
 def _remote_segments(root: Path) -> dict[str, Path]:
-    """{segment file name without .age: path} of the WAL objects in a directory target."""
+    """{segment file name without .age (and a partial's .zst): path} of the WAL objects in a
+    directory target."""
     found = {}
     for path in (root / "wal" / "toybox").rglob("*.age"):
-        found[path.name.removesuffix(".age")] = path
+        found[path.name.removesuffix(".age").removesuffix(".zst")] = path
     return found
 
 
@@ -135,6 +136,12 @@ def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
         assert all((nas / "wal" / "toybox" / f"{name}.sha256").exists()
                    for name in remote if not name.endswith(".partial"))
         assert not (nas / first.path).exists()
+        # the segment being written is there compressed (zstd, then age), as its local copy
+        [current] = [s for s in wal.segments(settings) if s.partial]
+        packed = nas / f"{current.path.relative_to(env.backup_dir)}.zst.age"
+        plain = subprocess.run(["zstd", "-d", "-c"], input=pyrage.decrypt(  # age -d | zstd -d
+            packed.read_bytes(), [key]), capture_output=True, check=True).stdout
+        assert len(plain) == wal.SEGMENT_SIZE and packed.stat().st_size < wal.SEGMENT_SIZE // 8
         # the same objects in a real S3 bucket, for the second new host below
         for path in nas.rglob("*"):
             if path.is_file():
@@ -261,11 +268,8 @@ def _killed_restore(env: Env, docker_engine: Any, values: dict[str, str], when: 
         theirs.unlink()
 
 
-def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -> None:
-    """A cluster restore's 00000002.history is copied off-site (encrypted) once, and fetched
-    back into an empty archive before a restore chooses its timeline; other names are left."""
-    from toybox_backupd.tiers import wal, wal_offsite
-
+def _encrypted_nas(plain_env: Env) -> tuple[Any, Path, Any]:
+    """An age identity, an empty directory target, and PITR settings copying there encrypted."""
     key = pyrage.x25519.Identity.generate()
     identity = plain_env.tmp / "identity.txt"
     identity.write_text(str(key) + "\n")
@@ -275,6 +279,15 @@ def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -
     settings = plain_env.settings(**PITR, PG_CONTAINER="db", OFFSITE_URL=f"file://{nas}",
                                   OFFSITE_AGE_RECIPIENTS=str(key.to_public()),
                                   AGE_IDENTITY_FILE=str(identity))
+    return key, nas, settings
+
+
+def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -> None:
+    """A cluster restore's 00000002.history is copied off-site (encrypted) once, and fetched
+    back into an empty archive before a restore chooses its timeline; other names are left."""
+    from toybox_backupd.tiers import wal, wal_offsite
+
+    _key, nas, settings = _encrypted_nas(plain_env)
     archive = wal.wal_dir(settings)
     archive.mkdir(parents=True)
     history = b"1\t0/5000000\tno recovery target specified\n"
@@ -342,3 +355,37 @@ def test_a_replacing_clusters_wal_goes_off_site_beside_the_first_ones(plain_env:
     got = wal_offsite.fetch(settings, "toybox", 0, [], into)
     systems = sorted(wal.segment_system(path) or "" for path in got)
     assert systems == ["111", "111", "222", "222"]
+
+
+def test_the_segment_being_written_goes_off_site_compressed_and_only_when_it_changed(
+        plain_env: Env) -> None:
+    """An idle database costs nothing off-site: the segment being written is copied again only
+    when it has changed since its last copy, zstd-compressed then encrypted (its zeros are
+    nearly nothing); `zstd -d` reads it by hand, and a fetch gives back the segment itself."""
+    from toybox_backupd.tiers import wal, wal_offsite
+
+    key, nas, settings = _encrypted_nas(plain_env)
+    local = wal.wal_dir(settings) / "000000010000000000000003.partial"
+    _fake_segment(local, 111)
+    packed = nas / "wal" / "toybox" / "000000010000000000000003.partial.zst.age"
+    with Store(plain_env.state_dir) as store:
+        assert wal_offsite.copy_offsite(settings, store, float("-inf"), 0.0) == 0.0
+        stamp = packed.stat().st_mtime_ns
+        assert packed.stat().st_size < 4096
+        for now in (60.0, 120.0, 180.0):  # idle: three more minutes, nothing copied
+            assert wal_offsite.copy_offsite(settings, store, now - 60, now) == now
+            assert packed.stat().st_mtime_ns == stamp
+        with open(local, "r+b") as out:  # pg_receivewal writes more WAL into it
+            out.seek(8192)
+            out.write(os.urandom(100_000))
+        wal_offsite.copy_offsite(settings, store, 180.0, 240.0)
+        assert packed.stat().st_mtime_ns != stamp
+        assert not (nas / "wal" / "toybox" / local.name).exists()
+    plain = subprocess.run(["zstd", "-d", "-c"], input=pyrage.decrypt(packed.read_bytes(), [key]),
+                           capture_output=True, check=True).stdout  # age -d … | zstd -d
+    assert plain == local.read_bytes()
+    [got] = wal_offsite.fetch(settings, "toybox", 0, [], plain_env.tmp / "fetched")
+    assert got.name == local.name and got.read_bytes() == local.read_bytes()
+    (nas / "wal" / "toybox" / local.name).write_bytes(bytes(wal.SEGMENT_SIZE))  # an older copy
+    [got] = wal_offsite.fetch(settings, "toybox", 0, [], plain_env.tmp / "again")
+    assert got.read_bytes() == local.read_bytes()

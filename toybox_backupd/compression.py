@@ -54,6 +54,19 @@ def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(compression_params=params)
 
 
+def zstd_reader(raw: IO[bytes], level: int = 3) -> Any:
+    """A readable stream of `raw`'s contents compressed by zstd (what `zstd -d` reads back)."""
+    return zstd_compressor(level).stream_reader(raw, read_size=CHUNK)
+
+
+@contextlib.contextmanager
+def zstd_unpacking(out: IO[bytes] | AtomicFile) -> Iterator[IO[bytes]]:
+    """A writable stream that takes zstd-compressed bytes and writes their contents to `out`."""
+    with zstandard.ZstdDecompressor().stream_writer(out, closefd=False,
+                                                    write_size=CHUNK) as writer:
+        yield writer  # type: ignore[misc]
+
+
 def decompressed(path: Path, kind: str) -> Iterator[bytes]:
     """Chunks of the decompressed contents of `path`."""
     with open(path, "rb") as raw:

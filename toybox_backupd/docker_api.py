@@ -448,21 +448,22 @@ def beside(image: str, db_id: str | None, volumes: dict[str, tuple[str, str]], p
            user: str, owner: str = "", caps: Iterable[str] = (),
            command: list[str] | None = None, lifetime: int = DEFAULT_HELPER_LIFETIME,
            writable_root: bool = False, environment: dict[str, str] | None = None,
-           ) -> Iterator[Container]:
+           auto_remove: bool = False) -> Iterator[Container]:
     """A container from the database's own `image`, in the network namespace of the database
     container `db_id` (it reaches the server at 127.0.0.1 and its local pg_hba rules), or with
     no network when `db_id` is None (a throwaway server for a recovery).
 
     It runs `command` (default: sleep `lifetime` seconds, for exec'd commands) as `user`, with
     every capability dropped but `caps`, no new privileges, `environment` (its exec'd commands
-    have it too), and is removed on exit. Raises DockerError.
+    have it too), and is removed on exit (and when its command ends, with `auto_remove`).
+    Raises DockerError.
     """
     with _hardened(image, command or ["sleep", str(max(1, int(lifetime)))], volumes,
                    f"container:{db_id}" if db_id else "none",
                    {STREAMER_LABEL: purpose, OWNER_LABEL: owner}, caps=caps, user=user,
                    name=f"toybox-backupd-{purpose}-{uuid.uuid4().hex[:10]}",
                    what=f"a {purpose}", tmpfs_mb=64, read_only=not writable_root,
-                   environment=environment) as container:
+                   environment=environment, auto_remove=auto_remove) as container:
         yield container
 
 def remove_beside(owner: str, purpose: str) -> int:
@@ -634,7 +635,9 @@ class Exec:
             return False
         try:
             api = client().api
-            kill = api.exec_create(self.container.id, ["kill", f"-{signal_name}", str(pid)],
+            # the shell's own kill: an image without procps (the official postgres image) has
+            # no /bin/kill, and an exec of a missing program fails without a word
+            kill = api.exec_create(self.container.id, ["sh", "-c", f"kill -{signal_name} {pid}"],
                                    user=self.user or "")["Id"]
             api.exec_start(kill, detach=True)
         except (DockerException, OSError):

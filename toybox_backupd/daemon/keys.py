@@ -15,6 +15,7 @@ STATE_PITR_ERROR = "pitr.error"         # why it stopped last
 STATE_PITR_ALERTED = "pitr.alerted"     # "yes" once the down alert went out
 STATE_PITR_STREAMING = "pitr.streaming_since"
 STATE_PITR_GAP = "pitr.gap"             # the last gap (or dropped slot), in words
+STATE_PITR_SLOT = "pitr.slot"           # the replication slot this installation streams through
 STATE_UNUSABLE = "settings_unusable"  # the problems `run` waits for (empty: none)
 
 HEARTBEAT_SECONDS = 30.0

@@ -13,7 +13,8 @@ from ..offsite.target import open_target
 from ..offsite.uploads import Ledger
 from ..settings import Settings
 from ..store import Store
-from ..tiers import pitr_scratch, transfer, volume_swap
+from ..tiers import pitr_scratch, transfer, volume_swap, wal
+from . import pitr_slot
 from .keys import STATE_HEARTBEAT
 
 log = logs.get("toybox_backupd.daemon")
@@ -30,11 +31,13 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
      "containers_started": [names], "containers_failed": [{"name", "error"}],
      "helpers_removed": n, "spool_removed": [FIFO directories],
      "scratch_removed": [volumes and files of killed restores to a moment],
-     "uploads_aborted": [keys of S3 multipart uploads a killed copy left]}.
+     "uploads_aborted": [keys of S3 multipart uploads a killed copy left],
+     "streamers_removed": n, "slot_dropped": the replication slot dropped (PITR=off) or None}.
     """
     result: dict[str, Any] = {"interrupted": [], "partials_removed": [], "restores": [],
                               "containers_started": [], "containers_failed": [],
-                              "helpers_removed": 0, "scratch_removed": [], "uploads_aborted": []}
+                              "helpers_removed": 0, "scratch_removed": [], "uploads_aborted": [],
+                              "streamers_removed": 0, "slot_dropped": None}
     with locks.run_lock(
         settings.state_dir, "start-up recovery",
         wait_log=lambda holder: log.info("recovery waits for the current run", holder=holder),
@@ -47,6 +50,7 @@ def recover(settings: Settings, stop_requested: Callable[[], bool] | None = None
             log.warning("partial file removed", file=relative)
         result["spool_removed"] = transfer.remove_leftovers(settings.state_dir)
         result["uploads_aborted"] = _abort_uploads(settings)
+        _end_streaming(settings, store, result)
         if settings.pitr:
             _remove_scratch(settings, result)
         held = _settle_restores(settings, store, result)
@@ -114,6 +118,27 @@ def _abort_uploads(settings: Settings) -> list[str]:
         return []
 
 
+def _end_streaming(settings: Settings, store: Store, result: dict[str, Any]) -> None:
+    """The WAL streamer containers a killed daemon of this installation left (whatever PITR
+    says now: its pg_receivewal streams on); with PITR=off, our replication slot too."""
+    if not settings.pitr and not pitr_slot.streamed_here(settings, store):
+        return
+    try:
+        result["streamers_removed"] = docker_api.remove_beside(store.instance_id(), "wal")
+    except Exception as exc:
+        log.warning("could not look for leftover WAL streamer containers", error=str(exc))
+    if result["streamers_removed"]:
+        log.warning("WAL streamer container left by a killed daemon removed",
+                    count=result["streamers_removed"])
+    if settings.pitr:
+        return
+    try:
+        result["slot_dropped"] = pitr_slot.drop_unused(settings, store)
+    except Exception as exc:
+        log.warning("could not look for the replication slot PITR streamed through",
+                    slot=wal.SLOT, error=redact.redact(str(exc)))
+
+
 def _remove_scratch(settings: Settings, result: dict[str, Any]) -> None:
     """The scratch volumes and files of restores to a moment whose process was killed; those
     of a restore still running (started by hand meanwhile: it does not hold the run lock while
@@ -169,6 +194,8 @@ def _log_summary(result: dict[str, Any]) -> None:
                  containers_failed=len(result["containers_failed"]),
                  helpers_removed=result["helpers_removed"],
                  scratch_removed=len(result["scratch_removed"]),
-                 uploads_aborted=len(result["uploads_aborted"]))
+                 uploads_aborted=len(result["uploads_aborted"]),
+                 streamers_removed=result["streamers_removed"],
+                 slot_dropped=result["slot_dropped"] or "-")
     else:
         log.info("start-up recovery: nothing to recover")

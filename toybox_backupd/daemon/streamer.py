@@ -35,6 +35,7 @@ from ..basics import ToyboxError, backoff, describe_unexpected, human, iso, loca
 from ..settings import Settings
 from ..store import Store
 from ..tiers import wal, wal_offsite
+from . import pitr_slot
 from .keys import STATE_PITR_ALERTED as STATE_ALERTED
 from .keys import STATE_PITR_DOWN as STATE_DOWN
 from .keys import STATE_PITR_ERROR as STATE_ERROR
@@ -48,6 +49,7 @@ SLOT_WATCH_SECONDS = 1.0
 QUICK_RESTART = 2.0  # seconds before restarting a streamer that had run for a while
 HEALTHY_RUN = 60.0
 STEADY = 10.0  # seconds pg_receivewal must have run before it counts as streaming
+STOP_GRACE = 5.0  # seconds a stopping daemon waits for pg_receivewal to end on its signal
 
 
 class Streamer:
@@ -70,15 +72,23 @@ class Streamer:
             self.owner = store.instance_id()
 
     def start(self) -> None:
-        self._set(STATE_DOWN, iso())  # until pg_receivewal runs
+        with Store(self.settings.state_dir) as store:
+            store.set_state(STATE_DOWN, iso())  # until pg_receivewal runs
+            pitr_slot.claim(store)
         self.thread.start()
         self.slot_thread.start()
 
     def shutdown(self) -> None:
+        """Prompt: pg_receivewal is signalled; one that has not ended within STOP_GRACE
+        seconds (not started far enough to be signalled) goes with its container."""
         self.stopping.set()
         if self.receiver is not None:
             self.receiver.end()
-        self.thread.join(30)
+        self.thread.join(STOP_GRACE)
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                docker_api.remove_beside(self.owner, "wal")
+            self.thread.join(STOP_GRACE)
         self.slot_thread.join(10)
         self._release_slot()
 

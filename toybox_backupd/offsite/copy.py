@@ -22,17 +22,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import locks, logs, manifests, redact
+from .. import compression, locks, logs, manifests, redact
 from ..basics import ToyboxError, backoff, describe_unexpected, iso, utcnow
 from ..manifests import MANIFEST_SUFFIX, TOOL
 from ..settings import Settings
 from ..store import Artifact, Copy, Store
 from . import trust
-from .target import Target, open_target
+from .target import Stored, Target, open_target
 
 log = logs.get("toybox_backupd.offsite")
 
 AGE_SUFFIX = ".age"
+ZSTD_SUFFIX = ".zst"
 KeepDays = Callable[[str], int]  # tier -> days its off-site copies are kept
 
 
@@ -79,31 +80,48 @@ def _encrypting(source: BinaryIO, recipients: list[str]) -> contextlib.AbstractC
 
 
 def _put_file(settings: Settings, target: Target, relative: str,
-              retain_until: datetime | None, remote: str | None = None) -> dict[str, Any]:
-    """Copy one local file (to `remote`, default its own path); the object's description for
-    the remote manifest."""
+              retain_until: datetime | None, remote: str | None = None,
+              compress: bool = False) -> dict[str, Any]:
+    """Copy one local file (to `remote`, default its own path; compressed by zstd to
+    `….zst` with `compress`); the object's description for the remote manifest (its
+    source_* are of what was encrypted: the compressed bytes with `compress`, and then
+    `plain_sha256` is of the file's own bytes as they were read)."""
     recipients = [] if relative.endswith(MANIFEST_SUFFIX) else settings.offsite_age_recipients
-    key = (remote or relative) + (AGE_SUFFIX if recipients else "")
-    with open(settings.backup_dir / relative, "rb") as handle:
-        if recipients:  # the plaintext is hashed on its way into the encryption
-            reader = HashingReader(handle)
-            with _encrypting(reader, recipients) as stream:  # type: ignore[arg-type]
-                stored = target.put(key, stream, retain_until=retain_until)
-            source_size, source_sha256 = reader.size, reader.hash.hexdigest()
-        else:  # the target hashes what it stores: the same bytes
-            stored = target.put(key, handle, retain_until=retain_until)
-            source_size, source_sha256 = stored.size, stored.sha256
-    return {"key": key, "source": relative, "size": stored.size, "sha256": stored.sha256,
-            "etag": stored.etag, "source_size": source_size, "source_sha256": source_sha256,
-            "encrypted": bool(recipients), "verified_by": stored.verified_by}
+    key = (remote or relative) + (ZSTD_SUFFIX if compress else "") + (
+        AGE_SUFFIX if recipients else "")
+    with open(settings.backup_dir / relative, "rb") as raw:
+        plain = HashingReader(raw) if compress else None  # type: ignore[arg-type]
+        with (contextlib.closing(compression.zstd_reader(plain)) if plain is not None
+              else contextlib.nullcontext(raw)) as handle:
+            stored, source_size, source_sha256 = _put_stream(target, key, handle, recipients,
+                                                             retain_until)
+    described = {"key": key, "source": relative, "size": stored.size, "sha256": stored.sha256,
+                 "etag": stored.etag, "source_size": source_size, "source_sha256": source_sha256,
+                 "encrypted": bool(recipients), "verified_by": stored.verified_by}
+    if plain is not None:
+        described["plain_sha256"] = plain.hash.hexdigest()
+    return described
+
+
+def _put_stream(target: Target, key: str, handle: BinaryIO, recipients: list[str],
+                retain_until: datetime | None) -> tuple[Stored, int, str]:
+    """`handle` stored at `key`, encrypted for `recipients`; (stored, size, sha256 of what
+    was encrypted)."""
+    if recipients:  # the plaintext is hashed on its way into the encryption
+        reader = HashingReader(handle)
+        with _encrypting(reader, recipients) as stream:  # type: ignore[arg-type]
+            stored = target.put(key, stream, retain_until=retain_until)
+        return stored, reader.size, reader.hash.hexdigest()
+    stored = target.put(key, handle, retain_until=retain_until)  # it hashes what it stores
+    return stored, stored.size, stored.sha256
 
 
 def put_file(settings: Settings, target: Target, relative: str,
-             remote: str | None = None) -> dict[str, Any]:
+             remote: str | None = None, compress: bool = False) -> dict[str, Any]:
     """Copy one file of BACKUP_DIR (e.g. a WAL segment) to the same path off-site (or to
-    `remote`), encrypted when OFFSITE_AGE_RECIPIENTS is set and verified; its object's
-    description."""
-    return _put_file(settings, target, relative, None, remote)
+    `remote`), compressed with `compress` (`….zst`), encrypted when OFFSITE_AGE_RECIPIENTS is
+    set (`….age`) and verified; its object's description."""
+    return _put_file(settings, target, relative, None, remote, compress)
 
 
 def _local_manifest(settings: Settings, item: Artifact) -> dict[str, Any]:

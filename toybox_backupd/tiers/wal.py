@@ -39,6 +39,7 @@ from ..atomic import AtomicFile
 from ..basics import JobError, local_time, utcnow
 from ..pgtools import server_tools
 from ..settings import Settings
+from . import helper_lease
 from .timelines import (
     SEGMENT_SIZE,
     Timelines,
@@ -117,16 +118,24 @@ def db_container(settings: Settings) -> Any:
 
 
 @contextlib.contextmanager
-def route(settings: Settings, local: Path, purpose: str, lifetime: int, owner: str = "",
+def route(settings: Settings, local: Path, purpose: str, lifetime: int | None, owner: str = "",
           ) -> Iterator[tuple[Any, Shared, str]]:
     """A helper beside the database that sees `local`, with the server's version directory on
-    its PATH (pgtools.server_tools); yields (helper, shared dir, image)."""
+    its PATH (pgtools.server_tools); yields (helper, shared dir, image). It ends by itself
+    after `lifetime` seconds, or (None) once this process renews its lease in `local` no more
+    (helper_lease)."""
     container = db_container(settings)
     image = docker_api.image_of(container)
     where = shared(settings, local)
     tools = server_tools(image, database.server_version(settings))
-    with docker_api.beside(image, container.id, where.mounts(), purpose, user=owner_user(),
-                           lifetime=lifetime, owner=owner, environment=tools) as helper:
+    lease = local / helper_lease.LEASE_FILE
+    with contextlib.ExitStack() as stack:
+        if lifetime is None:
+            stack.enter_context(helper_lease.renewed(lease))
+        helper = stack.enter_context(docker_api.beside(
+            image, container.id, where.mounts(), purpose, user=owner_user(), owner=owner,
+            lifetime=lifetime or 0, auto_remove=lifetime is None, environment=tools,
+            command=helper_lease.command(where.path(lease)) if lifetime is None else None))
         yield helper, where, image
 
 
@@ -445,7 +454,7 @@ class Receiver:
         port = database.server_port(s)
         local = wal_dir(s)
         docker_api.remove_beside(self.owner, "wal")  # one a killed daemon left streaming
-        with route(s, local, "wal", lifetime=10 * 365 * 86400, owner=self.owner) as (
+        with route(s, local, "wal", lifetime=None, owner=self.owner) as (
                 helper, where, _image):
             self.proc = docker_api.Exec(helper, receivewal_command(s, port, where.path(local)),
                                         environment=environment(s))

@@ -5,7 +5,9 @@ chains before a gap under `wal/<db>/before-<stamp>/`), each `<segment>.age` when
 every completed segment once, checked whole (16 MiB) first and followed by
 `<segment>.sha256` (sha256sum's format, of the plain segment: `sha256sum -c` checks one fetched
 by hand) and its signature `<segment>.sha256.sig` (offsite.trust), and the segment being
-written (`….partial`) again every PARTIAL_EVERY seconds, with its checksum the same way.
+written again every PARTIAL_EVERY seconds when it has changed since its last copy (an idle
+database costs nothing), compressed by zstd (`….partial.zst`: a segment is mostly the zeros it
+was padded with; `zstd -d` reads it), with the checksum of its plain bytes signed the same way.
 
 A restore on a host that lacks segments (a lost server, or WAL pruned here but kept off-site)
 fetches those it needs, decrypted, each checked against its signed `.sha256` and its size: a
@@ -17,17 +19,18 @@ off-site needs, and each `.partial` whose completed segment is there.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import progress
+from .. import compression, progress
 from ..atomic import AtomicFile
 from ..basics import CatalogError, JobError, Say, human, silent
 from ..offsite import trust
-from ..offsite.copy import AGE_SUFFIX, put_file
+from ..offsite.copy import AGE_SUFFIX, ZSTD_SUFFIX, put_file
 from ..offsite.fetch import download
 from ..offsite.target import OffsiteError, Target, open_target
 from ..settings import Settings
@@ -38,6 +41,7 @@ PARTIAL_EVERY = 60.0  # seconds between copies of the segment being written
 SUM_SUFFIX = ".sha256"
 STATE_SYSTEM = "pitr.offsite_system"  # the cluster whose chain is copied to wal/<db>/ itself
 STATE_HISTORIES = "pitr.offsite_histories"  # the timeline history files copied off-site
+STATE_PARTIAL = "pitr.offsite_partial"  # the segment being written as last copied
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
 
 
@@ -63,13 +67,9 @@ def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float
     root = wal.wal_dir(settings)
     marks = {key: store.get_state(key) or "" for key in {marker, STATE_OFFSITE}}
     for segment in wal.segments(settings):
-        relative = str(segment.path.relative_to(settings.backup_dir))
         if segment.partial:
             if segment.path.parent == root and now - last_partial >= PARTIAL_EVERY:
-                remote = _remote_key(settings, segment, folder)
-                stored = put_file(settings, target, relative, remote)
-                trust.put_checksum(settings, target, remote, stored["source_sha256"],
-                                   segment.system())
+                _copy_partial(settings, store, target, segment, folder)
                 last_partial = now
             continue
         # a chain set aside keeps the place (and marker) it had: the first cluster's
@@ -78,6 +78,21 @@ def copy_offsite(settings: Settings, store: Any, last_partial: float, now: float
                         (folder, marker) if current else ("", STATE_OFFSITE))
     _copy_histories(settings, store, target)
     return last_partial
+
+
+def _copy_partial(settings: Settings, store: Any, target: Target, segment: wal.Segment,
+                  folder: str) -> None:
+    """The segment being written, compressed, unless it is as it was at its last copy (its
+    name, size and time of change, in STATE_PARTIAL)."""
+    facts = segment.path.stat()
+    seen = f"{segment.name} {facts.st_size} {facts.st_mtime_ns}"
+    if store.get_state(STATE_PARTIAL) == seen:
+        return
+    remote = _remote_key(settings, segment, folder)
+    stored = put_file(settings, target, str(segment.path.relative_to(settings.backup_dir)),
+                      remote, compress=True)
+    trust.put_checksum(settings, target, remote, stored["plain_sha256"], segment.system())
+    store.set_state(STATE_PARTIAL, seen)
 
 
 def _copy_completed(settings: Settings, progress_: tuple[Any, dict[str, str]], target: Target,
@@ -213,6 +228,11 @@ def _sum_segment(key: str) -> wal.Segment | None:
     return wal.parse_segment(Path(plain[: -len(SUM_SUFFIX)]))
 
 
+def _plain(key: str) -> str:
+    """The key of an object's plain contents: without `.age`, then `.zst`."""
+    return key.removesuffix(AGE_SUFFIX).removesuffix(ZSTD_SUFFIX)
+
+
 def listing(target: Target, dbname: str) -> tuple[list[Remote], set[str]]:
     """The segments under `wal/<db>/` in the target (WAL order) and the keys of the `.sha256`
     objects (and their `.sha256.sig`) there. Anything else there is not ours and is never touched."""
@@ -225,11 +245,22 @@ def listing(target: Target, dbname: str) -> tuple[list[Remote], set[str]]:
         if _sum_segment(key) is not None:  # a checksum, or its signature
             sums.add(key)
             continue
-        segment = wal.parse_segment(Path(key.removesuffix(AGE_SUFFIX)))
+        segment = wal.parse_segment(Path(_plain(key)))
         if segment is not None:
             found.append(Remote(segment, key))
-    found.sort(key=lambda r: (r.segment.number, r.segment.timeline, r.segment.partial))
+    found.sort(key=lambda r: (r.segment.number, r.segment.timeline, r.segment.partial,
+                              _packed(r.key)))
     return found, sums
+
+
+def _packed(key: str) -> bool:
+    return key.removesuffix(AGE_SUFFIX).endswith(ZSTD_SUFFIX)
+
+
+def _one_each(remote: list[Remote]) -> list[Remote]:
+    """One object per file: of a plain `.partial` (copied before they were compressed) and a
+    compressed one of the same name, the compressed (the later)."""
+    return list({str(r.segment.path): r for r in remote}.values())
 
 
 # fetching ------------------------------------------------------------------------------------
@@ -256,7 +287,7 @@ def fetch(settings: Settings, dbname: str, start: int, local: list[wal.Segment],
     except OffsiteError as exc:
         say(f"the WAL off-site cannot be listed ({exc}); only the WAL here is used")
         return []
-    needed = wanted(remote, local, start)
+    needed = _one_each(wanted(remote, local, start))
     if any(r.key.endswith(AGE_SUFFIX) for r in needed) and settings.age_identity_file is None:
         raise CatalogError(f"the WAL off-site ({target.url}) is encrypted: set AGE_IDENTITY_FILE "
                            "to the identity (private key) to restore from it")
@@ -299,8 +330,10 @@ def _fetch_one(settings: Settings, target: Target, item: Remote, want: str, path
     """One segment, decrypted and checked against `want` (its believed sha256); None for a
     `.partial` that is not a whole file or does not match (it was copied again meanwhile)."""
     with AtomicFile(path) as out:
-        download(settings, target, {"key": item.key,
-                                    "encrypted": item.key.endswith(AGE_SUFFIX)}, out)
+        with compression.zstd_unpacking(out) if _packed(item.key) else contextlib.nullcontext(
+                out) as into:
+            download(settings, target, {"key": item.key,
+                                        "encrypted": item.key.endswith(AGE_SUFFIX)}, into)
         if out.size != wal.SEGMENT_SIZE:
             if item.segment.partial:
                 say(f"{item.key} off-site is {out.size} bytes, not a whole segment: skipped")
