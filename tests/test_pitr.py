@@ -759,7 +759,7 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
                                    check=True).stdout
             assert len(plain) == wal.SEGMENT_SIZE
             summed = copy.with_name(copy.name + ".sha256")  # of the plain bytes, signed
-            assert summed.read_text() == f"{hashlib.sha256(plain).hexdigest()}  {segment.name}\n"
+            assert summed.read_text() == f"{hashlib.sha256(plain).hexdigest()}  {copy.name}\n"
             assert summed.with_name(summed.name + ".sig").exists()
             continue
         assert copy.read_bytes()[:1024] == segment.path.read_bytes()[:1024]

@@ -174,6 +174,9 @@ def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
     assert after, sorted(_remote_segments(nas))
     (nas / "wal" / "toybox" / f"{after[0]}.sha256").unlink()
     result = env.cli("restore", "db", "--at", _when(at_db), "--into", "at_cut", "--yes", **off)
+    assert result.returncode != 0 and "pass --nearest" in result.stderr, result.stdout  # --yes alone
+    result = env.cli("restore", "db", "--at", _when(at_db), "--into", "at_cut", "--yes",
+                     "--nearest", **off)
     assert result.returncode == 0, result.stderr + result.stdout
     assert f"not replayed from {after[0]} on" in result.stdout, result.stdout
     assert "Recovery stops before it" in result.stdout, result.stdout
