@@ -64,9 +64,9 @@ def child(variant: str, path: Path, endpoint: str, bucket: str) -> dict[str, Any
     os.environ.update(env)
     import pyrage
 
-    from toybox_backupd import settings
-    from toybox_backupd.offsite import crypto
-    from toybox_backupd.offsite.s3 import S3Target
+    from toybox_backupd.core import settings
+    from toybox_backupd.places.offsite import crypto
+    from toybox_backupd.places.offsite.s3 import S3Target
 
     target = S3Target(settings.load(None, strict=False))
     client = target._client
@@ -141,7 +141,7 @@ def main() -> None:
         return
     from s3_server import S3Server
 
-    from toybox_backupd.offsite import s3
+    from toybox_backupd.places.offsite import s3
 
     work = Path(tempfile.mkdtemp(prefix="toybox-offsite-bench-", dir=args.dir))
     server = S3Server(work / "seaweedfs")

@@ -59,7 +59,7 @@ class Counting:
 def streaming(env: Any, name: str) -> Any:
     from test_daemon import Daemon, wait_for
 
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     daemon = Daemon(env, name, **PITR)
     settings = env.settings(**PITR)
@@ -83,9 +83,9 @@ def stop_seconds(env: Any, stops: int) -> list[float]:
 
 def copied(env: Any, offsite: Path, minutes: float, during: Any = None) -> dict[str, Any]:
     """Bytes and objects copy_offsite stores in `minutes`, called every WATCH seconds."""
-    from toybox_backupd.offsite import target as targets
+    from toybox_backupd.places.offsite import target as targets
     from toybox_backupd.store import Store
-    from toybox_backupd.tiers import wal_offsite
+    from toybox_backupd.tiers.pitr import wal_offsite
 
     offsite.mkdir()
     settings = env.settings(**PITR, OFFSITE_URL=f"file://{offsite}")

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from toybox_backupd import atomic, compression, docker_api, tarstream
+from toybox_backupd.adapters import docker_api
+from toybox_backupd.core import atomic, compression, tarstream
 
 from .dataset import HELPER_IMAGE
 from .measure import Watch

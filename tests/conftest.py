@@ -233,7 +233,7 @@ class Env:
         return Path(self.values["STATE_DIR"])
 
     def settings(self, **overrides: str) -> Any:
-        from toybox_backupd import settings
+        from toybox_backupd.core import settings
 
         values = {**self.values, **overrides}
         old = {key: os.environ.get(key) for key in values}
@@ -267,7 +267,7 @@ def signing_key(tmp: Path | None = None) -> Path:
     README says to keep it): every off-site copy a test makes is signed, as in production, and
     a test's "new host" holds the same key, as an operator who kept it would. A test of a new
     host with the verify key alone sets OFFSITE_SIGNING_KEY_FILE= and OFFSITE_VERIFY_KEYS."""
-    from toybox_backupd.offsite import signing
+    from toybox_backupd.places.offsite import signing
 
     if not _SIGNING_KEY:
         folder = Path(tempfile.mkdtemp(prefix="toybox-test-keys-"))

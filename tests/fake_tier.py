@@ -9,11 +9,11 @@ import tarfile
 from pathlib import Path
 
 from toybox_backupd import __version__
-from toybox_backupd.atomic import AtomicFile
-from toybox_backupd.basics import CatalogError, JobError, RunContext, TierResult, iso, local_time, utcnow
-from toybox_backupd.manifests import TOOL, write_manifest
-from toybox_backupd.restore_points import check_file
-from toybox_backupd.settings import Settings
+from toybox_backupd.catalog.restore_points import check_file
+from toybox_backupd.core.atomic import AtomicFile
+from toybox_backupd.core.basics import CatalogError, JobError, RunContext, TierResult, iso, local_time, utcnow
+from toybox_backupd.core.manifests import TOOL, write_manifest
+from toybox_backupd.core.settings import Settings
 from toybox_backupd.store import Artifact
 
 TIER = "snapshot"

@@ -17,8 +17,10 @@ from pydantic import SecretStr
 from test_new_tier import SnapshotSettings, snapshot  # noqa: F401 - the fake tier's fixture
 from test_notify import make_run, outbox
 
-from toybox_backupd import channels, notify, runner
-from toybox_backupd.basics import utcnow
+from toybox_backupd.actions import runner
+from toybox_backupd.core.basics import utcnow
+from toybox_backupd.notify import channels
+from toybox_backupd.notify import outbox as notify
 from toybox_backupd.store import Store
 
 TOKEN = "tok" + secrets.token_hex(12)

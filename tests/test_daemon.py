@@ -22,10 +22,10 @@ import psycopg
 import pytest
 from conftest import BASE_IMAGE, PG, Env
 
-from toybox_backupd import jobs
-from toybox_backupd.basics import iso
+from toybox_backupd.core.basics import iso
 from toybox_backupd.daemon import catchup, health, keys, loop, recovery
 from toybox_backupd.store import Run, Store
+from toybox_backupd.tiers import registry as jobs
 
 TOKYO_OFFSET = timedelta(hours=9)
 
@@ -68,7 +68,7 @@ class Daemon:
 def remove_kept_helpers(env: Env) -> None:
     """The helper a killed daemon kept (start-up recovery would remove it), so that the test's
     volumes can go."""
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     if not (env.state_dir / "history.sqlite3").exists():
         return
@@ -254,7 +254,7 @@ def test_kill_9_mid_run_then_recovery_and_catch_up(env: Env, pg: PG, make_volume
 
 def test_recover_restarts_containers_and_removes_helpers(plain_env: Env, docker_engine: Any,
                                                          images: Any) -> None:
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     settings = plain_env.settings(BACKUP_VOLUMES="media")
     with Store(settings.state_dir) as history:
@@ -421,7 +421,7 @@ def slow_tar_image(docker_engine: Any, images: Any) -> str:
 
 def labelled_app(docker_engine: Any, make_volume: Any) -> tuple[str, Any]:
     """A volume, and a running container using it that asks to be stopped during backups."""
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     volume = make_volume("mkdir -p uploads && echo one > uploads/a.txt")
     app = docker_engine.containers.run(
@@ -434,7 +434,7 @@ def labelled_app(docker_engine: Any, make_volume: Any) -> tuple[str, Any]:
 def test_second_signal_aborts_a_volume_run_and_restarts_containers(
         plain_env: Env, docker_engine: Any, make_volume: Any, slow_tar_image: str,
         daemons: Callable[..., Daemon]) -> None:
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     volume, app = labelled_app(docker_engine, make_volume)
     try:
@@ -592,7 +592,7 @@ def test_cli_healthcheck_exit_codes(plain_env: Env) -> None:
 def test_kill_9_of_a_backup_mid_archive_then_daemon_start_restarts_the_container(
         plain_env: Env, docker_engine: Any, make_volume: Any, slow_tar_image: str,
         daemons: Callable[..., Daemon]) -> None:
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     volume, app = labelled_app(docker_engine, make_volume)
     environ = {**os.environ, **plain_env.values, "BACKUP_VOLUMES": volume,

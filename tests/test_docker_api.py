@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import BASE_IMAGE
 
-from toybox_backupd import docker_api
+from toybox_backupd.adapters import docker_api
 
 
 @pytest.fixture

@@ -359,7 +359,7 @@ def _point_in_time(st: Stack, zone: ZoneInfo) -> None:
 
 def test_env_example_lists_every_setting() -> None:
     """.env.example names every variable of settings.py, and loads as valid settings."""
-    from toybox_backupd.settings import Settings, load
+    from toybox_backupd.core.settings import Settings, load
 
     text = (ROOT / ".env.example").read_text(encoding="utf-8")
     keys = {line.split("=", 1)[0] for line in text.splitlines()

@@ -57,7 +57,7 @@ from e2e_stack import (
     teardown,
 )
 
-from toybox_backupd.offsite import signing
+from toybox_backupd.places.offsite import signing
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 

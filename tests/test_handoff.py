@@ -20,12 +20,14 @@ from typing import Any
 from conftest import PG, ROOT, Env
 from test_daemon import Daemon, TableLock, daemons, dump_waiting, runs, table_lock, wait_for
 
-from toybox_backupd import docker_api, handoff, launcher
+from toybox_backupd import launcher
+from toybox_backupd.adapters import docker_api
+from toybox_backupd.daemon import handoff
 from toybox_backupd.store import Store
 
 __all__ = ["daemons", "table_lock"]  # fixtures from test_daemon
 HEAVY = ("pydantic", "pydantic_settings", "structlog", "docker", "psycopg", "apscheduler",
-         "toybox_backupd.cli", "toybox_backupd.settings")
+         "toybox_backupd.cli", "toybox_backupd.core.settings")
 SECRET = "pw-handoff-Zq7!$"
 FILES = "mkdir -p uploads && for i in $(seq 1 50); do echo $i > uploads/f$i.txt; done"
 
@@ -107,7 +109,7 @@ def test_the_command_imports_nothing_heavy_and_knows_the_cli_s_backup_options() 
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert out.strip() == "[]"
     from toybox_backupd import cli
-    from toybox_backupd.settings import Settings
+    from toybox_backupd.core.settings import Settings
 
     parser = cli.build_parser()
     backup = parser._subparsers._group_actions[0].choices["backup"]  # type: ignore[union-attr]

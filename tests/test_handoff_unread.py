@@ -20,14 +20,15 @@ from conftest import PG, Env
 from test_daemon import Daemon, daemons, runs, wait_for
 from test_handoff import ran_in, run_id, socket_of, start
 
-from toybox_backupd import __version__, handoff, launcher
+from toybox_backupd import __version__, launcher
+from toybox_backupd.core.progress import REPORT_SECONDS
+from toybox_backupd.daemon import handoff
 from toybox_backupd.daemon.handoff_output import (
     NOT_SHOWN,
     QUEUE_LINES,
     STALLED_SECONDS,
     Outgoing,
 )
-from toybox_backupd.progress import REPORT_SECONDS
 
 __all__ = ["daemons"]  # the fixture, from test_daemon
 ROWS = 1_000_000  # ~40 MB dumped: ~5 s at full speed, minutes on 3 % of a CPU

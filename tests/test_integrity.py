@@ -18,7 +18,7 @@ import pytest
 import zstandard
 from conftest import BASE_IMAGE, PG, Env
 
-from toybox_backupd import atomic, manifests
+from toybox_backupd.core import atomic, manifests
 from toybox_backupd.store import Store
 
 TREE = r"""
@@ -241,7 +241,7 @@ def test_pg_tools_run_as_postgres_in_the_database_container(env: Env, pg: PG) ->
 # 10. a backup deleted by retention and copied back by hand comes back with reindex --------------
 def test_reindex_brings_back_a_deleted_backup_copied_back_by_hand(
         plain_env: Env, make_volume: Callable[..., str], tmp_path: Path) -> None:
-    from toybox_backupd import retention
+    from toybox_backupd.actions import retention
 
     env = plain_env
     volume = make_volume(TREE)
@@ -319,7 +319,7 @@ def test_an_archive_that_cannot_be_cataloged_leaves_no_file(
 
 def test_unknown_files_lists_what_the_catalog_does_not_know(
         plain_env: Env, make_volume: Callable[..., str]) -> None:
-    from toybox_backupd import reindex
+    from toybox_backupd.catalog import reindex
 
     env = plain_env
     volume = make_volume(TREE)

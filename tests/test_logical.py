@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import PG, SEED_TABLES, Env
 
-from toybox_backupd import atomic, manifests
+from toybox_backupd.core import atomic, manifests
 from toybox_backupd.store import Store
 
 
@@ -49,7 +49,7 @@ def test_dump_is_readable_by_pg_restore_and_checksummed(env: Env, pg: PG) -> Non
     assert manifest["tier"] == "logical" and manifest["target"] == "toybox"
     assert re.fullmatch(r"15\.\d+ .*", manifest["extra"]["server_version"])  # not "b'15.18 …'"
     # pg_restore --list reads it (inside the server's container: same major version)
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     docker_api.put_file(pg.container, "/tmp/check.dump", path.read_bytes(), mode=0o644)
     listing = pg.container.exec_run(["pg_restore", "--list", "/tmp/check.dump"])
@@ -121,8 +121,8 @@ def test_a_table_restore_loads_only_the_rows_its_tables_need(env: Env, pg: PG) -
     """The scratch database of a table restore gets every table's definition, but the rows only
     of the tables asked for and of those their foreign keys reference (orders -> users), and the
     foreign keys only of the tables asked for: less to load, the same result."""
-    from toybox_backupd.pgtools import PgTools
-    from toybox_backupd.tiers import logical
+    from toybox_backupd.adapters.pgtools import PgTools
+    from toybox_backupd.tiers.logical import dump as logical
 
     pg.psql('CREATE SCHEMA "Odd ""Schema"""; CREATE TABLE "Odd ""Schema""".lookup '
             "(id int PRIMARY KEY); INSERT INTO \"Odd \"\"Schema\"\"\".lookup VALUES (1);"

@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 from pydantic import Field, SecretStr
 
-from toybox_backupd import cli, jobs, report, retention, runner, verify
-from toybox_backupd.basics import iso, utcnow
+from toybox_backupd import cli
+from toybox_backupd.actions import retention, runner, verify
+from toybox_backupd.core.basics import iso, utcnow
+from toybox_backupd.core.settings import Settings
 from toybox_backupd.daemon import catchup, health, keys, loop
-from toybox_backupd.settings import Settings
+from toybox_backupd.notify import report
 from toybox_backupd.store import Store
+from toybox_backupd.tiers import registry as jobs
 
 SNAPSHOT = jobs.Job(
     "snapshot", "directory snapshot", "fake_tier", "SNAPSHOT_SCHEDULE", "SNAPSHOT_KEEP_DAYS",

@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 import pytest
 from smtp_server import Received, SMTPServer, silent_server, smtp_server
 
-from toybox_backupd import notify, report
-from toybox_backupd.basics import iso, utcnow
+from toybox_backupd.core.basics import iso, utcnow
+from toybox_backupd.notify import outbox as notify
+from toybox_backupd.notify import report
 from toybox_backupd.store import Store
 
 TO = ["maki@example.org", "tech@example.org"]
@@ -448,7 +449,7 @@ def test_after_run_never_raises(mail_env: Any, smtp: SMTPServer, monkeypatch: An
 
 # real runs (Docker + PostgreSQL) ------------------------------------------------------------------
 def test_real_pgdump_success_and_failure_are_emailed(env: Any, pg: Any, smtp: SMTPServer) -> None:
-    from toybox_backupd import runner
+    from toybox_backupd.actions import runner
 
     env.values.update(mail_values(smtp))
     settings = env.settings()
@@ -481,7 +482,7 @@ def test_real_pgdump_success_and_failure_are_emailed(env: Any, pg: Any, smtp: SM
 
 def test_real_run_while_smtp_is_down_and_with_a_wrong_password(
         env: Any, pg: Any, smtp: SMTPServer) -> None:
-    from toybox_backupd import runner
+    from toybox_backupd.actions import runner
 
     env.values.update(mail_values(smtp))
     settings = env.settings()

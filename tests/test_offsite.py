@@ -30,14 +30,18 @@ from s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from test_daemon import Daemon, wait_for
 from test_new_tier import SNAPSHOT
 
-from toybox_backupd import checks, cli, jobs, offsite_retention, reindex, report, restore_points, runner
-from toybox_backupd import reindex_offsite as reindex_offsite_module
-from toybox_backupd.basics import iso, utcnow
+from toybox_backupd import cli
+from toybox_backupd.actions import checks, offsite_retention, runner
+from toybox_backupd.catalog import reindex, restore_points
+from toybox_backupd.catalog import reindex_offsite as reindex_offsite_module
+from toybox_backupd.catalog.reindex_offsite import reindex_offsite
+from toybox_backupd.core.basics import iso, utcnow
+from toybox_backupd.core.settings import Settings
 from toybox_backupd.daemon import health, keys
-from toybox_backupd.offsite import copy as offsite_copy
-from toybox_backupd.reindex_offsite import reindex_offsite
-from toybox_backupd.settings import Settings
+from toybox_backupd.notify import report
+from toybox_backupd.places.offsite import copy as offsite_copy
 from toybox_backupd.store import Store
+from toybox_backupd.tiers import registry as jobs
 
 
 class SnapshotSettings(Settings):
@@ -454,8 +458,8 @@ def test_an_endpoint_the_sdk_refuses_leaves_the_backup_ok_and_the_copy_pending(
 
 def test_off_site_settings_are_checked_and_the_secret_file_is_read_and_masked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from toybox_backupd import redact
-    from toybox_backupd.settings import SettingsError, load
+    from toybox_backupd.core import redact
+    from toybox_backupd.core.settings import SettingsError, load
 
     secret = tmp_path / "aws-secret"
     secret.write_text("file-held-secret-Hq81Zx0\n")

@@ -27,11 +27,12 @@ from typing import Any
 import pytest
 from conftest import Env
 
-from toybox_backupd import offsite_retention, restore_points
-from toybox_backupd.basics import CatalogError, iso, utcnow
-from toybox_backupd.offsite import fetch, trust
-from toybox_backupd.offsite.directory import DirectoryTarget
-from toybox_backupd.offsite.target import OffsiteError, Target, open_target
+from toybox_backupd.actions import offsite_retention
+from toybox_backupd.catalog import restore_points
+from toybox_backupd.core.basics import CatalogError, iso, utcnow
+from toybox_backupd.places.offsite import fetch, trust
+from toybox_backupd.places.offsite.directory import DirectoryTarget
+from toybox_backupd.places.offsite.target import OffsiteError, Target, open_target
 from toybox_backupd.store import Store
 
 pytestmark = pytest.mark.docker
@@ -330,7 +331,7 @@ def test_a_directory_target_refuses_a_symlinked_folder_on_the_share(plain_env: E
     (nas / "volumes" / "v.tar").symlink_to(elsewhere / "toybox" / "old.dump")
     with pytest.raises(OffsiteError, match="symbolic link"):
         target.open("volumes/v.tar")
-    from toybox_backupd.offsite.base import Stored
+    from toybox_backupd.places.offsite.base import Stored
     problem = target.check(Stored("volumes/v.tar", 19, "0" * 64, "read-back"))
     assert problem is not None and "symbolic link" in problem
     # and a put replaces the link, never writes through it

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from conftest import Bucket, Env
 
-from toybox_backupd.offsite import crypto, s3
-from toybox_backupd.offsite.directory import DirectoryTarget
-from toybox_backupd.offsite.s3 import PART_SIZE, S3Target
-from toybox_backupd.offsite.target import OffsiteError, Stored, open_target
+from toybox_backupd.places.offsite import crypto, s3
+from toybox_backupd.places.offsite.directory import DirectoryTarget
+from toybox_backupd.places.offsite.s3 import PART_SIZE, S3Target
+from toybox_backupd.places.offsite.target import OffsiteError, Stored, open_target
 
 SIZES = [0, 1, PART_SIZE - 1, PART_SIZE, PART_SIZE + 1, 3 * PART_SIZE + 12345]
 SIZE_IDS = ["empty", "1B", "part-1", "part", "part+1", "3parts+"]
@@ -383,7 +383,7 @@ def test_s3_clean_up_aborts_only_our_unheld_uploads(plain_env: Env, s3_bucket: B
     """What `clean_up` aborts: a recorded upload whose process died before it could write its id
     down (found by its key), but not an upload still held by a live put (another thread), nor
     one of a key no record names (not ours)."""
-    from toybox_backupd.offsite.uploads import Ledger
+    from toybox_backupd.places.offsite.uploads import Ledger
 
     client, name = s3_bucket.client, s3_bucket.name
     target = s3_target(plain_env, s3_bucket)

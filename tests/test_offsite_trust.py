@@ -25,13 +25,13 @@ from conftest import Bucket, Env
 from test_pitr import PITR
 from test_pitr_offsite import _fake_segment
 
-from toybox_backupd.offsite import signing, trust
-from toybox_backupd.offsite.fetch import bring_back
-from toybox_backupd.offsite.target import open_target
-from toybox_backupd.reindex_offsite import reindex_offsite
+from toybox_backupd.actions.verify import verify_offsite
+from toybox_backupd.catalog.reindex_offsite import reindex_offsite
+from toybox_backupd.places.offsite import signing, trust
+from toybox_backupd.places.offsite.fetch import bring_back
+from toybox_backupd.places.offsite.target import open_target
 from toybox_backupd.store import Store
-from toybox_backupd.tiers import wal, wal_offsite
-from toybox_backupd.verify import verify_offsite
+from toybox_backupd.tiers.pitr import wal, wal_offsite
 
 SEGMENTS = [f"0000000100000000000000{n:02X}" for n in range(1, 5)]
 

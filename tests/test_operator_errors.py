@@ -19,8 +19,9 @@ from conftest import IN_CI, Env, base_values
 from smtp_server import SMTPServer, smtp_server
 from test_daemon import Daemon, wait_for
 
-from toybox_backupd import docker_api, hints, jobs
+from toybox_backupd.adapters import docker_api, hints
 from toybox_backupd.store import Store
+from toybox_backupd.tiers import registry as jobs
 
 CHECK_AN_EDIT = "docker compose run --rm backupd toybox-backupd check"
 
@@ -236,7 +237,7 @@ def test_unwritable_backup_dir_names_owner_uid_and_chown(open_tmp: Path) -> None
                               "STATE_DIR": str(state)}).settings()
 
     def scheduled_run() -> str:
-        from toybox_backupd import runner
+        from toybox_backupd.actions import runner
 
         os.environ["BACKUP_HOST_DIR"] = host_dir
         return str(runner.run_job(settings, "logical", trigger="schedule"))
@@ -278,7 +279,7 @@ def test_docker_socket_refused_names_docker_gid(docker_engine: Any) -> None:
 
 # 4. the host's name in emails -----------------------------------------------------------------------
 def test_host_name_is_the_docker_hosts_unless_set(plain_env: Env, docker_engine: Any) -> None:
-    from toybox_backupd import report
+    from toybox_backupd.notify import report
 
     engine = docker_engine.info()["Name"]
     assert report.host_name(plain_env.settings()) == engine
@@ -288,8 +289,8 @@ def test_host_name_is_the_docker_hosts_unless_set(plain_env: Env, docker_engine:
 def test_restore_point_table_has_one_aligned_row_per_volume(plain_env: Env) -> None:
     from datetime import timedelta
 
-    from toybox_backupd import report
-    from toybox_backupd.basics import utcnow
+    from toybox_backupd.core.basics import utcnow
+    from toybox_backupd.notify import report
 
     settings = plain_env.settings(BACKUP_HOST_NAME="toybox-prod")
     now = utcnow()
@@ -320,7 +321,7 @@ def test_apscheduler_chatter_is_dropped_but_job_errors_stay() -> None:
     import io
     import logging
 
-    from toybox_backupd import logs
+    from toybox_backupd.core import logs
 
     stream = io.StringIO()
     logs.setup("json", "INFO", stream=stream)
@@ -414,7 +415,7 @@ def test_table_restore_refused_by_a_view_says_not_to_cascade(env: Env, pg: Any) 
 
 def test_messages_name_where_the_settings_came_from(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from toybox_backupd.settings import where
+    from toybox_backupd.core.settings import where
 
     file = tmp_path / "backupd.env"
     file.write_text("POSTGRES_DB=toybox\n")

@@ -34,7 +34,7 @@ def _fresh_docker_caches() -> Iterator[None]:
     """Some tests here call the package in-process: what docker_api caches (this process's own
     container, seen as root) must not leak into later tests of the session."""
     yield
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     docker_api.own_container.cache_clear()
     docker_api.client.cache_clear()
@@ -115,7 +115,7 @@ def wal_helpers(docker_engine: Any, env: Env) -> list[Any]:
 
 
 def segments(env: Env) -> list[Any]:
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     return wal.segments(env.settings(**PITR))
 
@@ -151,7 +151,7 @@ def streamer_pid(helper: Any) -> int:
 
 def test_the_streamer_comes_back_after_sigkill_with_no_gap(env: Env, pg: PG, streaming: Any,
                                                            docker_engine: Any) -> None:
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     pg.psql("CREATE TABLE ticks (n int, at timestamptz DEFAULT clock_timestamp())")
     [helper] = wal_helpers(docker_engine, env)
@@ -184,7 +184,7 @@ def test_a_stopped_sidecar_leaves_no_slot_and_streams_on_when_started(
     last segment with no gap (the server still has it)."""
     import signal as signals
 
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     slot = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'toybox_backupd'"
     first = Daemon(env, "first", **PITR, **NO_JOBS)
@@ -431,7 +431,7 @@ def test_restore_db_at_a_moment_gives_exactly_the_rows_committed_by_then(
 
 def test_with_pitr_a_full_run_keeps_the_database_running(env: Env, pg: PG,
                                                          make_volume: Any) -> None:
-    from toybox_backupd import report
+    from toybox_backupd.notify import report
 
     media = make_volume("mkdir uploads && echo hi > uploads/a.txt")
     started = pg.container.attrs["State"]["StartedAt"]
@@ -456,7 +456,7 @@ def test_with_pitr_a_full_run_keeps_the_database_running(env: Env, pg: PG,
 
 def test_rpo_after_the_server_is_lost_and_restore_cluster(env: Env, pg: PG, streaming: Daemon,
                                                           docker_engine: Any) -> None:
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     writer = Writer(pg)
     try:
@@ -519,7 +519,7 @@ def test_after_restore_cluster_streaming_follows_the_new_timeline(
     on timeline 2; the streamer streams it with no gap, a base backup follows, and `restore db
     --at` reaches moments on either side: after the restore (timeline 2: the rows up to T1, then
     the new ones) and between T1 and the restore (timeline 1's abandoned branch)."""
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     writer = Writer(pg)
     try:
@@ -596,7 +596,7 @@ def test_a_replaced_cluster_sets_its_wal_aside_and_both_stay_recoverable(
     cluster's archive aside (other-*), streams the new one with no "ahead of the WAL flush
     position" loop, a base backup of it follows, and `restore db --at` gives each cluster's rows
     at a moment in its own time, from its own base backup and its own WAL."""
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     old_system = pg.psql("SELECT system_identifier FROM pg_control_system()")
     writer = Writer(pg)
@@ -679,7 +679,7 @@ def test_a_database_started_before_the_wait_began_ends_it_too(env: Env, pg: PG) 
     quick retry, which fails (the server is still starting) and begins a minute's wait. That
     start is still new to the streamer (it last streamed before it): the wait ends at once,
     once for that start."""
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
     from toybox_backupd.daemon.streamer import WATCH_SECONDS, Streamer
 
     streamer = Streamer(env.settings(**PITR), lambda why: None)
@@ -695,9 +695,9 @@ def test_the_slot_is_dropped_past_pitr_max_slot_wal_and_a_base_backup_asked(
         env: Env, pg: PG) -> None:
     """The streamer is down (never started here) while the database writes: the slot would
     keep every segment; past PITR_MAX_SLOT_WAL the watch drops it and asks for a base backup."""
-    from toybox_backupd import database
+    from toybox_backupd.adapters import database
     from toybox_backupd.daemon.streamer import Streamer
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     settings = env.settings(**PITR, PITR_MAX_SLOT_WAL="64MB", NOTIFY_EMAIL_TO="ops@example.com",
                             SMTP_HOST="127.0.0.1", SMTP_FROM="backupd@example.com")
@@ -732,8 +732,8 @@ def test_completed_segments_and_the_current_one_go_off_site(env: Env, pg: PG,
                                                             streaming: Daemon) -> None:
     import hashlib
 
-    from toybox_backupd.offsite.target import OffsiteError
-    from toybox_backupd.tiers import wal, wal_offsite
+    from toybox_backupd.places.offsite.target import OffsiteError
+    from toybox_backupd.tiers.pitr import wal, wal_offsite
 
     for _ in range(2):
         pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1); "
@@ -850,7 +850,7 @@ def test_check_tries_the_route_and_says_what_fails(env: Env, pg: PG) -> None:
 
 
 def test_a_streamer_down_too_long_fails_healthcheck_and_emails_once(plain_env: Env) -> None:
-    from toybox_backupd.basics import iso, utcnow
+    from toybox_backupd.core.basics import iso, utcnow
     from toybox_backupd.daemon import health
     from toybox_backupd.daemon.keys import STATE_HEARTBEAT, STATE_PITR_DOWN, STATE_PITR_ERROR
     from toybox_backupd.daemon.streamer import Streamer
@@ -993,7 +993,7 @@ def test_a_segment_killed_while_padded_is_streamed_again(plain_env: Env) -> None
     """pg_receivewal SIGKILLed while it zero-fills a new segment leaves a short file of zeros,
     which it refuses at its next start: that file (no WAL in it) is removed first; a short one
     with data in it is left alone."""
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     settings = plain_env.settings(**PITR, PG_CONTAINER="db")
     root = wal.wal_dir(settings)
@@ -1010,8 +1010,8 @@ def test_a_recovery_reads_one_timelines_path(plain_env: Env) -> None:
     """Timeline 2 forked from 1 in segment 3: a recovery to timeline 2 reads 1's segments
     before 3 and 2's from 3 on; one to timeline 1 reads 1's only, its branch's copies (what
     it streamed while it was the server's) over one streamed again up to the fork."""
-    from toybox_backupd.tiers import wal
-    from toybox_backupd.tiers.timelines import Timelines, parse_history
+    from toybox_backupd.tiers.pitr import wal
+    from toybox_backupd.tiers.pitr.timelines import Timelines, parse_history
 
     settings = plain_env.settings(**PITR, PG_CONTAINER="db")
     root = wal.wal_dir(settings)

@@ -46,7 +46,7 @@ def test_a_debian_package_image_restores_to_the_moment_and_check_runs_every_tool
     """pg_waldump and postgres are not on the Debian image's PATH: the window, `restore db
     --at` and `check` find them in the server's version directory; a moment outside the WAL is
     refused with --yes alone, and the nearest restore point named with its distance."""
-    from toybox_backupd.tiers import pitr_restore
+    from toybox_backupd.tiers.pitr import restore as pitr_restore
 
     env, pg = env_debian, pg_debian
     check = env.cli("check", **PITR)
@@ -176,7 +176,7 @@ def test_after_a_cluster_restore_and_a_replacement_the_new_cluster_is_recovered(
 
 
 def test_the_tools_path_starts_at_the_servers_version_directory(images: dict[str, str]) -> None:
-    from toybox_backupd import pgtools
+    from toybox_backupd.adapters import pgtools
 
     image = images["postgres-debian"]
     assert pgtools.server_tools(image, "15.18 (Debian 15.18-0+deb12u1)") == {
@@ -190,8 +190,8 @@ def test_a_missing_pg_waldump_is_an_error_never_no_commit(plain_env: Env,
                                                           images: dict[str, str]) -> None:
     """Without the server's version (so without its directory on PATH) the Debian image has no
     pg_waldump: the WAL's newest commit is then not "none" but an error saying so."""
-    from toybox_backupd.basics import JobError
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.core.basics import JobError
+    from toybox_backupd.tiers.pitr import wal
 
     settings = plain_env.settings(**PITR)
     root = wal.wal_dir(settings)
@@ -217,9 +217,9 @@ def test_outside_the_wal_the_nearest_dump_is_asked_for_never_taken_by_yes(
     --yes alone (confirm None) and a no when asked change nothing; only a yes goes on."""
     from datetime import UTC, datetime
 
-    from toybox_backupd.basics import JobError
+    from toybox_backupd.core.basics import JobError
     from toybox_backupd.store import Store
-    from toybox_backupd.tiers import pitr_restore
+    from toybox_backupd.tiers.pitr import restore as pitr_restore
 
     settings = plain_env.settings(**PITR)
     made = datetime(2026, 1, 25, 8, 0, 4, tzinfo=UTC)

@@ -24,7 +24,7 @@ from conftest import PG, Bucket, Env, start_pg
 from test_daemon import Daemon, wait_for
 from test_pitr import NO_JOBS, PITR, Writer, artifacts, segments, stamps, wal_helpers
 
-from toybox_backupd.basics import iso, utcnow
+from toybox_backupd.core.basics import iso, utcnow
 from toybox_backupd.store import Store
 
 AGE_HEADER = b"age-encryption.org/v1"
@@ -61,9 +61,9 @@ def _when(moment: datetime) -> str:
 
 def test_a_lost_server_is_restored_to_a_moment_from_off_site_alone(
         env: Env, pg: PG, docker_engine: Any, s3_bucket: Bucket) -> None:
-    from toybox_backupd import offsite_retention
+    from toybox_backupd.actions import offsite_retention
     from toybox_backupd.daemon import recovery
-    from toybox_backupd.tiers import wal, wal_offsite
+    from toybox_backupd.tiers.pitr import wal, wal_offsite
 
     key = pyrage.x25519.Identity.generate()
     identity = env.tmp / "age-identity.txt"
@@ -224,7 +224,7 @@ def _killed_restore(env: Env, docker_engine: Any, values: dict[str, str], when: 
     """`restore db --at` is frozen (SIGSTOP: still running, its locks held) once its throwaway
     server's volume is in use; start-up recovery leaves it all. Killed (SIGKILL), its scratch
     (volume, the container on it, the fetched WAL) is removed; what is not ours stays."""
-    from toybox_backupd import docker_api
+    from toybox_backupd.adapters import docker_api
 
     settings = env.settings(**values)
     with Store(env.state_dir) as history:
@@ -288,7 +288,7 @@ def _encrypted_nas(plain_env: Env) -> tuple[Any, Path, Any]:
 def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -> None:
     """A cluster restore's 00000002.history is copied off-site (encrypted) once, and fetched
     back into an empty archive before a restore chooses its timeline; other names are left."""
-    from toybox_backupd.tiers import wal, wal_offsite
+    from toybox_backupd.tiers.pitr import wal, wal_offsite
 
     _key, nas, settings = _encrypted_nas(plain_env)
     archive = wal.wal_dir(settings)
@@ -315,7 +315,7 @@ def test_timeline_history_files_go_off_site_once_and_come_back(plain_env: Env) -
 
 def _fake_segment(path: Path, system: int) -> None:
     """A whole 16 MiB WAL file whose first page's long header names cluster `system`."""
-    from toybox_backupd.tiers import wal
+    from toybox_backupd.tiers.pitr import wal
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out:
@@ -329,7 +329,7 @@ def test_a_replacing_clusters_wal_goes_off_site_beside_the_first_ones(plain_env:
     """The cluster that replaced the first one writes segments of the same names: off-site they
     go to wal/<db>/cluster-<system>/ with their own progress, the first cluster's objects are
     never overwritten, and a restore on a new host gets both back, told apart by header."""
-    from toybox_backupd.tiers import wal, wal_offsite
+    from toybox_backupd.tiers.pitr import wal, wal_offsite
 
     nas = plain_env.tmp / "nas"
     nas.mkdir()
@@ -365,7 +365,7 @@ def test_the_segment_being_written_goes_off_site_compressed_and_only_when_it_cha
     """An idle database costs nothing off-site: the segment being written is copied again only
     when it has changed since its last copy, zstd-compressed then encrypted (its zeros are
     nearly nothing); `zstd -d` reads it by hand, and a fetch gives back the segment itself."""
-    from toybox_backupd.tiers import wal, wal_offsite
+    from toybox_backupd.tiers.pitr import wal, wal_offsite
 
     key, nas, settings = _encrypted_nas(plain_env)
     local = wal.wal_dir(settings) / "000000010000000000000003.partial"

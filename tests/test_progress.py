@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from test_restore_db import _on_a_terminal
 
-from toybox_backupd import cli, progress
+from toybox_backupd import cli
+from toybox_backupd.core import progress
 
 
 def test_progress_counts_into_the_innermost_task_and_says_what_is_left() -> None:

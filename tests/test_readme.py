@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toybox_backupd.settings import DESCRIPTIONS, Settings, markdown_table
+from toybox_backupd.core.settings import DESCRIPTIONS, Settings, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_readme_settings_table_is_generated_from_the_model() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme, "run: python -m toybox_backupd.settings, paste into README"
+    assert markdown_table() in readme, "run: python -m toybox_backupd.core.settings, paste into README"
 
 
 def test_every_setting_is_described_and_in_env_example() -> None:

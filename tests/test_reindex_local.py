@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import Env
 from test_integrity import TREE, _plant_dump, catalog, run_ok
 
-from toybox_backupd import manifests
+from toybox_backupd.core import manifests
 from toybox_backupd.store import Store
 
 PAST = "2026-01-20T08:00:00+00:00"

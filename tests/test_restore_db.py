@@ -16,7 +16,8 @@ import psycopg
 import pytest
 from conftest import PG, Env
 
-from toybox_backupd import database, locks
+from toybox_backupd.adapters import database
+from toybox_backupd.core import locks
 from toybox_backupd.store import Store
 
 
@@ -240,7 +241,7 @@ def test_verify_reads_the_whole_dump(env: Env, pg: PG) -> None:
 
 
 def _recatalog(store: Store, artifact_id: int, path: Any) -> None:
-    from toybox_backupd.atomic import sha256_of
+    from toybox_backupd.core.atomic import sha256_of
 
     with store.tx() as db:
         db.execute("UPDATE artifacts SET sha256=?, size=? WHERE id=?",

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from toybox_backupd import atomic, manifests, retention
-from toybox_backupd.manifests import INDEX_SUFFIX
+from toybox_backupd.actions import retention
+from toybox_backupd.core import atomic, manifests
+from toybox_backupd.core.manifests import INDEX_SUFFIX
 from toybox_backupd.store import Artifact, Store
 
 NOW = datetime(2026, 1, 26, 8, 45, tzinfo=UTC)  # 17:45 in Tokyo
@@ -286,7 +287,7 @@ def test_only_the_jobs_targets_are_pruned(cat: Catalog) -> None:
 
 def test_runner_prunes_after_a_real_successful_dump(env) -> None:  # type: ignore[no-untyped-def]
     """End to end: a real pg_dump run through the runner prunes older dumps, keeps the new one."""
-    from toybox_backupd.runner import run_job
+    from toybox_backupd.actions.runner import run_job
 
     settings = env.settings(PGDUMP_KEEP_DAYS="7")  # and the default daily PGDUMP_SCHEDULE
     settings.backup_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +388,7 @@ def test_a_clock_a_year_ahead_costs_no_volume_archives(scheduled: Catalog) -> No
 
 def test_runner_says_why_it_deleted_nothing_after_a_long_gap(env) -> None:  # type: ignore[no-untyped-def]
     """A real dump after 30 days without one: retention deletes nothing and says why."""
-    from toybox_backupd.runner import run_job
+    from toybox_backupd.actions.runner import run_job
 
     settings = env.settings(PGDUMP_KEEP_DAYS="7")
     settings.backup_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from toybox_backupd.schedule import CrontabTrigger, next_times, previous_time
+from toybox_backupd.core.schedule import CrontabTrigger, next_times, previous_time
 
 TOKYO = ZoneInfo("Asia/Tokyo")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -218,7 +218,7 @@ def test_cli_schedule_json(plain_env) -> None:  # type: ignore[no-untyped-def]
     ("@weekly", "0 0 * * 0"), ("@daily", "0 0 * * *"), ("@midnight", "0 0 * * *"),
     ("@hourly", "0 * * * *"), ("@Daily", "0 0 * * *")])
 def test_crontab_nicknames_mean_their_fields(nickname: str, fields: str) -> None:
-    from toybox_backupd.settings import validate_cron
+    from toybox_backupd.core.settings import validate_cron
 
     assert validate_cron(f"  {nickname} ") == nickname.lower()
     assert fires(nickname, TOKYO, MON, 3) == fires(fields, TOKYO, MON, 3)
@@ -226,8 +226,9 @@ def test_crontab_nicknames_mean_their_fields(nickname: str, fields: str) -> None
 
 
 def test_nicknames_in_settings_and_health(monkeypatch: pytest.MonkeyPatch) -> None:
-    from toybox_backupd import jobs, settings
+    from toybox_backupd.core import settings
     from toybox_backupd.daemon.health import required_slot
+    from toybox_backupd.tiers import registry as jobs
 
     monkeypatch.setenv("POSTGRES_DB", "toybox")
     monkeypatch.setenv("PGDUMP_SCHEDULE", "@daily")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from toybox_backupd import jobs
-from toybox_backupd import settings as settings_mod
+from toybox_backupd.core import settings as settings_mod
 from toybox_backupd.store import SCHEMA_VERSION, Store
+from toybox_backupd.tiers import registry as jobs
 
 
 def write_env(tmp_path: Path, text: str) -> Path:
@@ -160,7 +160,7 @@ def test_console_and_json_logs_carry_run_context(tmp_path: Path) -> None:
 
     import structlog
 
-    from toybox_backupd import logs, redact
+    from toybox_backupd.core import logs, redact
 
     redact.register("pa55-word-xyz")
     for fmt in ("console", "json"):
@@ -184,8 +184,8 @@ def test_console_and_json_logs_carry_run_context(tmp_path: Path) -> None:
 def test_an_older_local_pg_dump_is_refused_naming_the_version_needed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without PG_CONTAINER the host's pg_dump is used; an older one names what to install."""
-    from toybox_backupd.basics import JobError
-    from toybox_backupd.pgtools import PgTools
+    from toybox_backupd.adapters.pgtools import PgTools
+    from toybox_backupd.core.basics import JobError
 
     fake = tmp_path / "bin" / "pg_dump"
     fake.parent.mkdir()
@@ -225,7 +225,7 @@ def test_runs_of_the_old_pgdump_job_read_as_logical(tmp_path: Path) -> None:
 
 def test_local_pg_tools_get_no_other_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without PG_CONTAINER, pg_dump & co. run here: they see PGPASSWORD, not SMTP_PASSWORD."""
-    from toybox_backupd.pgtools import LocalProc
+    from toybox_backupd.adapters.pgtools import LocalProc
 
     monkeypatch.setenv("SMTP_PASSWORD", "smtp-secret-value-123")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value-456")

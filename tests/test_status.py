@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from test_new_tier import SnapshotSettings, snapshot  # noqa: F401 - the fake tier's fixture
 
-from toybox_backupd import cli, runner
-from toybox_backupd.basics import iso, utcnow
+from toybox_backupd import cli
+from toybox_backupd.actions import runner
+from toybox_backupd.core.basics import iso, utcnow
 from toybox_backupd.daemon import keys
 from toybox_backupd.daemon import status as state
 from toybox_backupd.store import Store

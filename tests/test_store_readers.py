@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Env
 
-from toybox_backupd.basics import iso
+from toybox_backupd.core.basics import iso
 from toybox_backupd.daemon import keys
 from toybox_backupd.store import Store
 

@@ -26,7 +26,7 @@ import zstandard
 from conftest import BASE_IMAGE, Env, fill_volume, remove_pg, start_pg, unique
 from test_volumes import CHANGES, TREE, catalog, full_then_diff, run_ok, state, when
 
-from toybox_backupd import atomic, manifests
+from toybox_backupd.core import atomic, manifests
 from toybox_backupd.daemon import recovery
 from toybox_backupd.store import Store
 

@@ -19,9 +19,10 @@ import pytest
 import zstandard
 from conftest import BASE_IMAGE, PG, Env, fill_volume, remove_pg, start_pg, unique
 
-from toybox_backupd import atomic, docker_api, manifests
+from toybox_backupd.adapters import docker_api
+from toybox_backupd.core import atomic, manifests
 from toybox_backupd.store import Store
-from toybox_backupd.tiers import volumes
+from toybox_backupd.tiers.volumes import archive as volumes
 
 TREE = r"""
 mkdir -p docs/deep/er empty-dir 'with space' uploads/2026-01-25

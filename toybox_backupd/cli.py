@@ -13,12 +13,15 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import __version__, jobs, logs, manual, progress, redact
-from .atomic import use_file_mode
-from .basics import TimeLimitReached, ago, human, local_time
-from .manual import EXIT_CONFIG, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, progress_text
-from .settings import Settings, SettingsError, load, where
+from . import __version__
+from .actions import manual
+from .actions.manual import EXIT_CONFIG, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, progress_text
+from .core import logs, progress, redact
+from .core.atomic import use_file_mode
+from .core.basics import TimeLimitReached, ago, human, local_time
+from .core.settings import Settings, SettingsError, load, where
 from .store import Store
+from .tiers import registry as jobs
 
 # Each command imports what it needs when it runs: `healthcheck` and `--help` stay fast
 # (the Docker SDK, psycopg and APScheduler cost ~0.5 s to import).
@@ -248,7 +251,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     """`backup JOB`: one run now, in this process; exit 1 unless it succeeded."""
-    from . import runner
+    from .actions import runner
 
     return manual.backup(settings, args.job, args.volume, args.verbose, StdTerminal(),
                          run=lambda job: runner.run_job(settings, job, volumes=args.volume))
@@ -256,7 +259,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     """`restore db|volume|files`: asks first, then holds the run lock, within its time limit."""
-    from .restore_points import parse_when
+    from .catalog.restore_points import parse_when
 
     at = parse_when(args.at, settings.zone) if args.at else None
     ask = None if getattr(args, "yes", False) else confirm
@@ -268,19 +271,20 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
 
 def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None,
              ask: Any, what: str) -> None:
-    from .tiers import logical, volumes
+    from .tiers.logical import dump as logical
+    from .tiers.volumes import archive as volumes
 
     if args.what == "db":
         # asks before it takes the lock: an unanswered prompt never holds up a backup
         restore: Any = logical.restore_db
         if at is not None and settings.pitr:  # to the moment: base backup + WAL, else a dump
-            from .tiers.pitr_restore import restore_db_at
+            from .tiers.pitr.restore import restore_db_at
 
             restore = functools.partial(restore_db_at, nearest=args.nearest)
         restore(settings, at=at, tables=args.table or [], into=args.into,
                 confirm=ask, say=say, hold=lambda: _restore_lock(settings, what))
     elif args.what == "cluster":
-        from .tiers.pitr_restore import restore_cluster_at
+        from .tiers.pitr.restore import restore_cluster_at
 
         restore_cluster_at(settings, at, volume=args.volume, confirm=ask,
                            stop_containers=args.stop_containers, say=say,
@@ -298,7 +302,7 @@ def _restore(settings: Settings, args: argparse.Namespace, at: datetime | None,
 @contextlib.contextmanager
 def _restore_lock(settings: Settings, what: str, limit: bool = True) -> Iterator[None]:
     """The run lock (no backup beside a restore), and RESTORE_TIME_LIMIT_MIN on what it holds."""
-    from . import locks
+    from .core import locks
 
     with locks.run_lock(settings.state_dir, what,
                         wait_log=lambda holder: print(f"waiting for {holder} to finish…",
@@ -323,7 +327,7 @@ def _restore_lock(settings: Settings, what: str, limit: bool = True) -> Iterator
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """`verify`: every kept artifact re-read; exit 1 if any is bad."""
-    from . import verify
+    from .actions import verify
 
     with _restore_lock(settings, "verify", limit=False), progress.listening(progress_printer()):
         if args.offsite:
@@ -353,7 +357,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     """`check`: every part tried; exit 1 if any fails."""
-    from . import checks
+    from .actions import checks
 
     outcomes = checks.run_checks(settings)
     for outcome in outcomes:
@@ -374,10 +378,10 @@ def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
     """`reindex [--offsite]`: the catalog rebuilt from the manifests (local, or off-site)."""
-    from . import reindex
+    from .catalog import reindex
 
     if args.offsite:
-        from .reindex_offsite import reindex_offsite
+        from .catalog.reindex_offsite import reindex_offsite
         done = reindex_offsite(settings)
     else:
         done = reindex.reindex(settings.backup_dir, settings.state_dir)
@@ -392,7 +396,7 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     """`keys new --out FILE`: a new off-site signing key."""
     from pathlib import Path
 
-    from .offsite import signing
+    from .places.offsite import signing
 
     path = Path(args.out).expanduser()
     verify_key = signing.new_key_file(path)
@@ -407,7 +411,7 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
     """`notify test`: a test email and a test chat message to each NOTIFY_URLS entry, and how
     each was answered."""
-    from . import notify
+    from .notify import outbox as notify
 
     said = notify.send_test_chat(settings)
     if settings.notify_email_to or not said:
@@ -419,7 +423,7 @@ def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     """`list`: restore points, oldest first."""
-    from .restore_points import listing, where
+    from .catalog.restore_points import listing, where
 
     with Store(settings.state_dir) as store:
         items = listing(store, args.tier)
@@ -441,7 +445,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
                      where(item, copy)))
     _table(rows)
     if settings.pitr and args.tier in (None, "base"):
-        from .tiers.pitr_restore import window
+        from .tiers.pitr.restore import window
 
         reach = window(settings)
         print(f"point in time ({settings.postgres_db}): "
@@ -474,7 +478,7 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     """`schedule`: each job's schedule and next five times."""
-    from .schedule import next_times
+    from .core.schedule import next_times
 
     now = datetime.now(settings.zone)
     listed = []

@@ -18,7 +18,8 @@ import socket
 import sys
 from typing import Any
 
-from . import __version__, handoff
+from . import __version__
+from .daemon import handoff
 
 NO_DAEMON = "TOYBOX_NO_DAEMON"
 DEFAULT_STATE_DIR = "/var/lib/toybox-backupd"  # settings.py's default (a test keeps them equal)

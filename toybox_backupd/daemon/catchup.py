@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from .. import jobs, schedule
-from ..settings import Settings
+from ..core import schedule
+from ..core.settings import Settings
 from ..store import Store
+from ..tiers import registry as jobs
 
 
 def missed_jobs(settings: Settings, store: Store, now: datetime,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..handoff import Channel
+from .handoff import Channel
 
 # what waits for a command that does not read, besides what the socket holds (~280 messages):
 # at a terminal a progress line comes 4 times a second, and a run logs a dozen lines

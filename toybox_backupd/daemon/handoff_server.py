@@ -1,7 +1,7 @@
 """Manual backups handed over by the `toybox-backupd backup` command (launcher.py): the daemon
 runs them exactly as the command would (manual.backup → runner.run_job, under the same run
 lock: the same history and catalog rows, emails and log lines) and sends the command the lines
-it would have shown and its exit status. Protocol: toybox_backupd/handoff.py.
+it would have shown and its exit status. Protocol: toybox_backupd/daemon/handoff.py.
 
 Only when that is safe; otherwise the command is told to run the backup itself:
 - the socket is 0600 and the peer must run as this process's uid, or as root;
@@ -29,12 +29,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from .. import __version__, logs, manual, redact
-from ..basics import Cancelled
-from ..handoff import PROTOCOL, Channel, address, socket_path
-from ..pgtools import PASSED_THROUGH
-from ..settings import Settings, SettingsError, differences, load_given, variable_names
-from ..tiers.transfer import FORCE
+from .. import __version__
+from ..actions import manual
+from ..adapters.pgtools import PASSED_THROUGH
+from ..core import logs, redact
+from ..core.basics import Cancelled
+from ..core.settings import Settings, SettingsError, differences, load_given, variable_names
+from ..tiers.volumes.transfer import FORCE
+from .handoff import PROTOCOL, Channel, address, socket_path
 from .handoff_output import NOT_SHOWN, Outgoing
 
 log = logs.get("toybox_backupd.daemon")

@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta, tzinfo
 
 from cronsim import CronSim
 
-from .. import jobs
-from ..basics import ago, local_time, parse_iso, utcnow
-from ..jobs import Job
-from ..settings import Settings, cron_fields
+from ..core.basics import ago, local_time, parse_iso, utcnow
+from ..core.settings import Settings, cron_fields
 from ..store import Store
+from ..tiers import registry as jobs
+from ..tiers.registry import Job
 from .keys import (
     HEARTBEAT_STALE,
     STATE_FIRST_STARTED,

@@ -26,11 +26,16 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from .. import __version__, jobs, locks, logs, notify, redact, report, runner, schedule
-from ..basics import Cancelled, describe_unexpected, iso, local_time, parse_iso, utcnow
-from ..settings import Settings
+from .. import __version__
+from ..actions import runner
+from ..core import locks, logs, redact, schedule
+from ..core.basics import Cancelled, describe_unexpected, iso, local_time, parse_iso, utcnow
+from ..core.settings import Settings
+from ..notify import outbox as notify
+from ..notify import report
 from ..store import Store
-from ..tiers import kept_helper
+from ..tiers import registry as jobs
+from ..tiers.volumes import kept_helper
 from . import handoff_server, memory
 from .catchup import missed_jobs
 from .keys import (
@@ -198,7 +203,7 @@ class Daemon:
 
     def retry_offsite(self) -> None:
         """Retry the off-site copies that are due (own thread; never raises)."""
-        from ..offsite import copy as offsite_copy
+        from ..places.offsite import copy as offsite_copy
         try:
             done = offsite_copy.retry_due(self.settings, runner.offsite_keep_days(self.settings),
                                           stop=self.stop_requested)

@@ -14,8 +14,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .. import logs
-from ..settings import Settings
+from ..core import logs
+from ..core.settings import Settings
 from . import status as state
 
 log = logs.get("toybox_backupd.metrics")

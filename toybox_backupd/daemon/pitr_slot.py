@@ -9,10 +9,11 @@ another's is never touched.
 
 from __future__ import annotations
 
-from .. import database, logs
-from ..settings import Settings
+from ..adapters import database
+from ..core import logs
+from ..core.settings import Settings
 from ..store import Store
-from ..tiers import wal
+from ..tiers.pitr import wal
 from .keys import STATE_PITR_SLOT
 
 log = logs.get("toybox_backupd.daemon")

@@ -6,14 +6,19 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from .. import docker_api, locks, logs, notify, redact
-from ..atomic import remove_partials
-from ..basics import iso, local_time, parse_iso
-from ..offsite.target import open_target
-from ..offsite.uploads import Ledger
-from ..settings import Settings
+from ..adapters import docker_api
+from ..core import locks, logs, redact
+from ..core.atomic import remove_partials
+from ..core.basics import iso, local_time, parse_iso
+from ..core.settings import Settings
+from ..notify import outbox as notify
+from ..places.offsite.target import open_target
+from ..places.offsite.uploads import Ledger
 from ..store import Store
-from ..tiers import pitr_scratch, transfer, volume_swap, wal
+from ..tiers.pitr import scratch as pitr_scratch
+from ..tiers.pitr import wal
+from ..tiers.volumes import swap as volume_swap
+from ..tiers.volumes import transfer
 from . import pitr_slot
 from .keys import STATE_HEARTBEAT
 

@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from .. import jobs, runner, schedule
-from ..basics import JobError, ago, human, iso, local_time, parse_iso, utcnow
-from ..restore_points import listing
-from ..settings import Settings
+from ..actions import runner
+from ..catalog.restore_points import listing
+from ..core import schedule
+from ..core.basics import JobError, ago, human, iso, local_time, parse_iso, utcnow
+from ..core.settings import Settings
 from ..store import Store
+from ..tiers import registry as jobs
 from .health import _heartbeat, _job_health, _offsite_health
 from .keys import STATE_FIRST_STARTED, STATE_HEARTBEAT, STATE_STARTED
 

@@ -30,11 +30,14 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-from .. import database, docker_api, logs, notify, redact, report
-from ..basics import ToyboxError, backoff, describe_unexpected, human, iso, local_time, parse_iso, utcnow
-from ..settings import Settings
+from ..adapters import database, docker_api
+from ..core import logs, redact
+from ..core.basics import ToyboxError, backoff, describe_unexpected, human, iso, local_time, parse_iso, utcnow
+from ..core.settings import Settings
+from ..notify import outbox as notify
+from ..notify import report
 from ..store import Store
-from ..tiers import wal, wal_offsite
+from ..tiers.pitr import wal, wal_offsite
 from . import pitr_slot
 from .keys import STATE_PITR_ALERTED as STATE_ALERTED
 from .keys import STATE_PITR_DOWN as STATE_DOWN

@@ -14,8 +14,10 @@ import threading
 import time
 from types import FrameType
 
-from .. import logs, notify, report
-from ..settings import Settings
+from ..core import logs
+from ..core.settings import Settings
+from ..notify import outbox as notify
+from ..notify import report
 from ..store import Store
 from .keys import STATE_UNUSABLE
 

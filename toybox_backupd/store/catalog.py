@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from ..basics import iso
+from ..core.basics import iso
 from .base import StoreBase
 from .paths import from_db, row_to_db, to_db
 from .records import Artifact

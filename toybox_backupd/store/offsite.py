@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from .. import redact
-from ..basics import iso
+from ..core import redact
+from ..core.basics import iso
 from .base import StoreBase
 from .records import Copy
 

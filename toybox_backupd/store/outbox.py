@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .. import redact
-from ..basics import iso
+from ..core import redact
+from ..core.basics import iso
 from .base import StoreBase
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..basics import parse_iso
+from ..core.basics import parse_iso
 
 
 @dataclass

@@ -8,8 +8,8 @@ import socket
 from datetime import datetime
 from typing import Any
 
-from .. import redact
-from ..basics import iso, parse_iso
+from ..core import redact
+from ..core.basics import iso, parse_iso
 from .base import StoreBase
 from .records import Run
 

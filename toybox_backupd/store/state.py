@@ -8,7 +8,7 @@ import sqlite3
 import uuid
 from typing import Any
 
-from ..basics import iso
+from ..core.basics import iso
 from .base import StoreBase
 
 RESTORE_KEY = "restore:"

@@ -1,1 +1,1 @@
-"""The tiers: one module each, sharing one interface (see jobs.py); imported by the registry."""
+"""The job registry (registry.py) and one package per tier, sharing one interface."""

@@ -1,0 +1,1 @@
+"""The outside world: the Docker SDK, psycopg, the PostgreSQL client tools."""

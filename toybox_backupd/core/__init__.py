@@ -1,0 +1,1 @@
+"""The base: errors, settings, logs, atomic writes, locks, compression, schedules, manifests."""

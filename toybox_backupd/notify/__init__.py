@@ -1,0 +1,1 @@
+"""Reports of every run: the outbox, the report's text, SMTP, chat and pings."""

@@ -1,0 +1,1 @@
+"""Where backups live besides BACKUP_DIR: the off-site targets, copies and fetches."""

@@ -1,0 +1,1 @@
+"""The logical tier: pg_dump backups and their restores."""

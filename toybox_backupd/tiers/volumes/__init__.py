@@ -1,0 +1,1 @@
+"""The volume tiers (full, diff): archives, restores, the helper container."""
