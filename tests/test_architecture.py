@@ -115,3 +115,16 @@ def _is_main_guard(path: Path, call: ast.Call) -> bool:
     source = path.read_text().splitlines()
     return any(line.startswith('if __name__ == "__main__":')
                for line in source[max(0, call.lineno - 3):call.lineno])
+
+
+def test_the_root_holds_the_entry_points_only() -> None:
+    """One package per layer: at the package's root only the console script and the CLI."""
+    modules = {path.name for path in PACKAGE.glob("*.py")} - {"__init__.py"}
+    assert modules == {"launcher.py", "cli.py"}, sorted(modules)
+    layers = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()}
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    [contract] = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    named = {part.strip().removeprefix("toybox_backupd.") for layer in contract
+             for part in layer.split("|")}
+    assert layers <= named, f"packages in no layer: {sorted(layers - named)}"
+    assert all("." not in name for name in named), f"the layers name modules: {sorted(named)}"
