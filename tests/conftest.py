@@ -263,8 +263,8 @@ _SIGNING_KEY: list[Path] = []
 
 
 def signing_key(tmp: Path | None = None) -> Path:
-    """The tests' off-site signing key, one for the session (outside every STATE_DIR, as the
-    README says to keep it): every off-site copy a test makes is signed, as in production, and
+    """The tests' off-site signing key, one for the session (outside every STATE_DIR, as
+    docs/offsite.md says to keep it): every off-site copy a test makes is signed, as in production, and
     a test's "new host" holds the same key, as an operator who kept it would. A test of a new
     host with the verify key alone sets OFFSITE_SIGNING_KEY_FILE= and OFFSITE_VERIFY_KEYS."""
     from toybox_backupd.places.offsite import signing

@@ -111,7 +111,7 @@ def test_no_print_outside_the_cli() -> None:
 
 
 def _is_main_guard(path: Path, call: ast.Call) -> bool:
-    """`if __name__ == "__main__": print(...)` (settings.py prints the README table)."""
+    """`if __name__ == "__main__": print(...)` (settings.py prints the docs' settings table)."""
     source = path.read_text().splitlines()
     return any(line.startswith('if __name__ == "__main__":')
                for line in source[max(0, call.lineno - 3):call.lineno])

@@ -158,7 +158,7 @@ def _scenarios(st: Stack) -> None:
     # ... carried out by the daemon itself: `docker compose exec` handed them over
     assert daemon_log.count('"handed_over": true') == 3, daemon_log
     assert "Running job" not in daemon_log and "executed successfully" not in daemon_log
-    # checking an edit of .env before applying it (README): a throwaway container
+    # checking an edit of .env before applying it (docs/operations.md): a throwaway container
     checked = st.compose("run", "--rm", "-T", "backupd", "toybox-backupd", "check", check=False,
                          timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -166,7 +166,7 @@ def _scenarios(st: Stack) -> None:
                       "toybox-backupd", "check", check=False, timeout=300)
     assert typo.returncode == 1, typo.stdout + typo.stderr
     assert "FAIL  settings     PGDUMP_SCHEDULE: '0 25 * * *'" in typo.stdout, typo.stdout
-    # Compose names the containers its own way (the README's by-hand section uses these names)
+    # Compose names the containers its own way (docs/runbooks.md's by-hand section uses these names)
     assert st.container("backupd").name == st.container_name("backupd")
 
     if st.variant == "v1":
@@ -239,7 +239,7 @@ def _restores_through_exec(st: Stack, seeded: dict[str, list[str]],
 
 def _lost_server(st: Stack, zone: ZoneInfo, expected_rows: dict[str, list[str]],
                  media_before_diff: dict[str, str]) -> None:
-    """Scenario 2: the server is lost, only the backup directory is left (the README's runbook)."""
+    """Scenario 2: the server is lost, only the backup directory is left (docs/runbooks.md, runbook 2)."""
     timings = st.timings
 
     # 5. scenario 2: the server is lost -> only the backup directory is left ----------------

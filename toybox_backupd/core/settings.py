@@ -629,7 +629,7 @@ def _describe(exc: ValidationError) -> list[str]:
     return lines
 
 
-# the README's settings table is generated from here (python -m toybox_backupd.core.settings) ----------
+# docs/configuration.md's settings table is generated from here (python -m toybox_backupd.core.settings)
 DESCRIPTIONS: dict[str, str] = {
     "TZ": "IANA time zone the schedules, file names and emails use",
     "PGDUMP_SCHEDULE": "crontab(5) schedule of the logical dump (or `@daily`, `@weekly`...); "
@@ -743,7 +743,7 @@ DESCRIPTIONS: dict[str, str] = {
 
 
 def markdown_table() -> str:
-    """The settings table for the README, from the model itself."""
+    """The settings table of docs/configuration.md, from the model itself."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         alias = field.alias or name.upper()
@@ -759,4 +759,4 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())  # noqa: T201 - `python -m toybox_backupd.core.settings` makes the README table
+    print(markdown_table())  # noqa: T201 - `python -m toybox_backupd.core.settings` makes the docs' settings table

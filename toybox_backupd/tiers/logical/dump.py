@@ -495,7 +495,7 @@ def _move_tables(tools: PgTools, scratch: str, patterns: list[str], target: str)
         if "other objects depend on it" in loaded.stderr:
             text += (". Views or other tables' foreign keys depend on the table; PostgreSQL's "
                      "hint, DROP ... CASCADE, would drop them too. Restore with --into a new "
-                     "database and copy the rows from there instead (README: runbook 3)")
+                     "database and copy the rows from there instead (docs/runbooks.md, runbook 3)")
         raise JobError(text)
 
 
