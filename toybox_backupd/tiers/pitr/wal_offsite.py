@@ -206,10 +206,6 @@ class Remote:
     segment: wal.Segment
     key: str
 
-    @property
-    def sum_key(self) -> str:
-        return str(self.segment.path) + SUM_SUFFIX
-
 
 def _in_layout(rest: str) -> bool:
     """`<segment>`, `before-<stamp>/<segment>`, `other-<stamp>/<segment>` (a replaced
